@@ -1,0 +1,53 @@
+"""`blender-chat chat`: talk to the bot in the terminal, with the same engine and memory."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+
+from bot.engine import ReplyEngine
+from bot.errors import ReplyError
+
+HELP = "Type a message and press Enter. /reset forgets this conversation, /quit (or Ctrl-D) leaves."
+
+
+async def chat(engine: ReplyEngine, conversation: str) -> None:
+    lines = _stdin_lines()
+    history = await engine.history(conversation)
+    if history:
+        print(f"(resuming conversation {conversation!r}: {len(history)} earlier exchanges remembered)")
+    print(HELP)
+    while True:
+        print("you> ", end="", flush=True)
+        line = await lines.get()
+        if line is None or line.strip() in ("/quit", "/exit"):
+            print()
+            return
+        command = line.strip()
+        if command == "/reset":
+            await engine.reset(conversation)
+            print("bot> (conversation forgotten)")
+        elif command == "/help":
+            print(HELP)
+        elif command:
+            try:
+                answer = await engine.reply(conversation, line, user="terminal", platform="terminal")
+            except ReplyError as error:
+                answer = error.user_message
+            print(f"bot> {answer}", flush=True)
+
+
+def _stdin_lines() -> asyncio.Queue[str | None]:
+    """Lines of standard input, read on a daemon thread so the event loop (and
+    the model's batches) never wait on the keyboard; None marks the end (Ctrl-D)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def read() -> None:
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(queue.put_nowait, line.rstrip("\n"))
+        loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    threading.Thread(target=read, name="stdin", daemon=True).start()
+    return queue

@@ -1,0 +1,88 @@
+"""The `blender-chat` command (also `python -m bot`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+
+from bot.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("bot")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as error:
+        print(f"blender-chat: {error}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    return args.command(settings, args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blender-chat", description="A Discord and Slack chat bot answered by BlenderBot, running locally."
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    chat = commands.add_parser("chat", help="chat with the bot in this terminal")
+    chat.add_argument(
+        "--conversation", default="terminal:default", help="conversation id; reuse one to resume it (default: %(default)s)"
+    )
+    chat.set_defaults(command=_chat)
+
+    download = commands.add_parser("download", help="download the configured model into the Hugging Face cache")
+    download.set_defaults(command=_download)
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+async def open_engine(settings: Settings):
+    """Load the model (on a thread, it takes a while) and build the engine."""
+    from bot.engine import ReplyEngine
+    from bot.memory import open_store
+    from bot.model import load_chat_model
+
+    model = await asyncio.to_thread(load_chat_model, settings)
+    store = open_store(settings.memory_url, max_turns=settings.memory_max_turns, ttl=settings.memory_ttl)
+    return ReplyEngine(model, store, settings)
+
+
+def _chat(settings: Settings, args: argparse.Namespace) -> int:
+    from bot.chat import chat
+    from bot.model import ModelLoadError
+
+    async def session() -> None:
+        async with await open_engine(settings) as engine:
+            await chat(engine, args.conversation)
+
+    try:
+        asyncio.run(session())
+    except ModelLoadError as error:
+        print(f"blender-chat: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print()
+    return 0
+
+
+def _download(settings: Settings, args: argparse.Namespace) -> int:
+    from bot.model import ModelLoadError, download_model
+
+    started = time.monotonic()
+    try:
+        path = download_model(settings.model)
+    except ModelLoadError as error:
+        print(f"blender-chat: {error}", file=sys.stderr)
+        return 1
+    print(f"Downloaded {settings.model} to {path} in {time.monotonic() - started:.0f}s")
+    return 0

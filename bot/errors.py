@@ -1,0 +1,78 @@
+"""Expected failures of a reply, each with a short message fit to show a user.
+
+Adapters catch `ReplyError` and send `error.user_message`; anything else is a
+bug: it is logged with its traceback and the user gets a generic apology.
+"""
+
+from __future__ import annotations
+
+
+class ReplyError(Exception):
+    """A reply that cannot be given, for a reason the user may be told."""
+
+    user_message = "Sorry, something went wrong on my side. Please try again."
+    outcome = "error"  # the metrics label for this failure
+
+    def __init__(self, user_message: str | None = None) -> None:
+        if user_message is not None:
+            self.user_message = user_message
+        super().__init__(self.user_message)
+
+
+class EmptyMessage(ReplyError):
+    user_message = "I didn't catch that: your message was empty. Write something and I'll answer."
+    outcome = "empty"
+
+
+class MessageTooLong(ReplyError):
+    outcome = "too_long"
+
+    def __init__(self, length: int, limit: int) -> None:
+        super().__init__(
+            f"That message is too long for me ({length:,} characters). "
+            f"Please keep it under {limit:,} characters."
+        )
+        self.length = length
+        self.limit = limit
+
+
+class EngineBusy(ReplyError):
+    user_message = "I'm busy with a lot of conversations right now. Please try again shortly."
+    outcome = "busy"
+    retry_after = 5
+
+
+class EngineClosed(EngineBusy):
+    user_message = "I'm restarting right now. Please try again in a minute."
+    outcome = "closed"
+
+
+class ReplyTimeout(ReplyError):
+    user_message = "Sorry, I took too long to think of an answer. Please try again."
+    outcome = "timeout"
+
+
+class GenerationFailed(ReplyError):
+    user_message = "Sorry, something went wrong while I was thinking. Please try again."
+    outcome = "model_error"
+
+
+class RateLimited(ReplyError):
+    """Over the per-user limit. `notify` is False for messages after the first
+    notice, which adapters answer with silence."""
+
+    outcome = "rate_limited"
+
+    def __init__(self, retry_after: float, *, notify: bool) -> None:
+        seconds = max(1, round(retry_after))
+        super().__init__(f"You're sending messages faster than I can answer. Try again in {seconds}s.")
+        self.retry_after = retry_after
+        self.notify = notify
+
+
+class UserBlocked(ReplyError):
+    """The operator blocked this user: adapters stay silent."""
+
+    user_message = ""
+    outcome = "blocked_user"
+    notify = False

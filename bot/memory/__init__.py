@@ -1,0 +1,61 @@
+"""Per-conversation history behind one small interface.
+
+A backend stores whole exchanges (a user message and the bot's reply): an
+exchange is written in one step, so a crash never leaves half of one, and each
+conversation keeps at most `max_turns` exchanges. `open_store(url)` picks the
+backend from `MEMORY_URL`; a new backend is one new module here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Exchange:
+    user: str  # the user's message as the model saw it
+    bot: str  # the reply exactly as decoded (may start with a space)
+    at: float  # when it was stored, seconds since the epoch
+
+
+class StoreUnavailable(RuntimeError):
+    """The store could not be reached or written."""
+
+
+class ConversationStore(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def history(self, conversation: str) -> list[Exchange]:
+        """The stored exchanges, oldest first."""
+
+    async def append_exchange(self, conversation: str, user_text: str, bot_text: str) -> None:
+        """Store one whole exchange atomically, dropping the oldest beyond the limit."""
+
+    async def reset(self, conversation: str) -> bool:
+        """Forget a conversation; True if there was anything to forget."""
+
+    async def sweep(self, idle_seconds: float) -> int:
+        """Delete conversations idle longer than `idle_seconds`; returns how many."""
+
+    async def ping(self) -> None:
+        """Raise if the store cannot be used right now (for readiness checks)."""
+
+
+def open_store(url: str, *, max_turns: int, ttl: float = 0.0) -> ConversationStore:
+    """The backend for `MEMORY_URL` (not yet opened: `await store.open()`)."""
+    if url == "memory://":
+        from bot.memory.inprocess import InProcessStore
+
+        return InProcessStore(max_turns=max_turns)
+    if url.startswith("sqlite:///"):
+        from bot.memory.sqlite import SQLiteStore
+
+        return SQLiteStore(url[len("sqlite:///") :], max_turns=max_turns)
+    if url.startswith(("redis://", "rediss://")):
+        from bot.memory.redis import RedisStore
+
+        return RedisStore(url, max_turns=max_turns, ttl=ttl)
+    raise ValueError(f"unsupported MEMORY_URL {url!r}")

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny BlenderBot checkpoints of both families and engines over them."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental hub call fails at once instead of hanging
+os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import build_blenderbot, build_blenderbot_small  # noqa: E402
+
+from bot.config import Settings  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def blenderbot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_blenderbot(tmp_path_factory.mktemp("tiny-blenderbot"))
+
+
+@pytest.fixture(scope="session")
+def blenderbot_small_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_blenderbot_small(tmp_path_factory.mktemp("tiny-blenderbot-small"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(blenderbot_dir: Path):
+    """The tiny BlenderBot, loaded once through the same path as a hub id."""
+    from bot.model import load_chat_model
+
+    return load_chat_model(Settings(model=str(blenderbot_dir), max_new_tokens=8, num_beams=1))
+
+
+@pytest.fixture
+def make_settings(blenderbot_dir: Path) -> Callable[..., Settings]:
+    def make(**overrides) -> Settings:
+        base = Settings(model=str(blenderbot_dir), memory_url="memory://", max_new_tokens=8, num_beams=1)
+        return replace(base, **overrides)
+
+    return make
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for running `python -m bot` from this checkout in a subprocess."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BLENDERBOT_", "DISCORD_", "SLACK_", "MEMORY_"))}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", LOG_LEVEL="INFO")
+    env.update(extra)
+    return env
