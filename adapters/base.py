@@ -1,0 +1,179 @@
+"""What every platform adapter shares: the neutral message, the lifecycle the
+runtime drives, the tracking of replies in flight, error-to-answer mapping and
+the one place that splits long replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import unicodedata
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from bot.engine import ReplyEngine
+from bot.errors import ReplyError
+
+log = logging.getLogger(__name__)
+
+APOLOGY = "Sorry, something went wrong on my side. Please try again."
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    """A platform event, translated: what the engine needs to answer it."""
+
+    platform: str  # "discord", "slack", "web", ...
+    conversation: str  # e.g. "discord:<channel>", "slack:<team>:<channel>:<thread>"
+    user: str  # platform user id, for rate limits and logs
+    text: str  # mentions already resolved or stripped
+
+
+class Adapter(Protocol):
+    """The lifecycle `blender-chat run` drives, in this order:
+    `start()`, then on shutdown `stop_accepting()`, `drain(deadline)`, `close()`."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Connect; return once connected (or raise with a clear message)."""
+
+    @property
+    def connected(self) -> bool:
+        """True while connected to the platform (for /readyz)."""
+
+    def stop_accepting(self) -> None:
+        """Ignore new messages from now on."""
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for replies in flight; True if all were sent."""
+
+    async def close(self) -> None:
+        """Disconnect and release everything."""
+
+
+class ReplyTasks:
+    """Replies in flight, as tasks: new ones refused once stopped, all awaited on drain.
+
+    Platform libraries run each event handler as a task of their own and do
+    not wait for them when closing; this is how an adapter does.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.accepting = True
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str | None = None) -> asyncio.Task[Any] | None:
+        if not self.accepting:
+            coro.close()
+            return None
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("A reply task failed", exc_info=task.exception())
+
+    def stop(self) -> None:
+        self.accepting = False
+
+    async def drain(self, timeout: float) -> bool:
+        if not self._tasks:
+            return True
+        done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("%d replies were still running at the shutdown deadline", len(pending))
+        return not pending
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+
+async def answer(engine: ReplyEngine, message: IncomingMessage) -> str | None:
+    """The text to send back for `message`, or None for a deliberate silence.
+
+    Expected failures (busy, too long, timeout...) become their short message;
+    anything else is a bug: logged with its traceback, and the user gets an
+    apology, never exception text.
+    """
+    try:
+        return await engine.reply(message.conversation, message.text, user=message.user, platform=message.platform)
+    except ReplyError as error:
+        if getattr(error, "notify", True) is False:
+            return None
+        return error.user_message
+    except Exception:
+        log.exception("Unexpected error answering a %s message in %s", message.platform, message.conversation)
+        return APOLOGY
+
+
+def split_message(text: str, limit: int) -> list[str]:
+    """Split `text` into chunks of at most `limit` characters, in order.
+
+    Prefers paragraph, then line, then sentence, then word boundaries; avoids
+    cutting inside a ``` code block (a chunk that must cut one closes the fence
+    and the next reopens it); never splits a surrogate pair or a character.
+    """
+    if limit < 16:
+        raise ValueError("limit too small to split sensibly")
+    chunks: list[str] = []
+    rest = text.strip()
+    reopen = ""  # fence to reopen at the start of the next chunk
+    while rest:
+        rest = reopen + rest
+        if len(rest) <= limit:
+            chunks.append(rest)
+            break
+        cut = _best_cut(rest, limit - 4)  # room to close a fence
+        chunk, rest = rest[:cut].rstrip(), rest[cut:].lstrip()
+        reopen = ""
+        fence = _open_fence(chunk)
+        if fence is not None:
+            chunk += "\n```"
+            reopen = fence + "\n"
+        if chunk.strip():
+            chunks.append(chunk)
+    return chunks
+
+
+_FENCE = re.compile(r"^```[^\n`]*$", re.MULTILINE)
+
+
+def _open_fence(chunk: str) -> str | None:
+    """The opening line of a code fence left open at the end of `chunk`, if any."""
+    fences = _FENCE.findall(chunk)
+    if len(fences) % 2 == 1:
+        return fences[-1]
+    return None
+
+
+def _best_cut(text: str, limit: int) -> int:
+    window = text[:limit]
+    # A fence opened in this window and closed after it: cut before the fence if that is not too early.
+    fences = list(_FENCE.finditer(window))
+    if len(fences) % 2 == 1 and fences[-1].start() > limit // 3:
+        return fences[-1].start()
+    for pattern in (r"\n\s*\n", r"\n", r"[.!?…](?=\s)", r"\s"):
+        matches = [m.end() for m in re.finditer(pattern, window)]
+        good = [end for end in matches if end > limit // 3]
+        if good:
+            return good[-1]
+    return _grapheme_safe(text, limit)
+
+
+def _grapheme_safe(text: str, cut: int) -> int:
+    """Move a cut left so it does not separate a character from its combining
+    marks, variation selectors or zero-width joiners (emoji sequences)."""
+    while cut > 1 and (
+        unicodedata.combining(text[cut]) or text[cut] in "\u200d\ufe0e\ufe0f" or text[cut - 1] == "\u200d"
+        or "\U0001f3fb" <= text[cut] <= "\U0001f3ff"
+    ):
+        cut -= 1
+    return cut
