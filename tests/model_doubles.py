@@ -1,0 +1,40 @@
+"""A wrapper around the real tiny model that lets a test hold, slow down or
+fail `generate` calls and records every batch the engine sends. The model
+still generates: only the timing and failures are the test's."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+from bot.model import ChatModel, Generated
+
+
+class GatedModel:
+    def __init__(self, model: ChatModel) -> None:
+        self.model = model
+        self.batches: list[list[list[str]]] = []  # every generate call: its conversations' turns
+        self.samples: list[bool] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.delay = 0.0
+        self.failures = 0  # how many next calls raise
+
+    def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False) -> list[Generated]:
+        self.batches.append([list(turns) for turns in conversations])
+        self.samples.append(sample)
+        self.gate.wait(30)
+        if self.delay:
+            time.sleep(self.delay)
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("simulated CUDA out of memory")
+        return self.model.generate(conversations, sample=sample)
+
+    def wait_for_calls(self, count: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.batches) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected {count} generate calls, saw {len(self.batches)}")
+            time.sleep(0.005)
