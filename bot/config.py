@@ -111,9 +111,10 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
     """Build `Settings` from `environ` (default: `os.environ` plus `.env`)."""
     if environ is None:
         if dotenv:
-            from dotenv import load_dotenv
+            from dotenv import find_dotenv, load_dotenv
 
-            load_dotenv(override=False)
+            # The .env of the directory the bot is started in (or a parent), never the package's.
+            load_dotenv(find_dotenv(usecwd=True), override=False)
         environ = os.environ
     env = _Reader(environ)
 

@@ -1,0 +1,52 @@
+"""`blender-chat chat`: the terminal REPL, against the same engine and memory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import subprocess_env
+
+
+def chat(tmp_path, blenderbot_dir, stdin: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = subprocess_env(
+        BLENDERBOT_MODEL=str(blenderbot_dir),
+        BLENDERBOT_MAX_NEW_TOKENS="6",
+        BLENDERBOT_NUM_BEAMS="1",
+        MEMORY_URL=f"sqlite:///{tmp_path}/memory.db",
+        LOG_LEVEL="WARNING",
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "bot", "chat", *args],
+        input=stdin, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def bot_lines(output: str) -> list[str]:
+    return [line.split("bot> ", 1)[1] for line in output.splitlines() if "bot> " in line]
+
+
+def test_chat_answers_remembers_across_restarts_and_resets(tmp_path, blenderbot_dir):
+    first = chat(tmp_path, blenderbot_dir, "Hello bot!\nHow are you?\n/quit\n", "--conversation", "mine")
+    assert first.returncode == 0, first.stderr
+    answers = bot_lines(first.stdout)
+    assert len(answers) == 2 and all(a.strip() for a in answers)
+
+    second = chat(tmp_path, blenderbot_dir, "", "--conversation", "mine")  # Ctrl-D at once
+    assert second.returncode == 0
+    assert "2 earlier exchanges remembered" in second.stdout
+
+    other = chat(tmp_path, blenderbot_dir, "/quit\n", "--conversation", "someone-else")
+    assert "earlier exchanges" not in other.stdout
+
+    reset = chat(tmp_path, blenderbot_dir, "/reset\n/quit\n", "--conversation", "mine")
+    assert "(conversation forgotten)" in reset.stdout
+    after = chat(tmp_path, blenderbot_dir, "/quit\n", "--conversation", "mine")
+    assert "earlier exchanges" not in after.stdout
+
+
+def test_empty_lines_are_ignored_and_bad_input_gets_a_message(tmp_path, blenderbot_dir):
+    result = chat(tmp_path, blenderbot_dir, "\n   \n" + "x" * 3000 + "\n")
+    assert result.returncode == 0
+    assert bot_lines(result.stdout) == ["That message is too long for me (3,000 characters). Please keep it under 2,000 characters."]
+    assert "Traceback" not in result.stdout + result.stderr

@@ -1,0 +1,109 @@
+"""Loading both BlenderBot families, the input format, left truncation at the
+position limit, right padding, and generation settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import build_blenderbot, build_not_blenderbot
+
+from bot.config import Settings
+from bot.model import ModelLoadError, load_chat_model
+from bot.prompt import FAMILIES, format_turns
+
+
+@pytest.fixture(scope="module")
+def small_model(blenderbot_small_dir):
+    return load_chat_model(Settings(model=str(blenderbot_small_dir), max_new_tokens=6, num_beams=1))
+
+
+@pytest.fixture(params=["blenderbot", "blenderbot-small"])
+def any_model(request, tiny_model, small_model):
+    return {"blenderbot": tiny_model, "blenderbot-small": small_model}[request.param]
+
+
+def test_both_families_load_through_the_auto_classes(tiny_model, small_model):
+    assert type(tiny_model.model).__name__.startswith("Blenderbot") and tiny_model.family.model_type == "blenderbot"
+    assert tiny_model.max_positions == 128
+    assert small_model.family.model_type == "blenderbot-small" and small_model.max_positions == 512
+
+
+def test_turns_are_joined_with_the_family_separators():
+    assert format_turns(FAMILIES["blenderbot"], ["Hi!", " Hello.", "How are you?"]) == (
+        "Hi!</s> <s>Hello.</s> <s>How are you?"
+    )
+    assert format_turns(FAMILIES["blenderbot-small"], ["hi", "hello"]) == "hi__end__ __start__hello"
+
+
+def test_blenderbot_input_ends_with_eos(tiny_model):
+    ids = tiny_model.encode(["hello there"])
+    assert ids[-1] == tiny_model.tokenizer.eos_token_id
+
+
+def test_a_200_turn_conversation_is_cut_from_the_left_and_keeps_the_newest_message(any_model):
+    turns = [f"old turn number {i} about dogs and cats" for i in range(199)] + ["NEWEST question about pizza?"]
+    ids = any_model.encode(turns)
+    assert len(ids) == any_model.max_positions
+    decoded = any_model.tokenizer.decode(ids, skip_special_tokens=True)
+    assert decoded.strip().lower().replace(" ", "").endswith("newestquestionaboutpizza?")
+    assert "number 0 " not in decoded
+    replies = any_model.generate([turns])  # would raise "index out of range" if the limit were exceeded
+    assert len(replies) == 1
+
+
+def test_a_single_huge_message_never_raises(any_model):
+    assert any_model.generate([["word " * 5000]])[0].new_tokens > 0
+
+
+def test_batched_generation_matches_unbatched(tiny_model):
+    """Right padding with a mask: a short conversation batched with a long one
+    gets the same greedy answer as alone."""
+    short, long = ["hi"], ["tell me about the ocean and the stars " * 6]
+    alone = tiny_model.generate([short])[0].text
+    batched = tiny_model.generate([long, short])[1].text
+    assert batched == alone
+
+
+def test_generation_uses_the_checkpoints_config_unless_overridden(blenderbot_dir):
+    model = load_chat_model(Settings(model=str(blenderbot_dir), quantize="none"))
+    # the tiny checkpoint says num_beams=2, max_length=24, min_length=4 (like the hub's 10/60/20)
+    assert model.generation_kwargs == {"max_new_tokens": 23, "min_new_tokens": 3, "min_length": 0}
+    assert model.model.generation_config.num_beams == 2
+    overridden = load_chat_model(
+        Settings(model=str(blenderbot_dir), quantize="none", num_beams=1, min_new_tokens=2, max_new_tokens=5)
+    )
+    assert overridden.generation_kwargs == {"max_new_tokens": 5, "min_new_tokens": 2, "min_length": 0, "num_beams": 1}
+    replies = overridden.generate([["hello"]])
+    assert 2 <= replies[0].new_tokens <= 5
+
+
+def test_max_new_tokens_is_capped_below_the_decoder_position_limit(blenderbot_dir):
+    model = load_chat_model(Settings(model=str(blenderbot_dir), max_new_tokens=500, num_beams=1))
+    assert model.generation_kwargs["max_new_tokens"] == 127
+
+
+def test_a_model_that_is_not_blenderbot_gives_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="not BlenderBot"):
+        load_chat_model(Settings(model=str(build_not_blenderbot(tmp_path))))
+
+
+def test_a_hub_model_that_cannot_be_downloaded_names_the_model_and_the_fix():
+    with pytest.raises(ModelLoadError) as error:
+        load_chat_model(Settings(model="facebook/blenderbot-400M-distill-not-cached"))
+    message = str(error.value)
+    assert "facebook/blenderbot-400M-distill-not-cached" in message
+    assert "BLENDERBOT_MODEL" in message and "local directory" in message
+
+
+def test_sampling_is_another_decoding(tiny_model):
+    torch.manual_seed(1)
+    samples = {tiny_model.generate([["hello"]], sample=True)[0].text for _ in range(4)}
+    assert len(samples) > 1
+
+
+@pytest.mark.parametrize("quantize, quantized", [("auto", True), ("int8", True), ("none", False)])
+def test_quantization_follows_the_setting_on_cpu(tmp_path, quantize, quantized):
+    model = load_chat_model(Settings(model=str(build_blenderbot(tmp_path)), quantize=quantize, device="cpu"))
+    linear_types = {type(m).__module__ for m in model.model.modules() if "Linear" in type(m).__name__}
+    assert model.quantized is quantized
+    assert any("quantized" in t for t in linear_types) is quantized
