@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -131,3 +132,18 @@ def test_a_dotenv_file_is_read(tmp_path):
         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert result.returncode == 2 and "BLENDERBOT_DEVICE='gpu-please'" in result.stderr
+
+
+def test_env_example_lists_every_setting_and_loads_cleanly(tmp_path):
+    import inspect
+    import re
+
+    from dotenv import dotenv_values
+
+    import bot.config
+
+    read = set(re.findall(r'env\.\w+\(\s*"([A-Z0-9_]+)"', inspect.getsource(bot.config.load_settings)))
+    example = dotenv_values(Path(bot.config.__file__).parent.parent / ".env.example")
+    assert read == set(example)
+    values = {k: v for k, v in example.items() if v and k != "BLENDERBOT_MODEL"}
+    load_settings(values)  # the example's values are all valid
