@@ -31,6 +31,8 @@ MESSAGE_LIMIT = 2000  # characters per Discord message; longer ones are refused 
 RESET_WORDS = frozenset({"reset", "forget"})
 RESET_DONE = "Done: I've forgotten our conversation in this channel. Let's start fresh!"
 NOT_HERE = "I'm not enabled here."
+# Without the Message Content intent Discord blanks replies that do not @mention the bot.
+CANNOT_READ = "I can't read that message: Discord only shows me messages that mention me. Mention me and ask again!"
 HELP_TEXT = (
     "I'm a chat bot answered by BlenderBot, a conversational model running on my own server.\n"
     "- Mention me (@me) in a channel, reply to one of my messages, or DM me, and I'll answer.\n"
@@ -175,8 +177,11 @@ class DiscordAdapter:
         async def help_command(interaction: discord.Interaction) -> None:
             await self._command(interaction, interaction.response.send_message(HELP_TEXT, ephemeral=True))
 
-        tree.add_command(app_commands.Command(name="reset", description="Forget this channel's conversation", callback=reset))
-        tree.add_command(app_commands.Command(name="help", description="What I am and how to talk to me", callback=help_command))
+        for name, description, callback in (
+            ("reset", "Forget this channel's conversation", reset),
+            ("help", "What I am and how to talk to me", help_command),
+        ):
+            tree.add_command(app_commands.Command(name=name, description=description, callback=callback))
         return tree
 
     async def _sync_commands(self) -> None:
@@ -220,6 +225,9 @@ class DiscordAdapter:
 
     async def _respond(self, message: discord.Message, text: str) -> None:
         conversation = f"discord:{message.channel.id}"
+        if not message.content and message.guild is not None and not self.settings.discord_message_content:
+            await self._send(message, [CANNOT_READ])
+            return
         if text.lower() in RESET_WORDS:
             await self._send(message, [await self._reset(conversation)])
             return

@@ -363,7 +363,8 @@ class FakeDiscord:
         }
 
     def _member(self, user_id: int) -> dict[str, Any]:
-        return {"roles": [], "joined_at": _now(), "deaf": False, "mute": False, "flags": 0, "nick": NICKNAMES.get(user_id)}
+        nick = NICKNAMES.get(user_id)
+        return {"roles": [], "joined_at": _now(), "deaf": False, "mute": False, "flags": 0, "nick": nick}
 
     def _mentioned(self, user_id: int, in_guild: bool) -> dict[str, Any]:
         if user_id == BOT_ID or not in_guild:
@@ -510,7 +511,8 @@ class _Socket:
 
 def _json(payload: Any, *, status: int = 200) -> web.Response:
     # discord.py parses JSON only when the Content-Type is exactly application/json.
-    return web.Response(body=json.dumps(payload).encode(), status=status, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    return web.Response(body=json.dumps(payload).encode(), status=status, headers=headers)
 
 
 def _rate_limited(retry_after: float) -> web.Response:

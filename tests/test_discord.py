@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from adapters.base import AdapterStartError
-from adapters.discord import HELP_TEXT, RESET_DONE, DiscordAdapter
+from adapters.discord import CANNOT_READ, HELP_TEXT, RESET_DONE, DiscordAdapter
 from bot.engine import ReplyEngine
 from bot.errors import GenerationFailed
 from bot.memory import open_store
@@ -63,11 +63,12 @@ async def fake() -> AsyncIterator[FakeDiscord]:
 
 @pytest.fixture
 async def start_bot(fake, tiny_model, make_settings) -> AsyncIterator[Callable[..., Awaitable[RunningBot]]]:
+    """Start a bot (adapter + engine over the tiny model) against `fake`; stopped after the test."""
     running: list[tuple[DiscordAdapter, ReplyEngine]] = []
 
     async def start(*, model=None, **overrides) -> RunningBot:
-        endpoints = {"discord_token": fake.token, "discord_api_url": fake.api_url, "discord_gateway_url": fake.gateway_url}
-        settings = make_settings(**{**endpoints, **overrides})
+        endpoints = {"discord_api_url": fake.api_url, "discord_gateway_url": fake.gateway_url}
+        settings = make_settings(**{"discord_token": fake.token, **endpoints, **overrides})
         model = model or GatedModel(tiny_model)
         engine = ReplyEngine(model, open_store("memory://", max_turns=settings.memory_max_turns), settings)
         await engine.start()
@@ -164,6 +165,14 @@ async def test_reply_to_the_bot_is_answered_without_a_mention(fake, bot):
     assert bot.model_saw()[-1] == "and then what happened?"
 
 
+async def test_unreadable_reply_gets_a_hint_instead_of_silence(fake, bot):
+    # Without the Message Content intent, a reply that does not @mention the bot arrives blank.
+    _, first = await answer_to(fake, f"{MENTION} tell me a story", mentions=(BOT_ID,))
+    _, replies = await answer_to(fake, "", reply_to=int(first[0].response["id"]))
+    assert replies[0].json["content"] == CANNOT_READ
+    assert len(bot.model.batches) == 1
+
+
 async def test_messages_not_addressed_to_the_bot_get_nothing(fake, bot):
     human = await fake.send_message("just chatting among humans")
     await fake.send_message("@everyone meeting in five minutes", mention_everyone=True)
@@ -238,7 +247,10 @@ async def test_slash_reset_forgets_and_confirms(fake, bot):
     await answer_to(fake, f"{MENTION} remember that I like tea", mentions=(BOT_ID,))
 
     interaction = await fake.slash_command("reset")
-    followups = lambda: [c for c in fake.calls if c.path.startswith("/webhooks/") and str(interaction) in c.path]  # noqa: E731
+
+    def followups() -> list:
+        return [c for c in fake.calls if c.path.startswith("/webhooks/") and str(interaction) in c.path]
+
     await fake.wait_for(followups, what="the /reset follow-up")
 
     callback = next(c for c in fake.calls if c.path.startswith(f"/interactions/{interaction}/"))
@@ -297,10 +309,12 @@ async def test_a_5000_character_answer_arrives_in_ordered_chunks(fake, start_bot
     message_id, _ = await answer_to(fake, f"{MENTION} tell me everything", mentions=(BOT_ID,))
     [exchange] = await bot.engine.history(f"discord:{CHANNEL_ID}")
     assert len(exchange.bot) >= 5000
-    chunks = await fake.wait_for(
-        lambda: (lambda c: c if sum(len(x.json["content"]) for x in c) >= 4900 else None)(fake.created(CHANNEL_ID)),
-        what="every chunk",
-    )
+
+    def all_chunks() -> list | None:
+        chunks = fake.created(CHANNEL_ID)
+        return chunks if sum(len(chunk.json["content"]) for chunk in chunks) >= 4900 else None
+
+    chunks = await fake.wait_for(all_chunks, what="every chunk")
     contents = [chunk.json["content"] for chunk in chunks]
     assert len(contents) == 3
     assert all(len(content) <= 2000 for content in contents)
@@ -361,6 +375,14 @@ async def test_shutdown_refuses_new_messages_and_finishes_replies_in_flight(fake
     assert len(fake.created(CHANNEL_ID)) == 1
     assert fake.touching(OTHER_CHANNEL_ID) == []
     assert "too late" not in bot.model_saw()
+
+
+async def test_sharded_client_identifies_its_shard_and_answers(fake, start_bot):
+    bot = await start_bot(discord_shard_count=2, discord_shard_ids=(0,))
+    await answer_to(fake, f"{MENTION} hello, shard", mentions=(BOT_ID,))
+    assert [identify["shard"] for identify in fake.identifies] == [[0, 2]]
+    assert {command["name"] for command in fake.commands} == {"reset", "help"}  # shard 0 registers them
+    assert bot.adapter.connected
 
 
 # -- start-up failures -----------------------------------------------------
