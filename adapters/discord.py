@@ -84,6 +84,9 @@ class DiscordAdapter:
         ready = asyncio.create_task(self._ready.wait())
         try:
             await asyncio.wait({self._runner, ready}, timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # shut down while connecting
+            await self.close()
+            raise
         finally:
             ready.cancel()
         if self._runner.done():
@@ -117,12 +120,10 @@ class DiscordAdapter:
         self._replies.stop()
         await self._client.close()
         if self._runner is not None and not self._runner.done():
-            try:
-                await asyncio.wait_for(self._runner, timeout=10)
-            except (TimeoutError, asyncio.CancelledError):
-                pass
-            except Exception:
-                log.debug("The Discord client ended with an error while closing", exc_info=True)
+            # connect() returns once the client is closed; do not wait forever if it does not.
+            _, pending = await asyncio.wait({self._runner}, timeout=10)
+            for task in pending:
+                task.cancel()
 
     async def _run(self) -> None:
         client = self._client
@@ -144,7 +145,10 @@ class DiscordAdapter:
     # -- building the client ----------------------------------------------
 
     def _build_client(self) -> discord.Client:
-        intents = discord.Intents.default()
+        # Only what answering needs, all non-privileged: the guild and channel cache, and
+        # messages. The other default intents (typing, reactions, voice...) are traffic we ignore.
+        intents = discord.Intents.none()
+        intents.guilds = intents.guild_messages = intents.dm_messages = True
         intents.message_content = self.settings.discord_message_content
         options: dict[str, Any] = {"intents": intents, "allowed_mentions": discord.AllowedMentions.none()}
         if self.settings.discord_shard_count is not None:

@@ -122,7 +122,8 @@ async def test_mention_gets_exactly_one_reply_referencing_it(fake, bot):
     assert not sent["allowed_mentions"].get("replied_user")
     assert bot.model_saw()[0] == "hello there, how are you?"
     assert bot.adapter.connected
-    # Default, non-privileged intents.
+    # Non-privileged intents only: guilds, guild messages, DMs.
+    assert fake.identifies[0]["intents"] == (1 << 0) | (1 << 9) | (1 << 12)
     assert not fake.identifies[0]["intents"] & MESSAGE_CONTENT_INTENT
 
 
