@@ -229,7 +229,8 @@ class DiscordAdapter:
 
     async def _respond(self, message: discord.Message, text: str) -> None:
         conversation = f"discord:{message.channel.id}"
-        if not message.content and message.guild is not None and not self.settings.discord_message_content:
+        in_dm = isinstance(message.channel, discord.DMChannel)
+        if not message.content and not in_dm and not self.settings.discord_message_content:
             await self._send(message, [CANNOT_READ])
             return
         if text.lower() in RESET_WORDS:
