@@ -31,6 +31,11 @@ class IncomingMessage:
     text: str  # mentions already resolved or stripped
 
 
+class AdapterStartError(RuntimeError):
+    """An adapter could not start for a reason the operator must fix (bad token,
+    intent not enabled...): `str(error)` is one line, fit to print before exiting."""
+
+
 class Adapter(Protocol):
     """The lifecycle `blender-chat run` drives, in this order:
     `start()`, then on shutdown `stop_accepting()`, `drain(deadline)`, `close()`."""

@@ -1,0 +1,394 @@
+"""The Discord adapter: discord.py events in, `engine.reply` answers out.
+
+Answers messages that mention the bot, replies to its own messages and DMs;
+`/reset` and `/help` are slash commands. Needs only Discord's default
+(non-privileged) intents: mentions, replies and DMs carry their content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import discord
+import yarl
+from discord import app_commands
+
+from adapters.base import APOLOGY, AdapterStartError, IncomingMessage, ReplyTasks, answer, split_message
+from bot.config import Settings
+from bot.engine import ReplyEngine
+from bot.errors import EngineClosed
+
+log = logging.getLogger(__name__)
+
+MESSAGE_LIMIT = 2000  # characters per Discord message; longer ones are refused with 400
+RESET_WORDS = frozenset({"reset", "forget"})
+RESET_DONE = "Done: I've forgotten our conversation in this channel. Let's start fresh!"
+NOT_HERE = "I'm not enabled here."
+# Without the Message Content intent Discord blanks replies that do not @mention the bot.
+CANNOT_READ = "I can't read that message: Discord only shows me messages that mention me. Mention me and ask again!"
+HELP_TEXT = (
+    "I'm a chat bot answered by BlenderBot, a conversational model running on my own server.\n"
+    "- Mention me (@me) in a channel, reply to one of my messages, or DM me, and I'll answer.\n"
+    "- Each channel and each thread is its own conversation, and I remember it.\n"
+    "- `/reset` (or mention me with just `reset`) makes me forget this channel's conversation.\n"
+    "I can be wrong or odd: don't take my word for facts."
+)
+PRIVILEGED_INTENT_HELP = (
+    "Discord refused the privileged Message Content intent: enable the Message Content intent at "
+    "https://discord.com/developers/applications -> your app -> Bot -> Privileged Gateway Intents, "
+    "or unset DISCORD_MESSAGE_CONTENT"
+)
+START_TIMEOUT = 60.0  # seconds from start() to READY before giving up
+
+# Plain messages and replies; the other types are system notices (joins, pins, thread starts...).
+_ANSWERED_TYPES = frozenset({discord.MessageType.default, discord.MessageType.reply})
+_USER_MENTION = re.compile(r"<@!?(\d+)>")
+_ROLE_MENTION = re.compile(r"<@&(\d+)>")
+_CHANNEL_MENTION = re.compile(r"<#(\d+)>")
+
+
+class DiscordAdapter:
+    """One discord.py client (sharded when DISCORD_SHARD_COUNT is set) driven by
+    the runtime's lifecycle: start, stop_accepting, drain, close."""
+
+    name = "discord"
+
+    def __init__(self, settings: Settings, engine: ReplyEngine) -> None:
+        if not settings.discord_token:
+            raise ValueError("DiscordAdapter needs DISCORD_TOKEN")
+        _route_endpoints_per_context()
+        self.settings = settings
+        self.engine = engine
+        self._replies = ReplyTasks()
+        self._ready = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._client = self._build_client()
+        self._tree = self._build_commands(self._client)
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        # The endpoints are set in the context of the client's own task: every task it
+        # spawns (event handlers, replies, shards) inherits them, nothing else sees them.
+        context = contextvars.copy_context()
+        context.run(_api_base.set, self.settings.discord_api_url.rstrip("/"))
+        context.run(_gateway.set, yarl.URL(self.settings.discord_gateway_url))
+        self._runner = asyncio.create_task(self._run(), name="discord-client", context=context)
+        ready = asyncio.create_task(self._ready.wait())
+        try:
+            await asyncio.wait({self._runner, ready}, timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # shut down while connecting
+            await self.close()
+            raise
+        finally:
+            ready.cancel()
+        if self._runner.done():
+            error = None if self._runner.cancelled() else self._runner.exception()
+            await self._client.close()
+            raise _start_error(error, self.settings) from error
+        if not self._ready.is_set():
+            await self.close()
+            raise AdapterStartError(
+                f"Discord did not finish connecting within {START_TIMEOUT:g}s "
+                f"(gateway {self.settings.discord_gateway_url})"
+            )
+        self._runner.add_done_callback(self._runner_ended)
+
+    @property
+    def connected(self) -> bool:
+        client = self._client
+        if self._runner is None or self._runner.done() or client.is_closed() or not client.is_ready():
+            return False
+        if isinstance(client, discord.AutoShardedClient):
+            return all(not shard.is_closed() for shard in client.shards.values())
+        return client.ws is not None and client.ws.open
+
+    def stop_accepting(self) -> None:
+        self._replies.stop()
+
+    async def drain(self, timeout: float) -> bool:
+        return await self._replies.drain(timeout)
+
+    async def close(self) -> None:
+        self._replies.stop()
+        await self._client.close()
+        if self._runner is not None and not self._runner.done():
+            # connect() returns once the client is closed; do not wait forever if it does not.
+            _, pending = await asyncio.wait({self._runner}, timeout=10)
+            for task in pending:
+                task.cancel()
+
+    async def _run(self) -> None:
+        client = self._client
+        await client.login(self.settings.discord_token or "")
+        # With several processes sharing the shards, the one holding shard 0 registers the commands.
+        if not self.settings.discord_shard_ids or 0 in self.settings.discord_shard_ids:
+            await self._sync_commands()
+        await client.connect(reconnect=True)
+
+    def _runner_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.error("The Discord connection ended: %s", _start_error(error, self.settings))
+        elif not self._client.is_closed():
+            log.error("The Discord connection ended unexpectedly")
+
+    # -- building the client ----------------------------------------------
+
+    def _build_client(self) -> discord.Client:
+        # Only what answering needs, all non-privileged: the guild and channel cache, and
+        # messages. The other default intents (typing, reactions, voice...) are traffic we ignore.
+        intents = discord.Intents.none()
+        intents.guilds = intents.guild_messages = intents.dm_messages = True
+        intents.message_content = self.settings.discord_message_content
+        options: dict[str, Any] = {"intents": intents, "allowed_mentions": discord.AllowedMentions.none()}
+        if self.settings.discord_shard_count is not None:
+            client: discord.Client = discord.AutoShardedClient(
+                shard_count=self.settings.discord_shard_count,
+                shard_ids=list(self.settings.discord_shard_ids) or None,
+                **options,
+            )
+        else:
+            client = discord.Client(**options)
+
+        async def on_ready() -> None:
+            user = client.user
+            log.info("Connected to Discord as %s (id %s) in %d servers", user, user and user.id, len(client.guilds))
+            self._ready.set()
+
+        async def on_message(message: discord.Message) -> None:
+            self._on_message(message)
+
+        client.event(on_ready)
+        client.event(on_message)
+        return client
+
+    def _build_commands(self, client: discord.Client) -> app_commands.CommandTree:
+        tree = app_commands.CommandTree(client)
+
+        async def reset(interaction: discord.Interaction) -> None:
+            await self._command(interaction, self._reset_command(interaction))
+
+        async def help_command(interaction: discord.Interaction) -> None:
+            await self._command(interaction, interaction.response.send_message(HELP_TEXT, ephemeral=True))
+
+        for name, description, callback in (
+            ("reset", "Forget this channel's conversation", reset),
+            ("help", "What I am and how to talk to me", help_command),
+        ):
+            tree.add_command(app_commands.Command(name=name, description=description, callback=callback))
+        return tree
+
+    async def _sync_commands(self) -> None:
+        try:
+            await self._tree.sync()
+        except discord.HTTPException as error:
+            # Mentions and DMs work without them: not worth failing start-up for.
+            log.warning("Could not register the /reset and /help commands (%s %s)", error.status, error.text)
+
+    # -- messages ----------------------------------------------------------
+
+    def _on_message(self, message: discord.Message) -> None:
+        if not self._replies.accepting:
+            return
+        text = self._text_to_answer(message)
+        if text is not None:
+            self._replies.spawn(self._respond(message, text), name=f"discord-reply-{message.id}")
+
+    def _text_to_answer(self, message: discord.Message) -> str | None:
+        """What the model should see, or None when the bot should stay silent."""
+        me = self._client.user
+        author = message.author
+        if me is None or author.id == me.id or author.bot or message.webhook_id is not None:
+            return None
+        if message.type not in _ANSWERED_TYPES:
+            return None
+        if isinstance(message.channel, discord.DMChannel):
+            if not self.settings.discord_dms:
+                return None
+        elif not self._allowed_here(_guild_id(message), message.channel) or not _addressed_to(message, me.id):
+            return None
+        return _model_text(message, me.id)
+
+    def _allowed_here(self, guild_id: int | None, channel: Any) -> bool:
+        guilds, channels = self.settings.discord_guild_ids, self.settings.discord_channel_ids
+        if guilds and str(guild_id) not in guilds:
+            return False
+        # A thread is allowed when it or its parent channel is listed.
+        ids = {str(getattr(channel, "id", "")), str(getattr(channel, "parent_id", ""))}
+        return not channels or bool(ids & channels)
+
+    async def _respond(self, message: discord.Message, text: str) -> None:
+        conversation = f"discord:{message.channel.id}"
+        in_dm = isinstance(message.channel, discord.DMChannel)
+        if not message.content and not in_dm and not self.settings.discord_message_content:
+            await self._send(message, [CANNOT_READ])
+            return
+        if text.lower() in RESET_WORDS:
+            await self._send(message, [await self._reset(conversation)])
+            return
+        incoming = IncomingMessage("discord", conversation, str(message.author.id), text)
+        async with _typing(message.channel):
+            reply = await answer(self.engine, incoming)
+        if reply:
+            await self._send(message, split_message(reply, MESSAGE_LIMIT))
+
+    async def _reset(self, conversation: str) -> str:
+        try:
+            await self.engine.reset(conversation)
+        except Exception:
+            log.exception("Could not reset conversation %s", conversation)
+            return APOLOGY
+        return RESET_DONE
+
+    async def _send(self, message: discord.Message, chunks: list[str]) -> None:
+        """The first chunk replies to `message`; the rest follow it in order."""
+        # If the message was deleted meanwhile, still answer, just without the reference.
+        reference = message.to_reference(fail_if_not_exists=False)
+        for index, chunk in enumerate(chunks):
+            try:
+                await message.channel.send(chunk, reference=reference if index == 0 else None)
+            except discord.HTTPException as error:
+                # Usually missing permissions in that channel: nothing more can be sent there.
+                log.warning("Could not answer in channel %s (%s %s)", message.channel.id, error.status, error.text)
+                return
+
+    # -- slash commands ----------------------------------------------------
+
+    async def _command(self, interaction: discord.Interaction, work: Any) -> None:
+        """Run a command's `work` as a tracked reply, or refuse it when not welcome."""
+        if not self._interaction_allowed(interaction):
+            work.close()
+            await interaction.response.send_message(NOT_HERE, ephemeral=True)
+            return
+        task = self._replies.spawn(work, name=f"discord-command-{interaction.id}")
+        if task is None:
+            await interaction.response.send_message(EngineClosed.user_message, ephemeral=True)
+            return
+        await task
+
+    async def _reset_command(self, interaction: discord.Interaction) -> None:
+        # Resetting waits for a reply in flight in the channel; Discord wants an answer within 3 s.
+        await interaction.response.defer(thinking=True)
+        await interaction.followup.send(await self._reset(f"discord:{interaction.channel_id}"))
+
+    def _interaction_allowed(self, interaction: discord.Interaction) -> bool:
+        if interaction.guild_id is None:
+            return self.settings.discord_dms
+        channel = interaction.channel or discord.Object(interaction.channel_id or 0)
+        return self._allowed_here(interaction.guild_id, channel)
+
+
+def _guild_id(message: discord.Message) -> int | None:
+    if message.guild is not None:
+        return message.guild.id
+    return getattr(message.channel, "guild_id", None)  # a channel of a guild not in the cache
+
+
+def _addressed_to(message: discord.Message, my_id: int) -> bool:
+    """A mention of the bot (not @everyone/@here or a role) or a reply to one of its messages."""
+    if my_id in message.raw_mentions or any(user.id == my_id for user in message.mentions):
+        return True
+    reference = message.reference
+    if reference is None:
+        return False
+    replied = reference.resolved or reference.cached_message
+    return isinstance(replied, discord.Message) and replied.author.id == my_id
+
+
+def _model_text(message: discord.Message, my_id: int) -> str:
+    """The content with the bot's mentions removed and other mentions turned into names."""
+    users = {user.id: user.display_name for user in message.mentions}
+    roles = {role.id: role.name for role in message.role_mentions}
+    channels = {channel.id: channel.name for channel in message.channel_mentions}
+
+    def user_name(match: re.Match[str]) -> str:
+        user_id = int(match.group(1))
+        return "" if user_id == my_id else users.get(user_id, "someone")
+
+    text = _USER_MENTION.sub(user_name, message.content)
+    text = _ROLE_MENTION.sub(lambda m: roles.get(int(m.group(1)), "a role"), text)
+    text = _CHANNEL_MENTION.sub(lambda m: "#" + channels.get(int(m.group(1)), "a channel"), text)
+    return re.sub(r"[ \t]{2,}", " ", text).strip()
+
+
+@asynccontextmanager
+async def _typing(channel: discord.abc.Messageable) -> AsyncIterator[None]:
+    """The typing indicator while the body runs. It is cosmetic: failing to show it
+    (no permission, a network hiccup) must not cost the user the answer."""
+    typing = channel.typing()
+    try:
+        await typing.__aenter__()
+        shown = True
+    except (discord.HTTPException, aiohttp.ClientError, OSError) as error:
+        log.debug("Could not show the typing indicator: %s", error)
+        shown = False
+    try:
+        yield
+    finally:
+        if shown:
+            await typing.__aexit__(None, None, None)
+
+
+def _start_error(error: BaseException | None, settings: Settings) -> AdapterStartError:
+    """One line telling the operator why the Discord client could not run."""
+    if isinstance(error, discord.PrivilegedIntentsRequired):
+        text = PRIVILEGED_INTENT_HELP
+    elif isinstance(error, discord.LoginFailure):
+        text = f"DISCORD_TOKEN was rejected by Discord: {error}"
+    elif isinstance(error, discord.ConnectionClosed) and error.code == 4004:
+        text = "DISCORD_TOKEN was rejected by Discord: the gateway closed with 4004 (authentication failed)"
+    elif isinstance(error, discord.ConnectionClosed):
+        text = f"the Discord gateway closed the connection with code {error.code} ({error.reason or 'no reason'})"
+    elif isinstance(error, discord.HTTPException):
+        text = f"Discord answered {error.status} during start-up: {error.text or error}"
+    elif isinstance(error, (aiohttp.ClientError, OSError, discord.GatewayNotFound)):
+        text = f"cannot reach Discord at {settings.discord_api_url} / {settings.discord_gateway_url}: {error}"
+    elif error is None:
+        text = "the Discord client stopped before it was ready"
+    else:
+        text = f"the Discord client failed to start: {type(error).__name__}: {error}"
+    return AdapterStartError(" ".join(text.split()))
+
+
+# -- endpoints -----------------------------------------------------------------
+# discord.py reads its REST base and gateway URL from class constants
+# (`Route.BASE`, `DiscordWebSocket.DEFAULT_GATEWAY`; internals, hence discord.py is
+# pinned to 2.7.x) and has no per-client option for either. Assigning them would
+# make every client in the process use the last adapter's endpoints. Instead the
+# constants become context-aware: each adapter runs its client in a task whose
+# context holds its own URLs, and anything outside such a context (another client,
+# plain discord.py use) still sees Discord's defaults.
+
+_api_base: contextvars.ContextVar[str] = contextvars.ContextVar("discord_api_base")
+_gateway: contextvars.ContextVar[yarl.URL] = contextvars.ContextVar("discord_gateway")
+
+
+class _PerContextDefault:
+    """A class constant whose value is read from a context variable, falling back to
+    the library's own value."""
+
+    def __init__(self, variable: contextvars.ContextVar[Any], default: Any) -> None:
+        self.variable = variable
+        self.default = default
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        return self.variable.get(self.default)
+
+
+def _route_endpoints_per_context() -> None:
+    """Install the context-aware constants (once; later calls do nothing)."""
+    targets = ((discord.http.Route, "BASE", _api_base), (discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", _gateway))
+    for owner, name, variable in targets:
+        current = owner.__dict__[name]
+        if not isinstance(current, _PerContextDefault):
+            setattr(owner, name, _PerContextDefault(variable, current))

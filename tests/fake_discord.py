@@ -1,0 +1,531 @@
+"""A local fake of the Discord gateway and REST API for driving the real
+discord.py client (see ../shared/docs/platforms.md).
+
+One aiohttp server on 127.0.0.1 (port 0): REST under `/api/v10`, the gateway
+websocket at `/gateway`. It knows one guild with two text channels and a
+thread, a DM channel, a few users; it records every REST call, echoes the
+bot's own messages back on the gateway as Discord does, and can answer 429,
+reject the token (401), refuse intents (4014) or drop the gateway (4000).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+BOT_ID = 810000000000000001
+APP_ID = BOT_ID
+GUILD_ID = 820000000000000001
+CHANNEL_ID = 830000000000000001  # #general
+OTHER_CHANNEL_ID = 830000000000000002  # #random
+THREAD_ID = 830000000000000003  # a thread in #general
+DM_CHANNEL_ID = 830000000000000009
+USER_ID = 840000000000000001
+OTHER_USER_ID = 840000000000000002
+OTHER_BOT_ID = 840000000000000003
+ROLE_ID = 850000000000000001
+WEBHOOK_ID = 860000000000000001
+
+MESSAGE_CONTENT_INTENT = 1 << 15
+EPHEMERAL = 1 << 6
+
+
+@dataclass
+class Call:
+    """One REST request as the fake saw it."""
+
+    method: str
+    path: str  # without the /api/v10 prefix
+    json: Any
+    status: int = 200
+    query: dict[str, str] = field(default_factory=dict)
+    response: Any = None  # what the fake answered
+
+
+def _user(user_id: int, name: str, *, bot: bool = False, global_name: str | None = None) -> dict[str, Any]:
+    return {
+        "id": str(user_id),
+        "username": name,
+        "discriminator": "0",
+        "global_name": global_name,
+        "avatar": None,
+        "bot": bot,
+        "public_flags": 0,
+    }
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+USERS = {
+    BOT_ID: _user(BOT_ID, "blender-chat", bot=True),
+    USER_ID: _user(USER_ID, "alice", global_name="Alice Liddell"),
+    OTHER_USER_ID: _user(OTHER_USER_ID, "bob", global_name="Bob"),
+    OTHER_BOT_ID: _user(OTHER_BOT_ID, "otherbot", bot=True),
+}
+NICKNAMES = {OTHER_USER_ID: "Bobby Tables"}  # a guild nickname wins over the global name
+
+
+class FakeDiscord:
+    def __init__(self, token: str = "fake-discord-token") -> None:
+        self.token = token
+        self.calls: list[Call] = []
+        self.identifies: list[dict[str, Any]] = []
+        self.resumes: list[dict[str, Any]] = []
+        self.reject_identify_with: int | None = None  # a close code, e.g. 4014 or 4004
+        self.commands: list[dict[str, Any]] = []  # registered slash commands
+        self.messages: dict[int, dict[str, Any]] = {}  # every message by id
+        self._ids = itertools.count(870000000000000001)
+        self._seq = itertools.count(1)
+        self._sockets: list[_Socket] = []
+        self._sessions: set[str] = set()
+        self._rate_limits: list[tuple[str, str, float]] = []
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # -- server ------------------------------------------------------------
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/gateway", self._gateway)
+        app.router.add_route("*", "/api/v10/{tail:.*}", self._rest)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        for socket in list(self._sockets):
+            await socket.ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v10"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/gateway"
+
+    # -- what tests drive ---------------------------------------------------
+
+    async def send_message(
+        self,
+        content: str,
+        *,
+        channel_id: int = CHANNEL_ID,
+        author_id: int = USER_ID,
+        mentions: tuple[int, ...] = (),
+        mention_everyone: bool = False,
+        mention_roles: tuple[int, ...] = (),
+        webhook: bool = False,
+        reply_to: int | None = None,
+        message_type: int | None = None,
+    ) -> int:
+        """Dispatch a MESSAGE_CREATE as if a user wrote `content`; returns its id."""
+        in_guild = channel_id != DM_CHANNEL_ID
+        data: dict[str, Any] = {
+            "id": str(next(self._ids)),
+            "channel_id": str(channel_id),
+            "author": USERS[author_id] if not webhook else _user(WEBHOOK_ID, "Captain Hook", bot=True),
+            "content": content,
+            "timestamp": _now(),
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": mention_everyone,
+            "mentions": [self._mentioned(user_id, in_guild) for user_id in mentions],
+            "mention_roles": [str(role) for role in mention_roles],
+            "attachments": [],
+            "embeds": [],
+            "pinned": False,
+            "type": 0,
+            "flags": 0,
+        }
+        if in_guild:
+            data["guild_id"] = str(GUILD_ID)
+            if not webhook:
+                data["member"] = self._member(author_id)
+        if webhook:
+            data["webhook_id"] = str(WEBHOOK_ID)
+        if reply_to is not None:
+            replied = self.messages[reply_to]
+            data["type"] = 19
+            data["message_reference"] = {"message_id": str(reply_to), "channel_id": replied["channel_id"], "type": 0}
+            data["referenced_message"] = replied
+        if message_type is not None:
+            data["type"] = message_type
+        self.messages[int(data["id"])] = data
+        await self.dispatch("MESSAGE_CREATE", data)
+        return int(data["id"])
+
+    async def slash_command(self, name: str, *, channel_id: int = CHANNEL_ID, user_id: int = USER_ID) -> int:
+        """Dispatch an INTERACTION_CREATE for a registered slash command; returns the interaction id."""
+        command = next(c for c in self.commands if c["name"] == name)
+        interaction_id = next(self._ids)
+        data: dict[str, Any] = {
+            "id": str(interaction_id),
+            "application_id": str(APP_ID),
+            "type": 2,
+            "data": {"id": command["id"], "name": name, "type": 1},
+            "token": f"interaction-token-{interaction_id}",
+            "version": 1,
+            "channel_id": str(channel_id),
+            "locale": "en-US",
+            "app_permissions": "2048",
+            "attachment_size_limit": 8 * 1024 * 1024,
+            "entitlements": [],
+            "authorizing_integration_owners": {"0": str(GUILD_ID)},
+        }
+        if channel_id == DM_CHANNEL_ID:
+            data["channel"] = {"id": str(channel_id), "type": 1}
+            data["user"] = USERS[user_id]
+            data["context"] = 1
+        else:
+            data["channel"] = {"id": str(channel_id), "type": 11 if channel_id == THREAD_ID else 0}
+            data["guild_id"] = str(GUILD_ID)
+            data["member"] = {**self._member(user_id), "user": USERS[user_id], "permissions": "2048"}
+            data["context"] = 0
+        await self.dispatch("INTERACTION_CREATE", data)
+        return interaction_id
+
+    async def dispatch(self, event: str, data: dict[str, Any]) -> None:
+        for socket in list(self._sockets):
+            if socket.live:
+                await socket.send_dispatch(event, data, next(self._seq))
+
+    async def close_gateway(self, code: int = 4000) -> None:
+        """Drop every gateway connection with `code` (4000: unknown error, the client resumes)."""
+        for socket in list(self._sockets):
+            socket.live = False
+            await socket.ws.close(code=code, message=b"fake close")
+
+    def rate_limit(self, method: str, path: str, *, retry_after: float = 0.25) -> None:
+        """Answer the next `method path` request with a 429 as Discord does."""
+        self._rate_limits.append((method, path, retry_after))
+
+    async def wait_for(self, predicate: Callable[[], Any], *, timeout: float = 30.0, what: str = "") -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            result = predicate()
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what or predicate}; REST calls: {self.summary()}")
+            await asyncio.sleep(0.01)
+
+    # -- what tests read ----------------------------------------------------
+
+    def created(self, channel_id: int | None = None) -> list[Call]:
+        """Messages the bot created (successful POSTs), in order."""
+        return [
+            call
+            for call in self.calls
+            if call.method == "POST"
+            and call.status == 200
+            and call.path.startswith("/channels/")
+            and call.path.endswith("/messages")
+            and (channel_id is None or call.path == f"/channels/{channel_id}/messages")
+        ]
+
+    def touching(self, channel_id: int) -> list[Call]:
+        """Every call about a channel: typing and messages."""
+        return [call for call in self.calls if call.path.startswith(f"/channels/{channel_id}/")]
+
+    def summary(self) -> list[str]:
+        return [f"{call.method} {call.path} {call.status}" for call in self.calls]
+
+    def reply_ids(self, channel_id: int | None = None) -> list[int]:
+        """Ids of the messages the bot created (in the order it created them)."""
+        return [int(call.response["id"]) for call in self.created(channel_id)]
+
+    # -- REST ---------------------------------------------------------------
+
+    async def _rest(self, request: web.Request) -> web.Response:
+        path = "/" + request.match_info["tail"]
+        body = await request.json() if request.can_read_body and request.content_type == "application/json" else None
+        call = Call(request.method, path, body, query=dict(request.query))
+        self.calls.append(call)
+        webhook_style = path.startswith(("/interactions/", "/webhooks/"))  # these carry no bot token
+        if not webhook_style and request.headers.get("Authorization") != f"Bot {self.token}":
+            call.status = 401
+            return _json({"message": "401: Unauthorized", "code": 0}, status=401)
+        for limit in self._rate_limits:
+            if limit[0] == request.method and limit[1] == path:
+                self._rate_limits.remove(limit)
+                call.status = 429
+                return _rate_limited(limit[2])
+        status, payload = self._route(request.method, path, body, call)
+        call.status, call.response = status, payload
+        if status == 204:
+            return web.Response(status=204)
+        return _json(payload, status=status)
+
+    def _route(self, method: str, path: str, body: Any, call: Call) -> tuple[int, Any]:
+        parts = path.strip("/").split("/")
+        if (method, path) == ("GET", "/users/@me"):
+            return 200, {**USERS[BOT_ID], "verified": True, "mfa_enabled": False, "flags": 0}
+        if (method, path) == ("GET", "/oauth2/applications/@me"):
+            return 200, self._application()
+        if (method, path) in (("GET", "/gateway/bot"), ("GET", "/gateway")):
+            limit = {"total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1}
+            return 200, {"url": self.gateway_url, "shards": 1, "session_start_limit": limit}
+        if method == "PUT" and parts[0] == "applications" and parts[-1] == "commands":
+            self.commands = [self._command(command) for command in body]
+            return 200, self.commands
+        if method == "POST" and parts[0] == "channels" and parts[-1] == "typing":
+            return 204, None
+        if method == "POST" and parts[0] == "channels" and parts[-1] == "messages":
+            message = self._bot_message(int(parts[1]), body)
+            # Discord echoes the bot's own messages back on the gateway.
+            asyncio.get_running_loop().create_task(self.dispatch("MESSAGE_CREATE", message))
+            return 200, message
+        if method == "POST" and parts[0] == "interactions" and parts[-1] == "callback":
+            kind = body["type"]
+            interaction = {
+                "id": parts[1],
+                "type": 2,
+                "response_message_loading": kind == 5,
+                "response_message_ephemeral": bool(body.get("data", {}).get("flags", 0) & EPHEMERAL),
+            }
+            return 200, {"interaction": interaction, "resource": {"type": kind}}
+        if method == "POST" and parts[0] == "webhooks":
+            return 200, {**self._bot_message(CHANNEL_ID, body), "webhook_id": str(APP_ID)}
+        return 404, {"message": "404: Not Found", "code": 0}
+
+    def _bot_message(self, channel_id: int, body: dict[str, Any]) -> dict[str, Any]:
+        message: dict[str, Any] = {
+            "id": str(next(self._ids)),
+            "channel_id": str(channel_id),
+            "author": USERS[BOT_ID],
+            "content": body.get("content") or "",
+            "timestamp": _now(),
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [],
+            "mention_roles": [],
+            "attachments": [],
+            "embeds": [],
+            "pinned": False,
+            "type": 19 if body.get("message_reference") else 0,
+            "flags": 0,
+        }
+        if channel_id != DM_CHANNEL_ID:
+            message["guild_id"] = str(GUILD_ID)
+            message["member"] = self._member(BOT_ID)
+        if body.get("message_reference"):
+            message["message_reference"] = body["message_reference"]
+        self.messages[int(message["id"])] = message
+        return message
+
+    def _application(self) -> dict[str, Any]:
+        return {
+            "id": str(APP_ID),
+            "name": "blender-chat",
+            "icon": None,
+            "description": "",
+            "rpc_origins": [],
+            "bot_public": True,
+            "bot_require_code_grant": False,
+            "owner": USERS[USER_ID],
+            "summary": "",
+            "verify_key": "0" * 64,
+            "team": None,
+            "flags": 0,
+            "interactions_endpoint_url": None,
+        }
+
+    def _command(self, command: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": 1,
+            "options": [],
+            "default_member_permissions": None,
+            "dm_permission": True,
+            "nsfw": False,
+            "name_localizations": None,
+            "description_localizations": None,
+            **command,
+            "id": str(next(self._ids)),
+            "application_id": str(APP_ID),
+            "version": str(next(self._ids)),
+        }
+
+    def _member(self, user_id: int) -> dict[str, Any]:
+        nick = NICKNAMES.get(user_id)
+        return {"roles": [], "joined_at": _now(), "deaf": False, "mute": False, "flags": 0, "nick": nick}
+
+    def _mentioned(self, user_id: int, in_guild: bool) -> dict[str, Any]:
+        if user_id == BOT_ID or not in_guild:
+            return dict(USERS[user_id])
+        return {**USERS[user_id], "member": self._member(user_id)}
+
+    # -- gateway ------------------------------------------------------------
+
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        socket = _Socket(ws)
+        self._sockets.append(socket)
+        try:
+            await ws.send_json({"op": 10, "d": {"heartbeat_interval": 41250}})
+            async for frame in ws:
+                if frame.type != WSMsgType.TEXT:
+                    continue
+                await self._on_gateway_payload(socket, json.loads(frame.data))
+        finally:
+            self._sockets.remove(socket)
+        return ws
+
+    async def _on_gateway_payload(self, socket: _Socket, payload: dict[str, Any]) -> None:
+        op, data = payload["op"], payload.get("d")
+        if op == 1:
+            await socket.ws.send_json({"op": 11})
+        elif op == 2:
+            self.identifies.append(data)
+            if self.reject_identify_with is not None:
+                await socket.ws.close(code=self.reject_identify_with, message=b"rejected by the fake")
+                return
+            session_id = uuid.uuid4().hex
+            self._sessions.add(session_id)
+            ready = {
+                "v": 10,
+                "user": USERS[BOT_ID],
+                "guilds": [{"id": str(GUILD_ID), "unavailable": True}],
+                "session_id": session_id,
+                "resume_gateway_url": self.gateway_url,
+                "application": {"id": str(APP_ID), "flags": 0},
+                "shard": data.get("shard", [0, 1]),
+                "private_channels": [],
+                "relationships": [],
+            }
+            await socket.send_dispatch("READY", ready, next(self._seq))
+            await socket.send_dispatch("GUILD_CREATE", self._guild(), next(self._seq))
+            socket.live = True
+        elif op == 6:
+            self.resumes.append(data)
+            if data.get("session_id") in self._sessions:
+                await socket.send_dispatch("RESUMED", {}, next(self._seq))
+                socket.live = True
+            else:
+                await socket.ws.send_json({"op": 9, "d": False})
+
+    def _guild(self) -> dict[str, Any]:
+        def channel(channel_id: int, name: str, position: int) -> dict[str, Any]:
+            return {
+                "id": str(channel_id),
+                "type": 0,
+                "name": name,
+                "position": position,
+                "guild_id": str(GUILD_ID),
+                "permission_overwrites": [],
+                "nsfw": False,
+                "parent_id": None,
+                "rate_limit_per_user": 0,
+                "topic": None,
+            }
+
+        def role(role_id: int, name: str, position: int) -> dict[str, Any]:
+            return {
+                "id": str(role_id),
+                "name": name,
+                "permissions": "3072",
+                "position": position,
+                "color": 0,
+                "hoist": False,
+                "managed": False,
+                "mentionable": True,
+                "flags": 0,
+            }
+
+        thread = {
+            "id": str(THREAD_ID),
+            "type": 11,
+            "name": "a thread",
+            "guild_id": str(GUILD_ID),
+            "parent_id": str(CHANNEL_ID),
+            "owner_id": str(USER_ID),
+            "thread_metadata": {
+                "archived": False,
+                "auto_archive_duration": 1440,
+                "archive_timestamp": _now(),
+                "locked": False,
+            },
+            "message_count": 0,
+            "member_count": 1,
+            "rate_limit_per_user": 0,
+        }
+        return {
+            "id": str(GUILD_ID),
+            "name": "Fake Guild",
+            "unavailable": False,
+            "owner_id": str(USER_ID),
+            "member_count": 4,
+            "large": False,
+            "joined_at": _now(),
+            "roles": [role(GUILD_ID, "@everyone", 0), role(ROLE_ID, "helpers", 1)],
+            "channels": [channel(CHANNEL_ID, "general", 0), channel(OTHER_CHANNEL_ID, "random", 1)],
+            "threads": [thread],
+            "members": [{**self._member(BOT_ID), "user": USERS[BOT_ID]}],
+            "emojis": [],
+            "stickers": [],
+            "features": [],
+            "voice_states": [],
+            "presences": [],
+            "stage_instances": [],
+            "guild_scheduled_events": [],
+            "soundboard_sounds": [],
+            "preferred_locale": "en-US",
+            "premium_tier": 0,
+            "afk_timeout": 300,
+            "verification_level": 0,
+            "default_message_notifications": 0,
+            "explicit_content_filter": 0,
+            "mfa_level": 0,
+            "nsfw_level": 0,
+            "system_channel_flags": 0,
+            "premium_subscription_count": 0,
+        }
+
+
+@dataclass
+class _Socket:
+    ws: web.WebSocketResponse
+    live: bool = False  # identified or resumed: receives dispatches
+
+    async def send_dispatch(self, event: str, data: dict[str, Any], seq: int) -> None:
+        if not self.ws.closed:
+            await self.ws.send_json({"op": 0, "t": event, "s": seq, "d": data})
+
+
+def _json(payload: Any, *, status: int = 200) -> web.Response:
+    # discord.py parses JSON only when the Content-Type is exactly application/json.
+    headers = {"Content-Type": "application/json"}
+    return web.Response(body=json.dumps(payload).encode(), status=status, headers=headers)
+
+
+def _rate_limited(retry_after: float) -> web.Response:
+    # Without a Via header discord.py takes a 429 for a Cloudflare ban and gives up.
+    headers = {
+        "Content-Type": "application/json",
+        "Via": "1.1 google",
+        "Retry-After": str(max(1, round(retry_after))),
+        "X-RateLimit-Limit": "5",
+        "X-RateLimit-Remaining": "0",
+        "X-RateLimit-Reset-After": str(retry_after),
+        "X-RateLimit-Bucket": "fake-bucket",
+        "X-RateLimit-Scope": "user",
+    }
+    body = {"message": "You are being rate limited.", "retry_after": retry_after, "global": False}
+    return web.Response(body=json.dumps(body).encode(), status=429, headers=headers)
