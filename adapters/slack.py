@@ -64,6 +64,8 @@ class SlackAdapter:
     def __init__(self, settings: Settings, engine: ReplyEngine, dedupe: DedupeStore | None = None) -> None:
         if not settings.slack_bot_token:
             raise ValueError("SlackAdapter needs SLACK_BOT_TOKEN")
+        if not settings.slack_app_token and not settings.slack_signing_secret:
+            raise ValueError("SlackAdapter needs SLACK_APP_TOKEN (Socket Mode) or SLACK_SIGNING_SECRET (HTTP mode)")
         self.settings = settings
         self.engine = engine
         self.dedupe = dedupe or InProcessDedupe()
@@ -74,7 +76,7 @@ class SlackAdapter:
             client=self.client,
             # Passed explicitly: Bolt would otherwise read SLACK_SIGNING_SECRET itself.
             signing_secret=settings.slack_signing_secret or "",
-            logger=log.getChild("bolt"),
+            logger=_bolt_logger(),
         )
         self.app.middleware(self._refuse_when_stopping)
         self.app.event("app_mention")(self._on_event)
@@ -91,8 +93,12 @@ class SlackAdapter:
     # -- lifecycle -------------------------------------------------------
 
     def mount(self, app: web.Application) -> None:
-        """HTTP mode: serve Slack's event requests at POST /slack/events on `app`."""
-        app.router.add_post(EVENTS_PATH, self._handle_http)
+        """HTTP mode: serve Slack's event requests at POST /slack/events on `app`.
+
+        Nothing in Socket Mode: there is no signing secret to check requests
+        with, so the endpoint would let anyone post events."""
+        if not self.socket_mode:
+            app.router.add_post(EVENTS_PATH, self._handle_http)
 
     async def start(self) -> None:
         try:
@@ -165,8 +171,9 @@ class SlackAdapter:
             return
         # One reply per user message: Slack retries an event with the same event_id,
         # and a mention can also arrive as a `message` event with the same channel and ts.
-        if not await self.dedupe.first_time(f"slack:event:{body.get('event_id')}", DEDUPE_TTL):
-            log.debug("Ignoring a repeated Slack event %s", body.get("event_id"))
+        event_id = body.get("event_id")
+        if event_id and not await self.dedupe.first_time(f"slack:event:{event_id}", DEDUPE_TTL):
+            log.debug("Ignoring a repeated Slack event %s", event_id)
             return
         if not await self.dedupe.first_time(f"slack:message:{turn.channel}:{turn.ts}", DEDUPE_TTL):
             log.debug("Ignoring a second event for message %s in %s", turn.ts, turn.channel)
@@ -284,6 +291,27 @@ class SlackAdapter:
         while len(self._names) > MAX_NAMES:
             self._names.popitem(last=False)
         return name
+
+
+def _bolt_logger() -> logging.Logger:
+    """The base logger Bolt copies into each of its own loggers (level, filters).
+
+    Bolt logs rejected requests with their body at INFO, and the body is user
+    text: below DEBUG, Bolt only gets to say warnings and errors.
+    """
+    bolt_log = log.getChild("bolt")
+    bolt_log.setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
+    if not bolt_log.filters:
+        bolt_log.addFilter(_ExpectedBoltWarnings())
+    return bolt_log
+
+
+class _ExpectedBoltWarnings(logging.Filter):
+    """Bolt reads SLACK_BOT_TOKEN from the environment by itself, then warns that the
+    client we pass (same token, our base URL and retry handlers) wins: expected here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`token` will be unused" not in record.getMessage()
 
 
 def _chunks(text: str) -> list[str]:

@@ -400,6 +400,13 @@ async def test_socket_mode_acks_answers_once_and_ignores_retries(start_bot, fake
     assert [p.params["channel"] for p in fake.posts] == ["C1", "DSENTINEL"]
 
 
+async def test_socket_mode_serves_no_http_endpoint(start_bot, fake):
+    bot = await start_bot(socket_mode=True)
+    status, _ = await bot.send(event_body(mention("Socket Mode has no secret to check this with")))
+    assert status == 404
+    assert fake.posts == [] and bot.model.inputs == []
+
+
 async def test_socket_mode_reconnects_after_disconnect(start_bot, fake):
     bot = await start_bot(socket_mode=True)
     await fake.send_disconnect()
