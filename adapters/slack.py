@@ -111,9 +111,17 @@ class SlackAdapter:
         if self.socket_mode:
             from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
-            self._socket = AsyncSocketModeHandler(self.app, self.settings.slack_app_token, web_client=self.client)
             try:
-                # The client retries a failed connection forever; start-up must not.
+                # Asked here rather than by the handler, which would retry a refused token forever.
+                opened = await self.client.apps_connections_open(app_token=self.settings.slack_app_token)
+            except SlackApiError as error:
+                raise SlackStartError(f"Slack refused SLACK_APP_TOKEN: {error.response.get('error')}") from None
+            except (SlackClientError, OSError) as error:
+                raise SlackStartError(f"Cannot reach Slack at {self.settings.slack_api_url}: {error}") from None
+            self._socket = AsyncSocketModeHandler(self.app, self.settings.slack_app_token, web_client=self.client)
+            self._socket.client.wss_uri = opened["url"]
+            try:
+                # The client retries a failed connection forever; start-up must not wait forever.
                 await asyncio.wait_for(self._socket.connect_async(), CONNECT_TIMEOUT)
             except TimeoutError:
                 await self._socket.close_async()

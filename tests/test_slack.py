@@ -381,7 +381,27 @@ async def test_start_fails_clearly_with_a_bad_token(fake, tiny_model, make_setti
     assert not adapter.connected
 
 
+async def test_rejected_requests_are_not_logged_with_their_text(start_bot, fake, caplog):
+    caplog.set_level("INFO")
+    bot = await start_bot()
+    raw = json.dumps(event_body(mention("a private thought")))
+    assert (await bot.send(raw, headers={"X-Slack-Signature": "v0=bad"}))[0] == 401
+    assert "a private thought" not in caplog.text
+
+
 # -- Socket Mode --------------------------------------------------------------
+
+
+async def test_socket_mode_start_fails_clearly_with_a_bad_app_token(fake, tiny_model, make_settings):
+    settings = make_settings(slack_bot_token="xoxb-test", slack_app_token="xoxb-not-an-app-token",
+                             slack_api_url=fake.api_url)
+    adapter = SlackAdapter(settings, ReplyEngine(tiny_model, InProcessStore(max_turns=5), settings))
+    started = time.monotonic()
+    with pytest.raises(SlackStartError, match="SLACK_APP_TOKEN: invalid_auth"):
+        await adapter.start()
+    assert time.monotonic() - started < 10  # not the Socket Mode client's endless retries
+    assert not adapter.connected
+    await adapter.close()
 
 
 async def test_socket_mode_acks_answers_once_and_ignores_retries(start_bot, fake):
