@@ -180,13 +180,21 @@ class SlackAdapter:
         # One reply per user message: Slack retries an event with the same event_id,
         # and a mention can also arrive as a `message` event with the same channel and ts.
         event_id = body.get("event_id")
-        if event_id and not await self.dedupe.first_time(f"slack:event:{event_id}", DEDUPE_TTL):
+        if event_id and not await self._first_time(f"slack:event:{event_id}"):
             log.debug("Ignoring a repeated Slack event %s", event_id)
             return
-        if not await self.dedupe.first_time(f"slack:message:{turn.channel}:{turn.ts}", DEDUPE_TTL):
+        if not await self._first_time(f"slack:message:{turn.channel}:{turn.ts}"):
             log.debug("Ignoring a second event for message %s in %s", turn.ts, turn.channel)
             return
         self._tasks.spawn(self._reply(turn), name=f"slack-reply-{turn.channel}-{turn.ts}")
+
+    async def _first_time(self, key: str) -> bool:
+        try:
+            return await self.dedupe.first_time(key, DEDUPE_TTL)
+        except Exception:
+            # A shared store that is down must not silence the bot: a rare double answer is the lesser harm.
+            log.warning("The dedupe store failed; answering without de-duplication", exc_info=True)
+            return True
 
     def _turn_for(self, body: dict[str, Any], event: dict[str, Any]) -> _Turn | None:
         """The turn to answer for this event, or None if it is not for us."""

@@ -142,7 +142,9 @@ class FakeSlack:
     def open_sockets(self) -> list[web.WebSocketResponse]:
         return [ws for ws in self.sockets if not ws.closed]
 
-    async def send_envelope(self, body: dict[str, Any], *, retry_attempt: int = 0, envelope_id: str | None = None) -> str:
+    async def send_envelope(
+        self, body: dict[str, Any], *, retry_attempt: int = 0, envelope_id: str | None = None
+    ) -> str:
         """Send an events_api envelope on the newest open connection; returns its envelope_id."""
         envelope_id = envelope_id or uuid.uuid4().hex
         await self.open_sockets[-1].send_json({
@@ -178,7 +180,8 @@ def new_ts() -> str:
 
 
 def mention(text: str, *, channel: str = "C1", user: str = "U2", thread_ts: str | None = None) -> dict[str, Any]:
-    event = {"type": "app_mention", "user": user, "text": f"<@{BOT_USER_ID}> {text}", "ts": new_ts(), "channel": channel}
+    event = {"type": "app_mention", "user": user, "text": f"<@{BOT_USER_ID}> {text}", "ts": new_ts(),
+             "channel": channel}
     if thread_ts:
         event["thread_ts"] = thread_ts
     return event

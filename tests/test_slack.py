@@ -215,7 +215,8 @@ async def test_http_bots_edits_deletions_and_own_messages_are_ignored(start_bot,
         {**dm(""), "subtype": "message_deleted"},
         {**dm("joined"), "subtype": "channel_join"},
         dm("my own words", user=BOT_USER_ID, bot_id=BOT_ID),
-        {"type": "message", "channel_type": "channel", "user": "U2", "text": "chatter", "ts": new_ts(), "channel": "C1"},
+        {"type": "message", "channel_type": "channel", "user": "U2", "text": "chatter", "ts": new_ts(),
+         "channel": "C1"},  # a channel message that is no follow-up
     ]
     for event in ignored:
         assert (await bot.send(event_body(event)))[0] == 200
