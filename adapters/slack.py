@@ -8,9 +8,10 @@ default. Translation only: Slack event -> IncomingMessage -> engine -> text.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +88,7 @@ class SlackAdapter:
         self._names: OrderedDict[str, tuple[str, float]] = OrderedDict()  # user -> (name, expiry)
         self._lookups: dict[str, asyncio.Future[str | None]] = {}  # users.info calls in flight
         self._threads: OrderedDict[tuple[str, str], None] = OrderedDict()  # threads we answered in
+        self._in_order = _KeyedLocks()
         self._started = False
         self._closed = False
 
@@ -227,17 +229,23 @@ class SlackAdapter:
     # -- answering -------------------------------------------------------
 
     async def _reply(self, turn: _Turn) -> None:
-        await self._react("reactions_add", turn)
+        # The hint goes up at once, even while an earlier message of the conversation is being answered.
+        hint = asyncio.create_task(self._react("reactions_add", turn))
         try:
-            names = await self._names_for(mentioned_users(turn.raw_text))
-            model_text = to_model_text(turn.raw_text, bot_user_id=self._bot_user_id, names=names)
-            if model_text.strip(" .!").lower() in RESET_WORDS:
-                text: str | None = await self._reset(turn.conversation)
-            else:
-                text = await answer(self.engine, IncomingMessage("slack", turn.conversation, turn.user, model_text))
-            if text:
-                await self._post(turn, text)
+            # Entered before the first await, so replies of one conversation go out in the order the
+            # messages came, even when posting an earlier answer waits out a rate limit.
+            async with self._in_order.hold(turn.conversation):
+                names = await self._names_for(mentioned_users(turn.raw_text))
+                model_text = to_model_text(turn.raw_text, bot_user_id=self._bot_user_id, names=names)
+                if model_text.strip(" .!").lower() in RESET_WORDS:
+                    text: str | None = await self._reset(turn.conversation)
+                else:
+                    message = IncomingMessage("slack", turn.conversation, turn.user, model_text)
+                    text = await answer(self.engine, message)
+                if text:
+                    await self._post(turn, text)
         finally:
+            await hint
             await self._react("reactions_remove", turn)
 
     async def _reset(self, conversation: str) -> str:
@@ -307,6 +315,31 @@ class SlackAdapter:
         while len(self._names) > MAX_NAMES:
             self._names.popitem(last=False)
         return name
+
+
+class _KeyedLocks:
+    """A FIFO lock per key, dropped once nobody holds or waits for it: as many as replies in flight."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 def _bolt_logger() -> logging.Logger:

@@ -43,8 +43,8 @@ class ModelSpy:
     """The real tiny model, recording what it was asked; optionally slow, or with
     a scripted answer (the tiny model's own text is random junk)."""
 
-    def __init__(self, model: Any, *, delay: float = 0.0, reply: str | None = None) -> None:
-        self.model, self.delay, self.reply = model, delay, reply
+    def __init__(self, model: Any, *, delay: float = 0.0, reply: str | None = None, echo: bool = False) -> None:
+        self.model, self.delay, self.reply, self.echo = model, delay, reply, echo
         self.inputs: list[list[str]] = []
 
     def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False) -> list[Any]:
@@ -54,6 +54,8 @@ class ModelSpy:
         results = self.model.generate(conversations, sample=sample)
         if self.reply is not None:
             results = [replace(result, text=self.reply) for result in results]
+        if self.echo:  # to tell answers apart
+            results = [replace(result, text="re: " + turns[-1]) for result, turns in zip(results, conversations)]
         return results
 
 
@@ -87,10 +89,11 @@ async def start_bot(fake, tiny_model, make_settings):
     """Start an adapter (HTTP mode mounted on a real aiohttp server, or Socket Mode) over a real engine."""
     cleanups = []
 
-    async def start(*, socket_mode: bool = False, delay: float = 0.0, reply: str | None = None, **overrides) -> Bot:
+    async def start(*, socket_mode: bool = False, delay: float = 0.0, reply: str | None = None, echo: bool = False,
+                    **overrides) -> Bot:
         tokens = {"slack_app_token": "xapp-test"} if socket_mode else {"slack_signing_secret": SECRET}
         settings = make_settings(slack_bot_token="xoxb-test", slack_api_url=fake.api_url, **tokens, **overrides)
-        model = ModelSpy(tiny_model, delay=delay, reply=reply)
+        model = ModelSpy(tiny_model, delay=delay, reply=reply, echo=echo)
         engine = ReplyEngine(model, InProcessStore(max_turns=settings.memory_max_turns), settings)
         await engine.start()
         adapter = SlackAdapter(settings, engine)
@@ -306,6 +309,17 @@ async def test_http_rate_limited_post_is_retried_and_posted_once(start_bot, fake
     await answered(fake)
     assert len(fake.calls_to("chat.postMessage", ok_only=False)) == 2
     assert len(fake.posts) == 1
+
+
+async def test_http_replies_keep_the_order_of_messages_while_rate_limited(start_bot, fake):
+    bot = await start_bot(echo=True)
+    fake.rate_limit_once("chat.postMessage", retry_after=2)
+    for text in ("first", "second", "third"):
+        await bot.send(event_body(dm(text)))
+    posts = await answered(fake, 3)
+    assert [p.params["text"] for p in posts] == ["re: first", "re: second", "re: third"]
+    assert len(fake.calls_to("reactions.add")) == 3
+    assert len(bot.adapter._in_order) == 0  # no lock left behind
 
 
 async def test_http_reset_forgets_the_thread_and_confirms(start_bot, fake):
