@@ -1,0 +1,568 @@
+"""The Slack adapter, driven through the real slack_bolt / slack_sdk against a
+local fake of Slack (tests/fake_slack.py), answering with the tiny BlenderBot."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from conftest import subprocess_env
+from fake_slack import (
+    BOT_ID,
+    BOT_USER_ID,
+    FakeSlack,
+    dm,
+    event_body,
+    mention,
+    new_ts,
+    signed_headers,
+    wait_for,
+)
+
+from adapters.dedupe import InProcessDedupe
+from adapters.slack import PROGRESS_REACTION, RESET_DONE, SlackAdapter, SlackStartError
+from bot.engine import ReplyEngine
+from bot.memory.inprocess import InProcessStore
+
+SECRET = "test-signing-secret"
+
+
+class ModelSpy:
+    """The real tiny model, recording what it was asked; optionally slow, or with
+    a scripted answer (the tiny model's own text is random junk)."""
+
+    def __init__(self, model: Any, *, delay: float = 0.0, reply: str | None = None, echo: bool = False) -> None:
+        self.model, self.delay, self.reply, self.echo = model, delay, reply, echo
+        self.inputs: list[list[str]] = []
+
+    def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False) -> list[Any]:
+        self.inputs += [list(turns) for turns in conversations]
+        if self.delay:
+            time.sleep(self.delay)
+        results = self.model.generate(conversations, sample=sample)
+        if self.reply is not None:
+            results = [replace(result, text=self.reply) for result in results]
+        if self.echo:  # to tell answers apart
+            results = [replace(result, text="re: " + turns[-1]) for result, turns in zip(results, conversations)]
+        return results
+
+
+@dataclass
+class Bot:
+    adapter: SlackAdapter
+    engine: ReplyEngine
+    model: ModelSpy
+    url: str  # the events endpoint (HTTP mode)
+    session: aiohttp.ClientSession
+
+    async def send(self, body: dict[str, Any] | str, *, headers: dict[str, str] | None = None,
+                   retry: int | None = None) -> tuple[int, str]:
+        raw = body if isinstance(body, str) else json.dumps(body)
+        headers = signed_headers(SECRET, raw) if headers is None else headers
+        if retry is not None:
+            headers = {**headers, "X-Slack-Retry-Num": str(retry), "X-Slack-Retry-Reason": "http_timeout"}
+        async with self.session.post(self.url, data=raw, headers=headers) as response:
+            return response.status, await response.text()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeSlack]:
+    fake = await FakeSlack().start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def start_bot(fake, tiny_model, make_settings):
+    """Start an adapter (HTTP mode mounted on a real aiohttp server, or Socket Mode) over a real engine."""
+    cleanups = []
+
+    async def start(*, socket_mode: bool = False, delay: float = 0.0, reply: str | None = None, echo: bool = False,
+                    **overrides) -> Bot:
+        tokens = {"slack_app_token": "xapp-test"} if socket_mode else {"slack_signing_secret": SECRET}
+        settings = make_settings(slack_bot_token="xoxb-test", slack_api_url=fake.api_url, **tokens, **overrides)
+        model = ModelSpy(tiny_model, delay=delay, reply=reply, echo=echo)
+        engine = ReplyEngine(model, InProcessStore(max_turns=settings.memory_max_turns), settings)
+        await engine.start()
+        adapter = SlackAdapter(settings, engine)
+        app = web.Application()
+        adapter.mount(app)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        await adapter.start()
+        bot = Bot(adapter, engine, model, f"http://127.0.0.1:{port}/slack/events", aiohttp.ClientSession())
+        cleanups.append((bot, runner))
+        return bot
+
+    yield start
+    for bot, runner in cleanups:
+        bot.adapter.stop_accepting()
+        await bot.adapter.drain(10)
+        await bot.adapter.close()
+        await runner.cleanup()
+        await bot.engine.close(timeout=10)
+        await bot.session.close()
+
+
+async def answered(fake: FakeSlack, count: int = 1) -> list:
+    """Wait until `count` replies were posted and every progress reaction is gone."""
+    await wait_for(lambda: len(fake.posts) >= count, what=f"{count} chat.postMessage")
+    await wait_for(lambda: len(fake.calls_to("reactions.remove")) >= len(fake.calls_to("reactions.add")),
+                   what="progress reactions removed")
+    return fake.posts
+
+
+async def sentinel(bot: Bot, fake: FakeSlack, already: int) -> None:
+    """Send one ordinary DM and wait for its answer: events sent before it have been handled by then."""
+    status, _ = await bot.send(event_body(dm("sentinel", channel="DSENTINEL")))
+    assert status == 200
+    await wait_for(lambda: any(p.params["channel"] == "DSENTINEL" for p in fake.posts), what="the sentinel answer")
+    await answered(fake, already + 1)
+
+
+# -- HTTP mode --------------------------------------------------------------
+
+
+async def test_http_acks_at_once_while_the_model_is_slow_then_answers_in_the_thread(start_bot, fake):
+    bot = await start_bot(delay=4.0)
+    event = mention("what's your favourite book?")
+    started = time.monotonic()
+    status, _ = await bot.send(event_body(event))
+    assert status == 200
+    assert time.monotonic() - started < 3.0  # Slack's deadline; the model alone takes 4 s
+    [post] = await answered(fake)
+    assert post.params["channel"] == "C1"
+    assert post.params["thread_ts"] == event["ts"]
+    assert post.params["text"].strip()
+    assert post.token == "xoxb-test"
+
+
+async def test_http_progress_reaction_is_added_to_the_message_and_removed(start_bot, fake):
+    bot = await start_bot()
+    event = mention("hello")
+    await bot.send(event_body(event))
+    await answered(fake)
+    [added], [removed] = fake.calls_to("reactions.add"), fake.calls_to("reactions.remove")
+    for call in (added, removed):
+        assert (call.params["channel"], call.params["timestamp"], call.params["name"]) == (
+            "C1", event["ts"], PROGRESS_REACTION)
+    assert fake.calls.index(added) < fake.calls.index(fake.posts[0]) < fake.calls.index(removed)
+
+
+async def test_http_retried_event_is_answered_once(start_bot, fake):
+    bot = await start_bot(delay=0.5)
+    body = event_body(mention("are you there?"))
+    assert (await bot.send(body))[0] == 200
+    assert (await bot.send(body, retry=1))[0] == 200
+    await answered(fake)
+    assert (await bot.send(body, retry=2))[0] == 200
+    await sentinel(bot, fake, already=1)
+    assert len([p for p in fake.posts if p.params["channel"] == "C1"]) == 1
+    assert len(bot.model.inputs) == 2  # the mention and the sentinel
+
+
+async def test_http_mention_also_delivered_as_message_is_answered_once(start_bot, fake):
+    bot = await start_bot(slack_thread_followups=True)
+    event = mention("hi there", channel="D7")
+    await bot.send(event_body(event))
+    await bot.send(event_body({**event, "type": "message", "channel_type": "im"}))
+    await sentinel(bot, fake, already=1)
+    assert len([p for p in fake.posts if p.params["channel"] == "D7"]) == 1
+
+
+@pytest.mark.parametrize("case", ["bad", "missing", "stale", "other-secret", "non-numeric"])
+async def test_http_unsigned_requests_are_refused_and_never_reach_the_model(start_bot, fake, case):
+    bot = await start_bot()
+    raw = json.dumps(event_body(mention("let me in")))
+    headers = {
+        "bad": {**signed_headers(SECRET, raw), "X-Slack-Signature": "v0=" + "0" * 64},
+        "missing": {"Content-Type": "application/json"},
+        "stale": signed_headers(SECRET, raw, timestamp=str(int(time.time()) - 600)),
+        "other-secret": signed_headers("not-the-secret", raw),
+        "non-numeric": {**signed_headers(SECRET, raw), "X-Slack-Request-Timestamp": "soon"},
+    }[case]
+    status, _ = await bot.send(raw, headers=headers)
+    assert status == 401
+    await sentinel(bot, fake, already=0)
+    assert len(fake.posts) == 1 and len(bot.model.inputs) == 1  # only the sentinel
+
+
+async def test_http_url_verification_echoes_the_challenge(start_bot, fake):
+    bot = await start_bot()
+    status, text = await bot.send({"token": "unused", "challenge": "c-12345", "type": "url_verification"})
+    assert status == 200
+    assert "c-12345" in text
+
+
+async def test_http_bots_edits_deletions_and_own_messages_are_ignored(start_bot, fake):
+    bot = await start_bot()
+    ignored = [
+        dm("from another bot", bot_id="B9"),
+        dm("bot message", subtype="bot_message", bot_id="B9", user=None),
+        {**dm("edited"), "subtype": "message_changed", "message": {"text": "edited", "user": "U2"}},
+        {**dm(""), "subtype": "message_deleted"},
+        {**dm("joined"), "subtype": "channel_join"},
+        dm("my own words", user=BOT_USER_ID, bot_id=BOT_ID),
+        {"type": "message", "channel_type": "channel", "user": "U2", "text": "chatter", "ts": new_ts(),
+         "channel": "C1"},  # a channel message that is no follow-up
+    ]
+    for event in ignored:
+        assert (await bot.send(event_body(event)))[0] == 200
+    await sentinel(bot, fake, already=0)
+    assert len(fake.posts) == 1 and len(bot.model.inputs) == 1
+
+
+async def test_http_broadcasts_and_mentions_never_reach_the_model_or_the_reply_live(start_bot, fake):
+    bot = await start_bot(reply=" <!channel> hi <@U3> & <!here> <http://x.y|click> @everyone")
+    text = "hey <!channel> <!here> <!everyone> <!subteam^S1|@devs> ask <@U2> and <@U3|bob>, 1 &lt; 2"
+    await bot.send(event_body(mention(text)))
+    [post] = await answered(fake)
+    seen = bot.model.inputs[0][-1]
+    assert "<" not in seen.replace("1 < 2", "") and ">" not in seen
+    assert "Alice" in seen and "Bob" in seen and BOT_USER_ID not in seen and "1 < 2" in seen
+    sent = post.params["text"]
+    assert "<" not in sent and ">" not in sent
+    assert "&lt;!channel&gt;" in sent and "&lt;@U3&gt;" in sent and "&amp;" in sent
+    for broadcast in ("@channel", "@here", "@everyone"):
+        assert broadcast not in sent
+
+
+async def test_http_user_names_are_looked_up_once(start_bot, fake):
+    bot = await start_bot()
+    for _ in range(3):
+        await bot.send(event_body(mention("say hi to <@U2>")))
+    await answered(fake, 3)
+    assert all(turns[-1] == "say hi to Alice" for turns in bot.model.inputs)
+    assert len(fake.calls_to("users.info")) == 1
+
+
+async def test_http_thread_replies_and_memory_per_thread(start_bot, fake):
+    bot = await start_bot()
+    top = mention("first question")
+    await bot.send(event_body(top))
+    await answered(fake, 1)
+    await bot.send(event_body(mention("second question", thread_ts=top["ts"])))
+    await answered(fake, 2)
+    await bot.send(event_body(mention("elsewhere")))
+    posts = await answered(fake, 3)
+    assert [p.params["thread_ts"] for p in posts[:2]] == [top["ts"], top["ts"]]
+    assert posts[2].params["thread_ts"] != top["ts"]
+    history = await bot.engine.history(f"slack:T1:C1:{top['ts']}")
+    assert [exchange.user for exchange in history] == ["first question", "second question"]
+    assert bot.model.inputs[1][0] == "first question"  # the second turn saw the first
+
+
+async def test_http_channel_mode_replies_in_the_channel_with_memory_per_channel(start_bot, fake):
+    bot = await start_bot(slack_reply_in_thread=False)
+    await bot.send(event_body(mention("one")))
+    await answered(fake, 1)
+    await bot.send(event_body(mention("two")))
+    posts = await answered(fake, 2)
+    assert all("thread_ts" not in p.params for p in posts)
+    assert [e.user for e in await bot.engine.history("slack:T1:C1")] == ["one", "two"]
+
+
+async def test_http_direct_messages_have_memory_per_dm_channel(start_bot, fake):
+    bot = await start_bot()
+    await bot.send(event_body(dm("hello bot")))
+    await answered(fake, 1)
+    await bot.send(event_body(dm("still me")))
+    posts = await answered(fake, 2)
+    assert all(p.params["channel"] == "D1" and "thread_ts" not in p.params for p in posts)
+    assert [e.user for e in await bot.engine.history("slack:T1:D1")] == ["hello bot", "still me"]
+
+
+async def test_http_long_answers_are_split_in_order(start_bot, fake):
+    words = [f"word{i}" if i % 100 else "fish&chips" for i in range(1300)]
+    long_answer = " ".join(words)
+    assert len(long_answer) > 10_000
+    bot = await start_bot(reply=long_answer)
+    event = mention("tell me everything")
+    await bot.send(event_body(event))
+    await wait_for(lambda: len(fake.calls_to("reactions.remove")) == 1, what="the whole answer")
+    posts = fake.posts
+    assert len(posts) >= 3
+    assert all(len(p.params["text"]) <= 4000 for p in posts)
+    assert all(p.params["thread_ts"] == event["ts"] for p in posts)
+    assert " ".join(p.params["text"] for p in posts).replace("&amp;", "&").split() == words
+
+
+async def test_http_rate_limited_post_is_retried_and_posted_once(start_bot, fake):
+    bot = await start_bot()
+    fake.rate_limit_once("chat.postMessage", retry_after=1)
+    await bot.send(event_body(mention("hello")))
+    await answered(fake)
+    assert len(fake.calls_to("chat.postMessage", ok_only=False)) == 2
+    assert len(fake.posts) == 1
+
+
+async def test_http_replies_keep_the_order_of_messages_while_rate_limited(start_bot, fake):
+    bot = await start_bot(echo=True)
+    fake.rate_limit_once("chat.postMessage", retry_after=2)
+    for text in ("first", "second", "third"):
+        await bot.send(event_body(dm(text)))
+    posts = await answered(fake, 3)
+    assert [p.params["text"] for p in posts] == ["re: first", "re: second", "re: third"]
+    assert len(fake.calls_to("reactions.add")) == 3
+    assert len(bot.adapter._in_order) == 0  # no lock left behind
+
+
+async def test_http_reset_forgets_the_thread_and_confirms(start_bot, fake):
+    bot = await start_bot()
+    top = mention("remember this")
+    await bot.send(event_body(top))
+    await answered(fake, 1)
+    await bot.send(event_body(mention("reset", thread_ts=top["ts"])))
+    posts = await answered(fake, 2)
+    assert posts[1].params["text"] == RESET_DONE and posts[1].params["thread_ts"] == top["ts"]
+    assert await bot.engine.history(f"slack:T1:C1:{top['ts']}") == []
+    await bot.send(event_body(dm("forget")))
+    posts = await answered(fake, 3)
+    assert posts[2].params["text"] == RESET_DONE
+    assert len(bot.model.inputs) == 1
+
+
+async def test_http_errors_become_a_short_reply_in_the_thread(start_bot, fake):
+    bot = await start_bot(max_input_chars=20)
+    event = mention("this message is much longer than twenty characters")
+    await bot.send(event_body(event))
+    [post] = await answered(fake)
+    assert "too long" in post.params["text"] and post.params["thread_ts"] == event["ts"]
+    await bot.send(event_body(mention("")))  # just the mention: nothing to answer
+    posts = await answered(fake, 2)
+    assert "empty" in posts[1].params["text"]
+    assert bot.model.inputs == []
+
+
+async def test_http_allow_lists_limit_teams_and_channels(start_bot, fake):
+    bot = await start_bot(slack_team_ids=frozenset({"T1"}), slack_channel_ids=frozenset({"CALLOWED"}))
+    await bot.send(event_body(mention("other team", channel="CALLOWED"), team="T9"))
+    await bot.send(event_body(mention("other channel", channel="C1")))
+    await bot.send(event_body(mention("allowed", channel="CALLOWED")))
+    await sentinel(bot, fake, already=1)
+    assert sorted(p.params["channel"] for p in fake.posts) == ["CALLOWED", "DSENTINEL"]
+
+
+@pytest.mark.parametrize("followups", [True, False])
+async def test_http_thread_followups_without_a_mention(start_bot, fake, followups):
+    bot = await start_bot(slack_thread_followups=followups)
+    top = mention("start a thread")
+    await bot.send(event_body(top))
+    await answered(fake, 1)
+
+    def in_thread(text: str, thread: str) -> dict[str, Any]:
+        return {"type": "message", "channel_type": "channel", "user": "U2", "text": text, "ts": new_ts(),
+                "channel": "C1", "thread_ts": thread}
+
+    await bot.send(event_body(in_thread("and another thing", top["ts"])))
+    await bot.send(event_body(in_thread("a thread I never answered", "123.456")))
+    await sentinel(bot, fake, already=2 if followups else 1)
+    in_c1 = [p for p in fake.posts if p.params["channel"] == "C1"]
+    assert len(in_c1) == (2 if followups else 1)
+    assert all(p.params["thread_ts"] == top["ts"] for p in in_c1)
+
+
+async def test_http_shutdown_finishes_replies_in_flight_and_refuses_new_events(start_bot, fake):
+    bot = await start_bot(delay=1.0)
+    await bot.send(event_body(mention("answer me before you go")))
+    await wait_for(lambda: bot.model.inputs, what="the model to start")
+    bot.adapter.stop_accepting()
+    status, _ = await bot.send(event_body(mention("too late")))
+    assert status >= 500  # not acked: Slack delivers it again later
+    assert await bot.adapter.drain(20)
+    assert len(fake.posts) == 1 and len(bot.model.inputs) == 1
+
+
+async def test_start_fails_clearly_with_a_bad_token(fake, tiny_model, make_settings):
+    settings = make_settings(slack_bot_token="not-a-token", slack_signing_secret=SECRET, slack_api_url=fake.api_url)
+    adapter = SlackAdapter(settings, ReplyEngine(tiny_model, InProcessStore(max_turns=5), settings))
+    with pytest.raises(SlackStartError, match="invalid_auth"):
+        await adapter.start()
+    assert not adapter.connected
+
+
+async def test_rejected_requests_are_not_logged_with_their_text(start_bot, fake, caplog):
+    caplog.set_level("INFO")
+    bot = await start_bot()
+    raw = json.dumps(event_body(mention("a private thought")))
+    assert (await bot.send(raw, headers={"X-Slack-Signature": "v0=bad"}))[0] == 401
+    assert "a private thought" not in caplog.text
+
+
+# -- Socket Mode --------------------------------------------------------------
+
+
+async def test_socket_mode_start_fails_clearly_with_a_bad_app_token(fake, tiny_model, make_settings):
+    settings = make_settings(slack_bot_token="xoxb-test", slack_app_token="xoxb-not-an-app-token",
+                             slack_api_url=fake.api_url)
+    adapter = SlackAdapter(settings, ReplyEngine(tiny_model, InProcessStore(max_turns=5), settings))
+    started = time.monotonic()
+    with pytest.raises(SlackStartError, match="SLACK_APP_TOKEN: invalid_auth"):
+        await adapter.start()
+    assert time.monotonic() - started < 10  # not the Socket Mode client's endless retries
+    assert not adapter.connected
+    await adapter.close()
+
+
+async def test_socket_mode_acks_answers_once_and_ignores_retries(start_bot, fake):
+    bot = await start_bot(socket_mode=True)
+    assert bot.adapter.connected
+    assert fake.calls_to("apps.connections.open")[0].token == "xapp-test"
+    body = event_body(mention("hello over the socket"))
+    envelope = await fake.send_envelope(body)
+    await wait_for(lambda: fake.acked(envelope), what="the ack")
+    [post] = await answered(fake)
+    assert post.params["thread_ts"] == body["event"]["ts"]
+    retry = await fake.send_envelope(body, retry_attempt=1)
+    await wait_for(lambda: fake.acked(retry), what="the retry's ack")
+    await fake.send_envelope(event_body(dm("sentinel", channel="DSENTINEL")))
+    await answered(fake, 2)
+    assert [p.params["channel"] for p in fake.posts] == ["C1", "DSENTINEL"]
+
+
+async def test_socket_mode_serves_no_http_endpoint(start_bot, fake):
+    bot = await start_bot(socket_mode=True)
+    status, _ = await bot.send(event_body(mention("Socket Mode has no secret to check this with")))
+    assert status == 404
+    assert fake.posts == [] and bot.model.inputs == []
+
+
+async def test_socket_mode_reconnects_after_disconnect(start_bot, fake):
+    bot = await start_bot(socket_mode=True)
+    await fake.send_disconnect()
+    await wait_for(lambda: len(fake.calls_to("apps.connections.open")) == 2, what="a new apps.connections.open")
+    await wait_for(lambda: len(fake.open_sockets) == 1 and fake.sockets[-1] is fake.open_sockets[0],
+                   what="the new connection to replace the old one")
+    await wait_for(lambda: bot.adapter.connected, what="connected again")
+    envelope = await fake.send_envelope(event_body(mention("still there?")))
+    await wait_for(lambda: fake.acked(envelope), what="the ack on the new connection")
+    await answered(fake)
+
+
+async def test_socket_mode_refuses_to_ack_while_shutting_down(start_bot, fake):
+    bot = await start_bot(socket_mode=True)
+    bot.adapter.stop_accepting()
+    envelope = await fake.send_envelope(event_body(mention("late")))
+    await asyncio.sleep(1.0)  # an ack would come within milliseconds
+    assert not fake.acked(envelope)
+    assert fake.posts == [] and bot.model.inputs == []
+
+
+# -- the dedupe store ----------------------------------------------------------
+
+
+async def test_dedupe_store_expires_and_stays_bounded():
+    now = [0.0]
+    store = InProcessDedupe(max_keys=3, clock=lambda: now[0])
+    assert await store.first_time("a", 10) and not await store.first_time("a", 10)
+    now[0] = 11.0
+    assert await store.first_time("a", 10)  # expired
+    for key in "bcde":
+        assert await store.first_time(key, 100)
+    assert len(store) == 3
+    assert await store.first_time("b", 100)  # the oldest was forgotten to stay within the bound
+
+
+# -- the whole process: `python -m bot run` against the fakes ---------------------
+
+
+def has_run_command() -> bool:
+    result = subprocess.run([sys.executable, "-m", "bot", "run", "--help"], env=subprocess_env(),
+                            capture_output=True, timeout=120)
+    return result.returncode == 0
+
+
+needs_run = pytest.mark.skipif(not has_run_command(), reason="`blender-chat run` is not in this checkout yet")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def run_bot(tmp_path: Path, blenderbot_dir: Path, **env: str) -> tuple[asyncio.subprocess.Process, str, Path]:
+    port = free_port()
+    log_path = tmp_path / "bot.log"
+    full_env = subprocess_env(
+        BLENDERBOT_MODEL=str(blenderbot_dir), BLENDERBOT_MAX_NEW_TOKENS="8", BLENDERBOT_NUM_BEAMS="1",
+        DATA_DIR=str(tmp_path), MEMORY_URL=f"sqlite:///{tmp_path}/memory.db",
+        HTTP_HOST="127.0.0.1", HTTP_PORT=str(port), SLACK_BOT_TOKEN="xoxb-test", **env,
+    )
+    with log_path.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "run", env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.returncode is None, log_path.read_text()
+            try:
+                async with session.get(f"{base}/readyz") as response:
+                    if response.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            assert time.monotonic() < deadline, "not ready in time:\n" + log_path.read_text()
+            await asyncio.sleep(0.2)
+    return process, base, log_path
+
+
+async def stop_bot(process: asyncio.subprocess.Process, log_path: Path) -> None:
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), 30)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise AssertionError("did not stop on SIGTERM:\n" + log_path.read_text()) from None
+    assert process.returncode == 0, log_path.read_text()
+
+
+@needs_run
+async def test_run_command_answers_slack_in_http_mode(fake, blenderbot_dir, tmp_path):
+    process, base, log_path = await run_bot(tmp_path, blenderbot_dir, SLACK_SIGNING_SECRET=SECRET,
+                                            SLACK_API_URL=fake.api_url)
+    try:
+        event = mention("hello from http")
+        raw = json.dumps(event_body(event))
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{base}/slack/events", data=raw, headers={"X-Slack-Signature": "v0=bad"}) as r:
+                assert r.status == 401
+            async with session.post(f"{base}/slack/events", data=raw, headers=signed_headers(SECRET, raw)) as r:
+                assert r.status == 200
+        [post] = await answered(fake)
+        assert post.params["thread_ts"] == event["ts"] and post.params["text"].strip()
+    finally:
+        await stop_bot(process, log_path)
+    assert "hello from http" not in log_path.read_text()  # user text is not logged at INFO
+
+
+@needs_run
+async def test_run_command_answers_slack_in_socket_mode(fake, blenderbot_dir, tmp_path):
+    process, _, log_path = await run_bot(tmp_path, blenderbot_dir, SLACK_APP_TOKEN="xapp-test",
+                                         SLACK_API_URL=fake.api_url)
+    try:
+        await wait_for(lambda: fake.open_sockets, what="a Socket Mode connection")
+        envelope = await fake.send_envelope(event_body(dm("hello from the socket")))
+        await wait_for(lambda: fake.acked(envelope), what="the ack")
+        [post] = await answered(fake)
+        assert post.params["channel"] == "D1"
+    finally:
+        await stop_bot(process, log_path)
