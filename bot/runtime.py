@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -73,7 +74,10 @@ async def _serve(settings: Settings) -> int:
     if stop.is_set():  # a signal came while the model was loading: nothing runs yet
         log.info("Stopped before start-up finished")
         return 0
-    await engine.start()
+    try:
+        await engine.start()
+    except Exception as error:  # an unreachable Redis, an unwritable SQLite file...
+        raise StartupError(f"the memory store ({_safe_url(settings.memory_url)}) could not be opened: {error}") from None
     adapters: list[Any] = []
     runner: web.AppRunner | None = None
     try:
@@ -165,3 +169,8 @@ def _bound_port(runner: web.AppRunner) -> int:
         if isinstance(address, tuple):
             return address[1]
     return 0
+
+
+def _safe_url(url: str) -> str:
+    """A memory URL without any password in it, fit for a log line."""
+    return re.sub(r"//[^@/]*@", "//***@", url)
