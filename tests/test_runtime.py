@@ -298,8 +298,8 @@ def test_adapter_that_cannot_start_is_fatal_without_traceback(blenderbot_dir: Pa
     )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("blender-chat: ") and "discord" in last.lower()
+    ours = [line for line in result.stderr.splitlines() if line.startswith("blender-chat: ")]
+    assert len(ours) == 1 and "discord" in ours[0].lower(), result.stderr
 
 
 def test_download_says_a_local_directory_needs_nothing(blenderbot_dir: Path) -> None:
