@@ -77,7 +77,8 @@ async def _serve(settings: Settings) -> int:
     try:
         await engine.start()
     except Exception as error:  # an unreachable Redis, an unwritable SQLite file...
-        raise StartupError(f"the memory store ({_safe_url(settings.memory_url)}) could not be opened: {error}") from None
+        store = _safe_url(settings.memory_url)
+        raise StartupError(f"the memory store ({store}) could not be opened: {error}") from None
     adapters: list[Any] = []
     runner: web.AppRunner | None = None
     try:

@@ -259,7 +259,14 @@ def _bad_request(handler: Handler) -> Handler:
 
 
 # How each expected failure of a reply is answered over HTTP.
-_STATUS = {EmptyMessage: 400, MessageTooLong: 413, RateLimited: 429, UserBlocked: 403, ReplyTimeout: 504, EngineBusy: 503}
+_STATUS = {
+    EmptyMessage: 400,
+    MessageTooLong: 413,
+    RateLimited: 429,
+    UserBlocked: 403,
+    ReplyTimeout: 504,
+    EngineBusy: 503,  # EngineClosed too
+}
 
 
 def _reply_error(error: ReplyError) -> web.Response:

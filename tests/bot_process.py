@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from conftest import REPO, subprocess_env
 
@@ -98,7 +99,9 @@ def port_env() -> dict[str, str]:
     return {"HTTP_PORT": "0", "HTTP_HOST": "127.0.0.1", "WEB_API_TOKEN": "", "BLENDERBOT_THREADS": "1"}
 
 
-def http(method: str, url: str, body: object = None, *, headers: dict[str, str] | None = None, raw: bytes | None = None):
+def http(
+    method: str, url: str, body: object = None, *, headers: dict[str, str] | None = None, raw: bytes | None = None
+) -> tuple[int, Any, Any]:
     """One request; returns (status, headers, parsed JSON or text). HTTP errors are results, not exceptions."""
     import json
 
