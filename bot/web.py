@@ -95,9 +95,10 @@ def is_loopback(host: str) -> bool:
 def build_app(engine: ReplyEngine, settings: Settings, adapters: Sequence[Any] = ()) -> web.Application:
     """The application; `app[STATE]` is its `WebState`."""
     state = WebState(engine, settings, adapters)
-    # Room for a JSON body around the longest text allowed (escapes can take 6 bytes a character).
+    # aiohttp's 1 MiB, or more for a JSON body around the longest text allowed (an escape takes up
+    # to 12 bytes a character); Slack's events, carrying text and blocks, can be large too.
     app = web.Application(
-        client_max_size=max(64 * 1024, settings.max_input_chars * 8),
+        client_max_size=max(1024 * 1024, settings.max_input_chars * 12 + 4096),
         middlewares=[_json_errors, _make_access_guard(settings), _make_shutdown_guard(state)],
     )
     app[STATE] = state

@@ -69,7 +69,7 @@ async def client(serve) -> TestClient:
         ('{"conversation": "c", "text": ""}', 400, "empty"),
         ('{"conversation": "c", "text": " \\u200b\\n\\t "}', 400, "empty"),
         ('{"conversation": "c", "text": "' + "x" * 2001 + '"}', 413, "too_long"),
-        ("x" * (300 * 1024), 413, "request_entity_too_large"),
+        ("x" * (2 * 1024 * 1024), 413, "request_entity_too_large"),
     ],
 )
 async def test_bad_chat_requests_get_a_clear_json_4xx(client: TestClient, body: str, status: int, code: str) -> None:
@@ -178,3 +178,28 @@ async def test_token_rules_on_a_non_loopback_address(serve) -> None:
 )
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+async def test_mounted_slack_events_stay_reachable_when_the_api_is_off(tiny_model, make_settings) -> None:
+    """What SlackAdapter.mount does in HTTP mode: a route on our app, checked by Slack's signature, not our token."""
+    from aiohttp import web
+
+    settings = make_settings(http_host="0.0.0.0")  # no WEB_API_TOKEN: the API and page are off
+    engine = ReplyEngine(tiny_model, open_store("memory://", max_turns=5), settings)
+    await engine.start()
+    app = build_app(engine, settings)
+
+    async def events(request: web.Request) -> web.Response:
+        return web.json_response({"got": (await request.json())["type"]})
+
+    app.router.add_post("/slack/events", events)
+    client = TestClient(TestServer(app, host="127.0.0.1", port=0))
+    await client.start_server()
+    try:
+        response = await client.post("/slack/events", json={"type": "url_verification"})
+        assert (response.status, await response.json()) == (200, {"got": "url_verification"})
+        assert (await client.post("/api/chat", json={"conversation": "c", "text": "hi"})).status == 403
+        assert (await client.get("/")).status == 403
+    finally:
+        await client.close()
+        await engine.close(timeout=1)
