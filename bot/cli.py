@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 import time
+from pathlib import Path
 
 from bot.config import ConfigError, Settings, load_settings
 
@@ -36,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
         "--conversation", default="terminal:default", help="conversation id; reuse one to resume it (default: %(default)s)"
     )
     chat.set_defaults(command=_chat)
+
+    run = commands.add_parser("run", help="run the bot: web chat and API, and Discord/Slack when configured")
+    run.set_defaults(command=_run)
 
     download = commands.add_parser("download", help="download the configured model into the Hugging Face cache")
     download.set_defaults(command=_download)
@@ -75,14 +79,28 @@ def _chat(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    from bot.runtime import run
+
+    return run(settings)
+
+
 def _download(settings: Settings, args: argparse.Namespace) -> int:
     from bot.model import ModelLoadError, download_model
 
+    if Path(settings.model).is_dir():
+        print(f"BLENDERBOT_MODEL is the local directory {settings.model}: nothing to download.")
+        return 0
     started = time.monotonic()
     try:
         path = download_model(settings.model)
     except ModelLoadError as error:
         print(f"blender-chat: {error}", file=sys.stderr)
         return 1
-    print(f"Downloaded {settings.model} to {path} in {time.monotonic() - started:.0f}s")
+    files = [file for file in Path(path).rglob("*") if file.is_file()]
+    size = sum(file.stat().st_size for file in files)
+    print(
+        f"Downloaded {settings.model}: {len(files)} files, {size / 1e6:,.0f} MB, in {path} "
+        f"({time.monotonic() - started:.0f}s)"
+    )
     return 0

@@ -136,7 +136,7 @@ def load_chat_model(settings: Settings) -> ChatModel:
     hf_logging.set_verbosity_error()  # keep transformers' download progress bars, drop its warnings
     try:
         config = AutoConfig.from_pretrained(settings.model)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a directory without a usable config.json
         raise ModelLoadError(_load_failure(settings.model, error)) from None
     family = FAMILIES.get(config.model_type)
     if family is None:
@@ -169,8 +169,9 @@ def load_chat_model(settings: Settings) -> ChatModel:
     return chat_model
 
 
-def _load_failure(model: str, error: OSError) -> str:
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(error).lower() or "connect" in str(error).lower():
+def _load_failure(model: str, error: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(error).lower()
+    if not os.path.isdir(model) and (offline or "connect" in str(error).lower()):
         return (
             f"Could not load the model {model}: it is not in the local Hugging Face cache and could not be "
             "downloaded. Run `blender-chat download` where there is network access, or set BLENDERBOT_MODEL "

@@ -1,0 +1,330 @@
+"""The one aiohttp web server of `blender-chat run`: health, readiness, metrics,
+the JSON chat API, the web chat page, and the mount point for Slack's events.
+
+`build_app(engine, settings, adapters)` returns the application; `WebState`
+is what the runtime flips on shutdown so new requests are answered 503 while
+the replies in flight finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from bot.config import Settings
+from bot.engine import NO_ANSWER, ReplyEngine
+from bot.errors import (
+    EmptyMessage,
+    EngineBusy,
+    MessageTooLong,
+    RateLimited,
+    ReplyError,
+    ReplyTimeout,
+    UserBlocked,
+)
+from bot.text import clean_text
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+# Web conversation and user ids: what a browser's crypto.randomUUID() or a script would use.
+ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+# Paths served whatever the bind address: probes, scrapers and Slack's signed events.
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/slack/")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class WebState:
+    """What the handlers share with the runtime: the adapters to report on,
+    whether the process is shutting down, and the API requests in flight."""
+
+    def __init__(self, engine: ReplyEngine, settings: Settings, adapters: Sequence[Any] = ()) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.adapters = list(adapters)
+        self.closing = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def stop_accepting(self) -> None:
+        self.closing = True
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for API requests in flight; True if all finished."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    def _enter(self) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+
+STATE = web.AppKey("state", WebState)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def build_app(engine: ReplyEngine, settings: Settings, adapters: Sequence[Any] = ()) -> web.Application:
+    """The application; `app[STATE]` is its `WebState`."""
+    state = WebState(engine, settings, adapters)
+    # aiohttp's 1 MiB, or more for a JSON body around the longest text allowed (an escape takes up
+    # to 12 bytes a character); Slack's events, carrying text and blocks, can be large too.
+    app = web.Application(
+        client_max_size=max(1024 * 1024, settings.max_input_chars * 12 + 4096),
+        middlewares=[_json_errors, _make_access_guard(settings), _make_shutdown_guard(state)],
+    )
+    app[STATE] = state
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/api/chat", api_chat)
+    app.router.add_get("/api/history", api_history)
+    app.router.add_post("/api/reset", api_reset)
+    app.router.add_get("/", chat_page)
+    app.router.add_static("/static/", STATIC_DIR)
+    return app
+
+
+
+# -- middlewares -------------------------------------------------------------
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message, "code": code}, status=status, headers=headers)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own errors (404, 405, 413...) as JSON under /api/, like ours."""
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if not request.path.startswith("/api/") or error.status < 400:
+            raise
+        reasons = {413: "The request body is too large."}
+        message = reasons.get(error.status, error.reason + ".")
+        return _error(error.status, error.reason.lower().replace(" ", "_"), message)
+
+
+def _make_access_guard(settings: Settings) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """On a non-loopback address the API needs `Authorization: Bearer $WEB_API_TOKEN`;
+    without a token it is off. The page itself holds no data: it is served
+    whenever the API is on, and asks the user for the token."""
+    open_to_all = is_loopback(settings.http_host)
+    token = settings.web_api_token
+    if not open_to_all and not token:
+        log.warning(
+            "The web chat and /api are disabled: HTTP_HOST=%s is reachable from other machines and "
+            "WEB_API_TOKEN is not set. Set WEB_API_TOKEN to enable them (health, readiness, metrics "
+            "and Slack events stay available).",
+            settings.http_host,
+        )
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if open_to_all or path.startswith(OPEN_PATHS):
+            return await handler(request)
+        if not token:
+            if path.startswith("/api/"):
+                return _error(403, "disabled", "The API is disabled: set WEB_API_TOKEN to use it on this address.")
+            return web.Response(status=403, text="The web chat is disabled: set WEB_API_TOKEN to use it.\n")
+        if path.startswith("/api/") and not _bearer_matches(request, token):
+            return _error(
+                401, "unauthorized", "Send the header Authorization: Bearer <WEB_API_TOKEN>.",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return await handler(request)
+
+    return guard
+
+
+def _bearer_matches(request: web.Request, token: str) -> bool:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # compare_digest: the time taken does not tell how much of the token was right.
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def _make_shutdown_guard(state: WebState) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith("/api/"):
+            return await handler(request)
+        if state.closing:
+            return _error(503, "closed", "The bot is restarting right now. Please try again in a minute.",
+                          headers={"Retry-After": "30"})
+        state._enter()
+        try:
+            return await handler(request)
+        finally:
+            state._leave()
+
+    return guard
+
+
+# -- health, readiness, metrics ---------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    # Answering at all proves the event loop is turning; a stalled loop times out the probe.
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    reasons = []
+    if state.closing:
+        reasons.append("shutting down")
+    elif not state.engine.ready:
+        reasons.append("the reply engine is not running")
+    for adapter in state.adapters:
+        if not adapter.connected:
+            reasons.append(f"{adapter.name} is not connected")
+    try:
+        await asyncio.wait_for(state.engine.store.ping(), 2.0)
+    except Exception as error:  # any failure of the store means not ready
+        reasons.append(f"the memory store is unavailable ({type(error).__name__})")
+    if reasons:
+        return web.json_response({"ready": False, "reason": "; ".join(reasons)}, status=503)
+    return web.json_response({"ready": True, "adapters": [adapter.name for adapter in state.adapters]})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[STATE].engine.metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# -- the JSON API ------------------------------------------------------------
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        data = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("The body must be JSON, e.g. {\"conversation\": \"abc\", \"text\": \"Hello\"}.") from None
+    if not isinstance(data, dict):
+        raise BadRequest("The body must be a JSON object.")
+    return data
+
+
+def _conversation(value: Any) -> str:
+    if value is None:
+        raise BadRequest("Missing field: conversation.")
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        raise BadRequest("conversation must be 1 to 100 letters, digits or _ . : -")
+    return f"web:{value}"
+
+
+def _bad_request(handler: Handler) -> Handler:
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except BadRequest as error:
+            return _error(400, "bad_request", error.message)
+
+    return wrapped
+
+
+# How each expected failure of a reply is answered over HTTP.
+_STATUS = {
+    EmptyMessage: 400,
+    MessageTooLong: 413,
+    RateLimited: 429,
+    UserBlocked: 403,
+    ReplyTimeout: 504,
+    EngineBusy: 503,  # EngineClosed too
+}
+
+
+def _reply_error(error: ReplyError) -> web.Response:
+    status = next((code for kind, code in _STATUS.items() if isinstance(error, kind)), 500)
+    headers = {}
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    message = error.user_message or "You cannot use this bot."
+    return _error(status, error.outcome, message, headers)
+
+
+@_bad_request
+async def api_chat(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    data = await _json_object(request)
+    conversation = _conversation(data.get("conversation"))
+    text = data.get("text")
+    if text is None:
+        raise BadRequest("Missing field: text.")
+    if not isinstance(text, str):
+        raise BadRequest("text must be a string.")
+    user = data.get("user")
+    if user is not None and (not isinstance(user, str) or not ID_PATTERN.fullmatch(user)):
+        raise BadRequest("user must be 1 to 100 letters, digits or _ . : -")
+    try:
+        reply = await state.engine.reply(conversation, text, user=f"web:{user or conversation}", platform="web")
+    except ReplyError as error:
+        return _reply_error(error)
+    return web.json_response({"reply": reply})
+
+
+@_bad_request
+async def api_history(request: web.Request) -> web.Response:
+    conversation = _conversation(request.query.get("conversation"))
+    exchanges = await request.app[STATE].engine.history(conversation)
+    return web.json_response(
+        {
+            "exchanges": [
+                # The reply as it was shown: decoded text starts with a space and may hold control characters.
+                {"user": exchange.user, "bot": clean_text(exchange.bot) or NO_ANSWER, "at": exchange.at}
+                for exchange in exchanges
+            ]
+        }
+    )
+
+
+@_bad_request
+async def api_reset(request: web.Request) -> web.Response:
+    data = await _json_object(request)
+    conversation = _conversation(data.get("conversation"))
+    forgotten = await request.app[STATE].engine.reset(conversation)
+    return web.json_response({"reset": forgotten})
+
+
+# -- the page ----------------------------------------------------------------
+
+
+async def chat_page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})

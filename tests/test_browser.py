@@ -1,0 +1,121 @@
+"""The web chat page in a real browser: headless Chromium (Debian's package)
+driven by Playwright, against `python -m bot run`."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+
+from bot_process import BotProcess, http, port_env
+
+CHROMIUM = Path("/usr/bin/chromium")
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    assert CHROMIUM.exists(), "install Debian's chromium package (.ci/run does)"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        yield browser
+        browser.close()
+
+
+def start_bot(tmp_path: Path, model: Path, **env: str) -> BotProcess:
+    bot = BotProcess(
+        tmp_path / "bot.log",
+        BLENDERBOT_MODEL=str(model),
+        BLENDERBOT_MAX_NEW_TOKENS="8",
+        BLENDERBOT_NUM_BEAMS="1",
+        MEMORY_URL=f"sqlite:///{tmp_path / 'memory.db'}",
+        **(port_env() | env),
+    )
+    bot.wait_ready()
+    return bot
+
+
+def send(page: Page, text: str) -> str:
+    """Type and send `text`, see the "thinking" state while the server works, return the reply shown."""
+    held: list[Route] = []
+
+    def hold(route: Route) -> None:  # hold the request so the thinking state can be seen
+        held.append(route)
+
+    page.route("**/api/chat", hold)
+    page.fill("#text", text)
+    page.click("#send")
+    expect(page.locator(".msg.thinking")).to_have_text("thinking…")
+    while not held:
+        page.wait_for_timeout(20)
+    held[0].continue_()
+    page.unroute("**/api/chat")
+    expect(page.locator(".msg.thinking")).to_have_count(0)
+    last = page.locator(".msg").last
+    expect(last).to_have_class("msg bot")
+    return last.inner_text()
+
+
+def test_chat_page_answers_and_keeps_the_conversation(browser: Browser, blenderbot_dir: Path, tmp_path: Path) -> None:
+    bot = start_bot(tmp_path, blenderbot_dir)
+    try:
+        page = browser.new_page()
+        page.goto(bot.base + "/")
+        expect(page.locator("#text")).to_be_visible()
+        first = send(page, "hello <b>there</b>")
+        second = send(page, "do you like pizza?")
+        assert first.strip() and second.strip()
+        conversation = page.evaluate("localStorage.getItem('blenderchat.conversation')")
+
+        # What the page shows is what the server stored.
+        _, _, stored = http("GET", f"{bot.base}/api/history?conversation={conversation}")
+        assert [(e["user"], e["bot"]) for e in stored["exchanges"]] == [
+            ("hello <b>there</b>", first), ("do you like pizza?", second)
+        ]
+
+        page.reload()
+        messages = page.locator(".msg")
+        expect(messages).to_have_count(4)
+        # Shown as text, never as HTML.
+        assert messages.all_inner_texts() == ["hello <b>there</b>", first, "do you like pizza?", second]
+        assert page.locator("#log b").count() == 0
+
+        page.click("#reset")
+        expect(messages).to_have_count(0)
+        assert page.evaluate("localStorage.getItem('blenderchat.conversation')") != conversation
+        page.close()
+    finally:
+        bot.close()
+
+
+def test_chat_page_asks_for_the_token_when_the_server_needs_one(
+    browser: Browser, blenderbot_dir: Path, tmp_path: Path
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        port = sock.getsockname()[1]
+    bot = start_bot(tmp_path, blenderbot_dir, HTTP_HOST="0.0.0.0", HTTP_PORT=str(port), WEB_API_TOKEN="page-token")
+    try:
+        page = browser.new_page()
+        page.goto(bot.base + "/")
+        expect(page.locator("#token-form")).to_be_visible()  # the history request got 401
+        page.fill("#token", "page-token")
+        page.click("#token-form button")
+        expect(page.locator("#token-form")).to_be_hidden()
+        assert send(page, "hello").strip()
+        page.close()
+    finally:
+        bot.close()
