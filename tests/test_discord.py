@@ -439,17 +439,6 @@ async def test_two_clients_in_one_process_keep_their_own_endpoints(fake, start_b
 # -- `blender-chat run` as a subprocess ---------------------------------------
 
 
-def has_run_command() -> bool:
-    """True once `blender-chat run` exists in this checkout (built on another branch)."""
-    probe = subprocess.run(
-        [sys.executable, "-m", "bot", "run", "--help"], env=subprocess_env(), capture_output=True, timeout=60
-    )
-    return probe.returncode == 0
-
-
-_NO_RUN = "`blender-chat run` is not in this checkout yet (branch runtime)"
-
-
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -471,7 +460,6 @@ def _run_env(fake: FakeDiscord, blenderbot_dir, tmp_path, port: int) -> dict[str
     )
 
 
-@pytest.mark.skipif(not has_run_command(), reason=_NO_RUN)
 @pytest.mark.timeout(180)
 async def test_blender_chat_run_answers_discord_through_the_configured_urls(fake, blenderbot_dir, tmp_path):
     port = _free_port()
@@ -512,7 +500,6 @@ async def test_blender_chat_run_answers_discord_through_the_configured_urls(fake
             await process.wait()
 
 
-@pytest.mark.skipif(not has_run_command(), reason=_NO_RUN)
 @pytest.mark.timeout(180)
 async def test_blender_chat_run_exits_non_zero_on_a_rejected_token(fake, blenderbot_dir, tmp_path):
     fake.token = "the-real-token"
