@@ -71,7 +71,9 @@ class ReplyEngine:
         self._executor: ThreadPoolExecutor | None = None
         self._worker: asyncio.Task[None] | None = None
         # `shared_lock` (bot.locks.RedisLocks) keeps other replicas out of a conversation too.
-        self._locks: ConversationLocks = LocalLocks() if shared_lock is None else LayeredLocks(LocalLocks(), shared_lock)
+        self._locks: ConversationLocks = LocalLocks()
+        if shared_lock is not None:
+            self._locks = LayeredLocks(self._locks, shared_lock)
         self._pending = 0  # replies accepted and not yet finished
         self._idle = asyncio.Event()
         self._idle.set()

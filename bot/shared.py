@@ -3,8 +3,9 @@
 `connect(url)` builds the one kind of Redis client every shared piece uses (a
 bounded connection pool, short timeouts, lost connections retried with
 exponential backoff). `SharedState.from_settings(settings)` opens it for the
-de-duplication of platform events (`RedisDedupeStore`) and the per-conversation
-locks (`bot.locks.RedisLocks`); conversation history has its own client in
+de-duplication of platform events (`RedisDedupeStore`), the per-user rate
+limits (`RedisRateLimiter`) and the per-conversation locks
+(`bot.locks.RedisLocks`); conversation history has its own client in
 `bot.memory.redis.RedisStore`. Every key starts with a prefix (`blenderchat:`
 unless the URL says `?prefix=...`), so one Redis can hold several bots or tests.
 """
@@ -23,6 +24,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bot.config import Settings
+from bot.errors import RateLimited, UserBlocked
 from bot.locks import RedisLocks
 from bot.memory import StoreUnavailable
 from bot.metrics import Metrics
@@ -105,14 +107,101 @@ class RedisDedupeStore:
         return bool(stored)
 
 
+# One token bucket per user in a hash (tokens, updated, notified), refilled and
+# taken in one script run so replicas never race. Redis's own clock is used, so
+# the replicas' clocks need not agree. Returns {allowed, retry_after, notify}.
+TOKEN_BUCKET = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local burst = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'updated', 'notified')
+local tokens = tonumber(state[1]) or burst
+local updated = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - updated) * rate)
+local allowed = 0
+local notify = 0
+local notified = state[3] or '0'
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+  notified = '0'
+elseif notified == '0' then
+  notify = 1
+  notified = '1'
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'updated', tostring(now), 'notified', notified)
+-- A bucket that would be full again is the same as none.
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
+return {allowed, tostring((1 - tokens) / rate), notify}
+"""
+
+
+class RedisRateLimiter:
+    """The per-user token bucket of `bot.ratelimit` (`burst` messages at once, then
+    `per_minute` a minute; the first message over the limit gets a notice, later
+    ones silence), with the buckets in Redis so every replica counts the same
+    messages. While Redis is unreachable messages are let through (logged,
+    counted as `errors{kind="rate_limit"}`)."""
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        burst: int,
+        per_minute: float,
+        blocked: frozenset[str] = frozenset(),
+        prefix: str = DEFAULT_PREFIX,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._script = client.register_script(TOKEN_BUCKET)
+        self._burst = burst
+        self._rate = per_minute / 60.0  # tokens a second
+        self._blocked = blocked
+        self._prefix = prefix
+        self._metrics = metrics
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, client: Redis, *, prefix: str = DEFAULT_PREFIX, metrics: Metrics | None = None
+    ) -> RedisRateLimiter:
+        return cls(
+            client,
+            burst=settings.rate_limit_burst,
+            per_minute=settings.rate_limit_per_minute,
+            blocked=settings.blocked_users,
+            prefix=prefix,
+            metrics=metrics,
+        )
+
+    async def acquire(self, user: str) -> None:
+        if user in self._blocked:
+            raise UserBlocked()
+        if self._rate <= 0:
+            return
+        try:
+            allowed, retry_after, notify = await self._script(
+                keys=[f"{self._prefix}bucket:{user}"], args=[self._burst, self._rate]
+            )
+        except RedisError as error:
+            log.warning("Redis unreachable for rate limits, letting a message through: %s", error)
+            if self._metrics is not None:
+                self._metrics.errors.labels("rate_limit").inc()
+            return
+        if not allowed:
+            raise RateLimited(float(retry_after), notify=bool(notify))
+
+
 @dataclass
 class SharedState:
-    """The Redis pieces a replica uses besides its memory store."""
+    """The Redis pieces a replica uses besides its memory store: pass `dedupe` to
+    the Slack adapter, `locks` and `limiter` to the engine."""
 
     client: Redis
     prefix: str
     dedupe: RedisDedupeStore
     locks: RedisLocks
+    limiter: RedisRateLimiter
 
     @classmethod
     def from_settings(cls, settings: Settings, *, metrics: Metrics | None = None) -> SharedState | None:
@@ -127,6 +216,7 @@ class SharedState:
             prefix=prefix,
             dedupe=RedisDedupeStore(client, prefix=prefix, metrics=metrics),
             locks=RedisLocks(client, prefix=prefix, metrics=metrics),
+            limiter=RedisRateLimiter.from_settings(settings, client, prefix=prefix, metrics=metrics),
         )
 
     async def ping(self) -> None:

@@ -19,12 +19,21 @@ from model_doubles import GatedModel
 from redis_servers import PrivateRedis, delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
 
 from bot.config import Settings
+from bot.errors import RateLimited, UserBlocked
 from bot.engine import ReplyEngine
 from bot.locks import LayeredLocks, LocalLocks, RedisLocks
 from bot.memory import StoreUnavailable, open_store
 from bot.memory.redis import RedisStore
 from bot.metrics import Metrics
-from bot.shared import DEFAULT_PREFIX, RedisDedupeStore, SharedState, connect, shared_redis_url, split_prefix
+from bot.shared import (
+    DEFAULT_PREFIX,
+    RedisDedupeStore,
+    RedisRateLimiter,
+    SharedState,
+    connect,
+    shared_redis_url,
+    split_prefix,
+)
 
 
 class Replica:
@@ -250,6 +259,58 @@ async def test_layered_locks_take_the_local_lock_first_and_forget_idle_conversat
     assert len(local) == 0 and await client.exists(f"{prefix}lock:c") == 0
 
 
+# -- rate limits ---------------------------------------------------------------
+
+
+async def test_a_users_rate_limit_is_shared_by_the_replicas(client, prefix):
+    """Two limiters on one Redis stand for two replicas: together they let
+    `burst` messages through, then one notice, then silence."""
+    replicas = [RedisRateLimiter(client, burst=3, per_minute=1, prefix=prefix) for _ in range(2)]
+    for i in range(3):
+        await replicas[i % 2].acquire("U1")
+    with pytest.raises(RateLimited) as first:
+        await replicas[1].acquire("U1")
+    assert first.value.notify is True and 50 < first.value.retry_after <= 60
+    with pytest.raises(RateLimited) as second:
+        await replicas[0].acquire("U1")
+    assert second.value.notify is False
+    await replicas[0].acquire("U2")  # another user has a bucket of their own
+
+
+async def test_a_rate_limited_user_gets_a_token_back_with_time(client, prefix):
+    limiter = RedisRateLimiter(client, burst=1, per_minute=300, prefix=prefix)  # a token every 0.2 s
+    await limiter.acquire("U1")
+    with pytest.raises(RateLimited):
+        await limiter.acquire("U1")
+    await asyncio.sleep(0.5)
+    await limiter.acquire("U1")
+    assert 0 < await client.pttl(f"{prefix}bucket:U1") <= 2000  # the bucket goes once it would be full
+
+
+async def test_blocked_users_and_a_limit_of_zero(client, prefix):
+    blocking = RedisRateLimiter(client, burst=5, per_minute=10, blocked=frozenset({"U9"}), prefix=prefix)
+    with pytest.raises(UserBlocked):
+        await blocking.acquire("U9")
+    unlimited = RedisRateLimiter(client, burst=1, per_minute=0, prefix=prefix)
+    for _ in range(5):
+        await unlimited.acquire("U1")
+
+
+async def test_rate_limits_let_messages_through_while_redis_is_down(private_redis):
+    client = connect(private_redis.url)
+    metrics = Metrics()
+    limiter = RedisRateLimiter(client, burst=1, per_minute=1, prefix="t:", metrics=metrics)
+    await limiter.acquire("U1")
+    private_redis.stop()
+    await limiter.acquire("U1")  # over the limit, but Redis cannot say so
+    assert 'blenderchat_errors_total{kind="rate_limit"} 1.0' in metrics.render().decode()
+    private_redis.start()
+    await limiter.acquire("U1")  # a fresh server, a fresh bucket
+    with pytest.raises(RateLimited):
+        await limiter.acquire("U1")
+    await client.aclose()
+
+
 # -- the store and the client --------------------------------------------------
 
 
@@ -309,6 +370,8 @@ async def test_shared_state_from_settings_dedupes_and_pings(redis_url, prefix):
     await shared.ping()
     assert await shared.dedupe.first_time("Ev1", 60) is True
     assert await shared.dedupe.first_time("Ev1", 60) is False
+    await shared.limiter.acquire("U1")
+    assert await shared.client.exists(f"{prefix}bucket:U1") == 1
     await shared.close()
 
 
