@@ -28,6 +28,7 @@ from bot.errors import (
     ReplyError,
     ReplyTimeout,
 )
+from bot.locks import ConversationLock, ConversationLocks, LayeredLocks, LocalLocks
 from bot.memory import ConversationStore, Exchange
 from bot.metrics import Metrics
 from bot.model import Generated
@@ -60,6 +61,7 @@ class ReplyEngine:
         settings: Settings,
         *,
         metrics: Metrics | None = None,
+        shared_lock: ConversationLocks | None = None,
     ) -> None:
         self.model = model
         self.store = store
@@ -68,8 +70,10 @@ class ReplyEngine:
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._executor: ThreadPoolExecutor | None = None
         self._worker: asyncio.Task[None] | None = None
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._lock_users: dict[str, int] = {}
+        # `shared_lock` (bot.locks.RedisLocks) keeps other replicas out of a conversation too.
+        self._locks: ConversationLocks = LocalLocks()
+        if shared_lock is not None:
+            self._locks = LayeredLocks(self._locks, shared_lock)
         self._pending = 0  # replies accepted and not yet finished
         self._idle = asyncio.Event()
         self._idle.set()
@@ -174,7 +178,7 @@ class ReplyEngine:
         except TimeoutError:
             raise ReplyTimeout() from None
         try:
-            history = await self.store.history(conversation)
+            history = await self._load_history(conversation)
             try:
                 async with asyncio.timeout_at(deadline):
                     generated = await self._generate(_turns(history, text))
@@ -183,8 +187,17 @@ class ReplyEngine:
             # The answer exists now: it is stored and returned whatever the deadline says.
             await self._store_exchange(conversation, text, generated.text)
         finally:
-            lock.release()
+            await lock.release()
         return clean_text(generated.text) or NO_ANSWER
+
+    async def _load_history(self, conversation: str) -> list[Exchange]:
+        try:
+            return await self.store.history(conversation)
+        except Exception:
+            # Memory is down (Redis restarting...): answer without context rather than not at all.
+            log.exception("Could not read the history of conversation %s", conversation)
+            self.metrics.errors.labels("memory_read").inc()
+            return []
 
     async def _store_exchange(self, conversation: str, text: str, answer: str) -> None:
         try:
@@ -201,8 +214,8 @@ class ReplyEngine:
         self._queue.put_nowait(_Request(turns, sample, future))
         return await future
 
-    def _conversation_lock(self, conversation: str) -> _ConversationLock:
-        return _ConversationLock(self, conversation)
+    def _conversation_lock(self, conversation: str) -> ConversationLock:
+        return self._locks.lock(conversation)
 
     async def _batch_worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -244,38 +257,3 @@ def _turns(history: list[Exchange], text: str) -> list[str]:
     turns.append(text)
     return turns
 
-
-class _ConversationLock:
-    """A FIFO lock per conversation, removed once nobody holds or waits for it,
-    so the lock table stays as small as the set of active conversations."""
-
-    def __init__(self, engine: ReplyEngine, conversation: str) -> None:
-        self._engine = engine
-        self._key = conversation
-
-    async def acquire(self) -> None:
-        engine = self._engine
-        lock = engine._locks.setdefault(self._key, asyncio.Lock())
-        engine._lock_users[self._key] = engine._lock_users.get(self._key, 0) + 1
-        try:
-            await lock.acquire()
-        except BaseException:
-            self._forget()
-            raise
-
-    def release(self) -> None:
-        self._engine._locks[self._key].release()
-        self._forget()
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.release()
-
-    def _forget(self) -> None:
-        engine = self._engine
-        engine._lock_users[self._key] -= 1
-        if engine._lock_users[self._key] == 0:
-            del engine._lock_users[self._key]
-            del engine._locks[self._key]

@@ -1,5 +1,5 @@
-"""Every memory backend passes the same suite; SQLite also survives restarts
-and never stores half an exchange."""
+"""Every memory backend passes the same suite (Redis on a key prefix of each
+test); SQLite and Redis survive reopening; SQLite never stores half an exchange."""
 
 from __future__ import annotations
 
@@ -8,22 +8,47 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from redis_servers import delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
 
 from bot.memory import open_store
 
-BACKENDS = ["memory", "sqlite"]
+BACKENDS = ["memory", "sqlite", "redis"]
 
 
-def store_url(backend: str, tmp_path: Path) -> str:
+def store_url(backend: str, tmp_path: Path, redis_url: str, prefix: str) -> str:
+    if backend == "redis":
+        return f"{redis_url}?prefix={prefix}"
     return {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path}/memory.db"}[backend]
 
 
 @pytest.fixture(params=BACKENDS)
-async def store(request, tmp_path):
-    store = open_store(store_url(request.param, tmp_path), max_turns=3)
-    await store.open()
-    yield store
-    await store.close()
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+async def make_store(backend, tmp_path, request):
+    """Opens stores of `backend`; Redis ones on a key prefix of this test, deleted afterwards."""
+    prefix = unique_prefix()
+    url = request.getfixturevalue("redis_url") if backend == "redis" else ""
+    stores = []
+
+    async def make(*, max_turns: int = 3, ttl: float = 0.0):
+        store = open_store(store_url(backend, tmp_path, url, prefix), max_turns=max_turns, ttl=ttl)
+        await store.open()
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        await store.close()
+    if backend == "redis":
+        delete_prefix(url, prefix)
+
+
+@pytest.fixture
+async def store(make_store):
+    return await make_store()
 
 
 async def test_exchanges_come_back_in_order(store):
@@ -56,13 +81,17 @@ async def test_reset_forgets_one_conversation(store):
     assert len(await store.history("b")) == 1
 
 
-async def test_sweep_deletes_idle_conversations_and_keeps_active_ones(store):
+async def test_idle_conversations_are_forgotten_and_active_ones_kept(backend, make_store):
+    """SQLite and the in-process store forget them in `sweep`; Redis expires the
+    key `ttl` after the last exchange by itself, so its `sweep` finds nothing."""
+    store = await make_store(ttl=0.6)
     await store.append_exchange("idle", "old", "old")
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.8)
     await store.append_exchange("active", "new", "new")
-    assert await store.sweep(0.2) == 1
+    swept = await store.sweep(0.6)
     assert await store.history("idle") == []
     assert len(await store.history("active")) == 1
+    assert swept == (0 if backend == "redis" else 1)
 
 
 async def test_unicode_and_odd_text_round_trip(store):
@@ -77,17 +106,13 @@ async def test_concurrent_appends_lose_nothing(store):
         assert len(await store.history(f"c{i}")) == 3
 
 
-async def test_sqlite_history_survives_a_restart(tmp_path):
-    url = f"sqlite:///{tmp_path}/db/memory.db"
-    first = open_store(url, max_turns=10)
-    await first.open()
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])  # memory:// is this process only, by design
+async def test_history_survives_reopening_the_store(make_store):
+    first = await make_store(max_turns=10)
     await first.append_exchange("c", "remember me", " I will")
     await first.close()
-
-    second = open_store(url, max_turns=10)
-    await second.open()
+    second = await make_store(max_turns=10)
     assert [(e.user, e.bot) for e in await second.history("c")] == [("remember me", " I will")]
-    await second.close()
 
 
 async def test_sqlite_failed_write_stores_no_part_of_the_exchange(tmp_path):

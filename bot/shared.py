@@ -1,0 +1,230 @@
+"""State shared by several replicas of the bot, kept in one Redis.
+
+`connect(url)` builds the one kind of Redis client every shared piece uses (a
+bounded connection pool, short timeouts, lost connections retried with
+exponential backoff). `SharedState.from_settings(settings)` opens it for the
+de-duplication of platform events (`RedisDedupeStore`), the per-user rate
+limits (`RedisRateLimiter`) and the per-conversation locks
+(`bot.locks.RedisLocks`); conversation history has its own client in
+`bot.memory.redis.RedisStore`. Every key starts with a prefix (`blenderchat:`
+unless the URL says `?prefix=...`), so one Redis can hold several bots or tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from bot.config import Settings
+from bot.errors import RateLimited, UserBlocked
+from bot.locks import RedisLocks
+from bot.memory import StoreUnavailable
+from bot.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "blenderchat:"
+
+# A failed command is tried 3 more times, 50, 100 and 200 ms apart: enough to ride
+# over a dropped connection or a Redis restart, short enough that a reply is not
+# held for long while Redis is really down.
+RETRIES = 3
+BACKOFF_BASE = 0.025
+BACKOFF_CAP = 0.5
+
+
+def split_prefix(url: str, default: str = DEFAULT_PREFIX) -> tuple[str, str]:
+    """The URL without our own `prefix` query option (redis-py would pass it on
+    to the connection and fail), and the key prefix it named."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = default
+    for name, value in query:
+        if name == "prefix":
+            prefix = value
+    rest = urlencode([(name, value) for name, value in query if name != "prefix"])
+    return urlunsplit(parts._replace(query=rest)), prefix
+
+
+def connect(url: str, *, max_connections: int = 32, timeout: float = 5.0) -> Redis:
+    """A client for `url` (not yet connected: connections are opened on first use)."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        # Past this many commands in flight, callers wait up to `timeout` for a free connection.
+        max_connections=max_connections,
+        timeout=timeout,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+        retry=Retry(
+            ExponentialBackoff(cap=BACKOFF_CAP, base=BACKOFF_BASE),
+            RETRIES,
+            supported_errors=(RedisConnectionError, RedisTimeoutError),
+        ),
+        # Idle pooled connections are checked before use, so a restarted Redis is noticed early.
+        health_check_interval=15,
+    )
+    return Redis.from_pool(pool)
+
+
+def shared_redis_url(settings: Settings) -> str | None:
+    """REDIS_URL, or MEMORY_URL when that is a Redis and REDIS_URL is unset; None: no shared state."""
+    if settings.redis_url:
+        return settings.redis_url
+    if settings.memory_url.startswith(("redis://", "rediss://")):
+        return settings.memory_url
+    return None
+
+
+class RedisDedupeStore:
+    """`first_time(key, ttl)` is True for exactly one of all replicas offered the
+    same key within `ttl` seconds (SET NX with an expiry).
+
+    While Redis is unreachable it answers True: a message answered twice is a
+    smaller harm than a message never answered.
+    """
+
+    def __init__(self, client: Redis, *, prefix: str = DEFAULT_PREFIX, metrics: Metrics | None = None) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._metrics = metrics
+
+    async def first_time(self, key: str, ttl: float) -> bool:
+        try:
+            stored = await self._client.set(f"{self._prefix}seen:{key}", b"1", nx=True, px=max(1, int(ttl * 1000)))
+        except RedisError as error:
+            log.warning("Redis unreachable for de-duplication, treating %s as new: %s", key, error)
+            if self._metrics is not None:
+                self._metrics.errors.labels("dedupe").inc()
+            return True
+        return bool(stored)
+
+
+# One token bucket per user in a hash (tokens, updated, notified), refilled and
+# taken in one script run so replicas never race. Redis's own clock is used, so
+# the replicas' clocks need not agree. Returns {allowed, retry_after, notify}.
+TOKEN_BUCKET = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local burst = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'updated', 'notified')
+local tokens = tonumber(state[1]) or burst
+local updated = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - updated) * rate)
+local allowed = 0
+local notify = 0
+local notified = state[3] or '0'
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+  notified = '0'
+elseif notified == '0' then
+  notify = 1
+  notified = '1'
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'updated', tostring(now), 'notified', notified)
+-- A bucket that would be full again is the same as none.
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
+return {allowed, tostring((1 - tokens) / rate), notify}
+"""
+
+
+class RedisRateLimiter:
+    """The per-user token bucket of `bot.ratelimit` (`burst` messages at once, then
+    `per_minute` a minute; the first message over the limit gets a notice, later
+    ones silence), with the buckets in Redis so every replica counts the same
+    messages. While Redis is unreachable messages are let through (logged,
+    counted as `errors{kind="rate_limit"}`)."""
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        burst: int,
+        per_minute: float,
+        blocked: frozenset[str] = frozenset(),
+        prefix: str = DEFAULT_PREFIX,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._script = client.register_script(TOKEN_BUCKET)
+        self._burst = burst
+        self._rate = per_minute / 60.0  # tokens a second
+        self._blocked = blocked
+        self._prefix = prefix
+        self._metrics = metrics
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, client: Redis, *, prefix: str = DEFAULT_PREFIX, metrics: Metrics | None = None
+    ) -> RedisRateLimiter:
+        return cls(
+            client,
+            burst=settings.rate_limit_burst,
+            per_minute=settings.rate_limit_per_minute,
+            blocked=settings.blocked_users,
+            prefix=prefix,
+            metrics=metrics,
+        )
+
+    async def acquire(self, user: str) -> None:
+        if user in self._blocked:
+            raise UserBlocked()
+        if self._rate <= 0:
+            return
+        try:
+            allowed, retry_after, notify = await self._script(
+                keys=[f"{self._prefix}bucket:{user}"], args=[self._burst, self._rate]
+            )
+        except RedisError as error:
+            log.warning("Redis unreachable for rate limits, letting a message through: %s", error)
+            if self._metrics is not None:
+                self._metrics.errors.labels("rate_limit").inc()
+            return
+        if not allowed:
+            raise RateLimited(float(retry_after), notify=bool(notify))
+
+
+@dataclass
+class SharedState:
+    """The Redis pieces a replica uses besides its memory store: pass `dedupe` to
+    the Slack adapter, `locks` and `limiter` to the engine."""
+
+    client: Redis
+    prefix: str
+    dedupe: RedisDedupeStore
+    locks: RedisLocks
+    limiter: RedisRateLimiter
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, metrics: Metrics | None = None) -> SharedState | None:
+        """None when no Redis is configured (one replica, in-process state)."""
+        url = shared_redis_url(settings)
+        if url is None:
+            return None
+        url, prefix = split_prefix(url)
+        client = connect(url)
+        return cls(
+            client=client,
+            prefix=prefix,
+            dedupe=RedisDedupeStore(client, prefix=prefix, metrics=metrics),
+            locks=RedisLocks(client, prefix=prefix, metrics=metrics),
+            limiter=RedisRateLimiter.from_settings(settings, client, prefix=prefix, metrics=metrics),
+        )
+
+    async def ping(self) -> None:
+        """Raise `StoreUnavailable` if Redis cannot be reached (for /readyz)."""
+        try:
+            await self.client.ping()
+        except RedisError as error:
+            raise StoreUnavailable(f"Redis is unreachable: {error}") from error
+
+    async def close(self) -> None:
+        await self.client.aclose()
