@@ -136,7 +136,7 @@ async def test_a_blocked_user_gets_silence_and_the_model_never_sees_the_message(
 
 async def test_one_reply_in_flight_per_conversation_and_later_messages_queue_in_order(tiny_model, make_settings):
     model = GatedModel(tiny_model)
-    async with engine_for(model, make_settings(rate_limit_per_minute=0)) as engine:
+    async with engine_for(model, make_settings()) as engine:
         model.gate.clear()  # the model holds its first call
         tasks = [asyncio.create_task(engine.reply("c", f"message {i}", user=f"u{i}")) for i in range(4)]
         elsewhere = asyncio.create_task(engine.reply("other", "meanwhile"))

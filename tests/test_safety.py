@@ -38,7 +38,7 @@ def blocklist(tmp_path):
 
 @pytest.fixture
 def settings(make_settings, blocklist):
-    return make_settings(safety_blocklist=blocklist, safety_deflection=DEFLECTION, rate_limit_per_minute=0)
+    return make_settings(safety_blocklist=blocklist, safety_deflection=DEFLECTION)
 
 
 class RewrittenModel(GatedModel):
@@ -234,7 +234,7 @@ async def test_a_word_the_real_model_says_is_never_sent_once_block_listed(tiny_m
     assert words, "the tiny model said no word at all"
     word = words[0]
     (tmp_path / "block.txt").write_text(word + "\n", encoding="utf-8")
-    settings = make_settings(safety_blocklist=tmp_path / "block.txt", rate_limit_per_minute=0)
+    settings = make_settings(safety_blocklist=tmp_path / "block.txt")
     model = GatedModel(tiny_model)
     async with engine_for(model, settings) as engine:
         replies = [await engine.reply(f"c{i}", prompt) for i in range(5)]
