@@ -215,3 +215,19 @@ def test_the_cli_hides_secrets_in_configuration_errors():
         )
         assert result.returncode == 2
         assert next(iter(bad)) in result.stderr and secret not in result.stderr
+
+
+async def test_forgotten_and_expired_text_is_gone_from_the_sqlite_file(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/memory.db", max_turns=20)
+    await store.open()
+    for i in range(20):
+        await store.append_exchange(f"keep{i}", "hello " * 50, "hi " * 50)
+    await store.append_exchange("forget me", "my password is Zebra-4471 " * 10, "ok")
+    await store.append_exchange("expire me", "my address is Okapi-9911 " * 10, "ok")
+    await asyncio.sleep(0.2)
+    await store.append_exchange("recent", "hello", "hi")
+    assert await store.reset("forget me")
+    assert await store.sweep(0.1) == 21  # all but "recent" (and the one already forgotten)
+    await store.close()
+    data = b"".join(path.read_bytes() for path in tmp_path.iterdir())
+    assert b"Zebra-4471" not in data and b"Okapi-9911" not in data
