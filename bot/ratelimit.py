@@ -10,6 +10,7 @@ Redis, shared by several replicas.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -18,6 +19,8 @@ from typing import Protocol
 
 from bot.config import Settings
 from bot.errors import RateLimited, UserBlocked
+
+log = logging.getLogger(__name__)
 
 # Buckets kept at most; beyond it the least recently used go first. A full
 # bucket is dropped earlier anyway: it is the same as no bucket.
@@ -76,6 +79,8 @@ class TokenBucketLimiter:
             return
         retry_after = (1 - bucket.tokens) / self._rate
         notify = not bucket.notified
+        if notify:  # once a flood, not once a message
+            log.info("User %s is over the rate limit; silent for %.0fs", user, retry_after)
         bucket.notified = True
         raise RateLimited(retry_after, notify=notify)
 
