@@ -7,9 +7,11 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from bot.config import ConfigError, Settings, load_settings
+from bot.redact import SecretRedactor, redact, secret_values
 
 log = logging.getLogger("bot")
 
@@ -20,9 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
     except ConfigError as error:
-        print(f"blender-chat: {error}", file=sys.stderr)
+        # Secret settings are already hidden; this also catches a token pasted into the wrong variable.
+        print(f"blender-chat: {redact(str(error))}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, secret_values(settings))
     return args.command(settings, args)
 
 
@@ -46,8 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, secrets: Iterable[str] = ()) -> None:
+    """Log to standard error, with `secrets` and token-shaped text redacted."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    redactor = SecretRedactor(secrets)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redactor)
 
 
 async def open_engine(settings: Settings):

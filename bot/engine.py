@@ -6,6 +6,10 @@ runs the model; while it works, everything queued meanwhile waits, and the next
 `generate` call takes all of it at once (dynamic batching), so many
 conversations cost little more than one. Messages of one conversation are
 answered one at a time, in order, each seeing the exchange before it.
+
+Around that: per-user rate limits, the safety filter on the message and on the
+reply (an unsafe one is never sent nor stored), mentions defused in every
+answer, and a periodic sweep that deletes conversations idle past `MEMORY_TTL`.
 """
 
 from __future__ import annotations
@@ -32,12 +36,17 @@ from bot.locks import ConversationLock, ConversationLocks, LayeredLocks, LocalLo
 from bot.memory import ConversationStore, Exchange
 from bot.metrics import Metrics
 from bot.model import Generated
-from bot.text import clean_text
+from bot.ratelimit import RateLimiter, TokenBucketLimiter
+from bot.safety import SafetyFilter
+from bot.text import clean_text, neutralize_mentions
 
 log = logging.getLogger(__name__)
 
 # Shown when the model's answer is empty once control characters are removed.
 NO_ANSWER = "Hmm, I'm not sure what to say to that."
+
+# How often idle conversations are swept (more often when MEMORY_TTL is shorter).
+SWEEP_INTERVAL = 3600.0
 
 
 class Generator(Protocol):
@@ -62,11 +71,15 @@ class ReplyEngine:
         *,
         metrics: Metrics | None = None,
         shared_lock: ConversationLocks | None = None,
+        safety: SafetyFilter | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.model = model
         self.store = store
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.safety = safety  # None: built from settings by start()
+        self.limiter = limiter or TokenBucketLimiter.from_settings(settings)
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._executor: ThreadPoolExecutor | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -74,6 +87,7 @@ class ReplyEngine:
         self._locks: ConversationLocks = LocalLocks()
         if shared_lock is not None:
             self._locks = LayeredLocks(self._locks, shared_lock)
+        self._sweeper: asyncio.Task[None] | None = None
         self._pending = 0  # replies accepted and not yet finished
         self._idle = asyncio.Event()
         self._idle.set()
@@ -89,9 +103,13 @@ class ReplyEngine:
         await self.close()
 
     async def start(self) -> None:
+        if self.safety is None:
+            self.safety = await asyncio.to_thread(SafetyFilter.from_settings, self.settings)
         await self.store.open()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._worker = asyncio.create_task(self._batch_worker(), name="inference-batcher")
+        if self.settings.memory_ttl > 0:
+            self._sweeper = asyncio.create_task(self._sweep_idle_conversations(), name="memory-sweeper")
 
     @property
     def ready(self) -> bool:
@@ -113,10 +131,11 @@ class ReplyEngine:
         """Stop taking replies, let those in flight finish, then stop the worker."""
         self.stop_accepting()
         await self.drain(self.settings.shutdown_grace if timeout is None else timeout)
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-            self._worker = None
+        for task in (self._worker, self._sweeper):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._worker = self._sweeper = None
         if self._executor is not None:
             # Do not wait for a generate still running past the deadline: its result is dropped.
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -127,16 +146,18 @@ class ReplyEngine:
 
     async def reply(self, conversation: str, text: str, *, user: str | None = None, platform: str = "api") -> str:
         """The bot's answer to `text` in `conversation`; raises `ReplyError` subclasses
-        for answers the user should get instead (busy, too long, timeout...)."""
+        for answers the user should get instead (busy, too long, timeout...).
+        `user` is who the rate limit counts; without one, the conversation."""
         started = time.monotonic()
         try:
+            await self.limiter.acquire(user or conversation)
             answer = await self._reply(conversation, text)
         except ReplyError as error:
             self.metrics.replies.labels(platform, error.outcome).inc()
             raise
         self.metrics.replies.labels(platform, "ok").inc()
         self.metrics.reply_latency.labels(platform).observe(time.monotonic() - started)
-        return answer
+        return neutralize_mentions(answer)
 
     async def reset(self, conversation: str) -> bool:
         """Forget a conversation; waits for a reply in flight in it to finish first."""
@@ -178,12 +199,17 @@ class ReplyEngine:
         except TimeoutError:
             raise ReplyTimeout() from None
         try:
+            # Checked in line, not before: the check runs on a thread and would let messages overtake.
+            if await self._unsafe(text, "input", conversation):
+                return self.settings.safety_deflection  # never shown to the model nor stored
             history = await self._load_history(conversation)
             try:
                 async with asyncio.timeout_at(deadline):
-                    generated = await self._generate(_turns(history, text))
+                    generated = await self._generate_safely(_turns(history, text), conversation)
             except TimeoutError:
                 raise ReplyTimeout() from None
+            if generated is None:
+                return self.settings.safety_deflection
             # The answer exists now: it is stored and returned whatever the deadline says.
             await self._store_exchange(conversation, text, generated.text)
         finally:
@@ -199,6 +225,23 @@ class ReplyEngine:
             self.metrics.errors.labels("memory_read").inc()
             return []
 
+    async def _generate_safely(self, turns: list[str], conversation: str) -> Generated | None:
+        """A reply that passes the safety filter: the usual decoding, else one
+        sampled retry; None if that is unsafe too."""
+        generated = await self._generate(turns)
+        if await self._unsafe(clean_text(generated.text), "output", conversation):
+            generated = await self._generate(turns, sample=True)
+            if await self._unsafe(clean_text(generated.text), "output", conversation):
+                return None
+        return generated
+
+    async def _unsafe(self, text: str, direction: str, conversation: str) -> bool:
+        if self.safety is None or not await self.safety.check(text):
+            return False
+        self.metrics.safety_blocked.labels(direction).inc()
+        log.info("Safety filter blocked an %s message in conversation %s", direction, conversation)
+        return True
+
     async def _store_exchange(self, conversation: str, text: str, answer: str) -> None:
         try:
             await self.store.append_exchange(conversation, text, answer)
@@ -213,6 +256,20 @@ class ReplyEngine:
         future: asyncio.Future[Generated] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Request(turns, sample, future))
         return await future
+
+    async def _sweep_idle_conversations(self) -> None:
+        """Delete conversations idle longer than MEMORY_TTL: now, then periodically."""
+        ttl = self.settings.memory_ttl
+        while True:
+            try:
+                deleted = await self.store.sweep(ttl)
+            except Exception:
+                log.exception("Could not sweep idle conversations")
+                self.metrics.errors.labels("memory_sweep").inc()
+            else:
+                if deleted:
+                    log.info("Deleted %d conversations idle for more than %gs", deleted, ttl)
+            await asyncio.sleep(min(SWEEP_INTERVAL, ttl))
 
     def _conversation_lock(self, conversation: str) -> ConversationLock:
         return self._locks.lock(conversation)

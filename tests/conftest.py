@@ -42,7 +42,10 @@ def tiny_model(blenderbot_dir: Path):
 @pytest.fixture
 def make_settings(blenderbot_dir: Path) -> Callable[..., Settings]:
     def make(**overrides) -> Settings:
-        base = Settings(model=str(blenderbot_dir), memory_url="memory://", max_new_tokens=8, num_beams=1)
+        # Rate limits off unless a test sets them: many tests send bursts from one user on purpose.
+        base = Settings(
+            model=str(blenderbot_dir), memory_url="memory://", max_new_tokens=8, num_beams=1, rate_limit_per_minute=0
+        )
         return replace(base, **overrides)
 
     return make

@@ -48,6 +48,8 @@ class SQLiteStore:
         await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute("PRAGMA synchronous=NORMAL")
         await self._db.execute("PRAGMA busy_timeout=5000")
+        # Forgotten and expired conversations are overwritten, not just unlinked (many builds default to this).
+        await self._db.execute("PRAGMA secure_delete=ON")
         await self._db.executescript(SCHEMA)
 
     async def close(self) -> None:
