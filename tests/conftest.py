@@ -55,5 +55,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for running `python -m bot` from this checkout in a subprocess."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BLENDERBOT_", "DISCORD_", "SLACK_", "MEMORY_"))}
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", LOG_LEVEL="INFO")
+    # Like make_settings: rate limits stay off unless a test sets them, so bursts test what they mean to.
+    env.update(RATE_LIMIT_PER_MINUTE="0")
     env.update(extra)
     return env
