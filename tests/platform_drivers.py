@@ -34,6 +34,7 @@ LIVE_MENTION = re.compile(r"<[@!]|@(?:everyone|here|channel)\b", re.IGNORECASE)
 # an & that is no entity, or a broadcast word that link_names could still turn into a ping.
 SLACK_LIVE = re.compile(r"[<>]|&(?!amp;|lt;|gt;)|@(?:everyone|here|channel)\b", re.IGNORECASE)
 
+SETTLE_TEXT = "are you still there?"  # what settle() says
 Rewrite = Callable[[str, list[str], bool], str]
 
 
@@ -95,7 +96,7 @@ class DiscordDriver:
 
     async def settle(self, user: str = "second") -> None:
         """Gateway events are handled in order: once a later mention is answered, earlier ones were seen."""
-        await answer_to(self.fake, f"{MENTION} are you still there?", channel_id=OTHER_CHANNEL_ID,
+        await answer_to(self.fake, f"{MENTION} {SETTLE_TEXT}", channel_id=OTHER_CHANNEL_ID,
                         author_id=self.users[user], mentions=(BOT_ID,))
 
     def readable(self, sent: str) -> str:
@@ -152,14 +153,15 @@ class SlackDriver:
                 if p.params["channel"] == channel and p.params.get("thread_ts") == thread]
 
     async def reply(self, sent: tuple[str, str | None, str, int]) -> str:
-        return (await wait_for(lambda: self.replies(sent), what="a reply"))[0]
+        """The first reply to `sent`, once every progress reaction is gone again."""
+        replies = await wait_for(lambda: self.replies(sent), what="a reply")
+        await wait_for(lambda: len(self.fake.calls_to("reactions.remove")) >= len(self.fake.calls_to("reactions.add")),
+                       what="progress reactions removed")
+        return replies[0]
 
     async def settle(self, user: str = "second") -> None:
         """Events are handled as they are acked: once a later DM is answered, earlier ones were seen."""
-        reply = await self.reply(await self.say("are you still there?", user=user, where="dm", channel="DSETTLE"))
-        assert reply
-        await wait_for(lambda: len(self.fake.calls_to("reactions.remove")) >= len(self.fake.calls_to("reactions.add")),
-                       what="progress reactions removed")
+        assert await self.reply(await self.say(SETTLE_TEXT, user=user, where="dm", channel="DSETTLE"))
 
     def readable(self, sent: str) -> str:
         """What a Slack user reads: entities decoded, the word joiner invisible."""

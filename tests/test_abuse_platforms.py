@@ -16,8 +16,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import subprocess_env
 from fake_discord import CHANNEL_ID, OTHER_CHANNEL_ID, FakeDiscord
-from fake_slack import FakeSlack, wait_for
-from platform_drivers import DiscordDriver, Scripted, SlackDriver, WebDriver
+from fake_slack import FakeSlack, dm, event_body, wait_for
+from platform_drivers import SETTLE_TEXT, DiscordDriver, Scripted, SlackDriver, WebDriver
 from test_slack import SECRET
 from test_slack import Bot as SlackBot
 
@@ -223,3 +223,138 @@ async def test_hostile_input_gets_a_clear_answer_or_silence_and_pings_nobody(pla
     driver.assert_nothing_pings()
     assert APOLOGY not in [driver.readable(r) for r in driver.replies(sent)]
     assert not [record for record in caplog.records if record.levelname in ("ERROR", "CRITICAL")]
+
+
+# -- unsafe model output -------------------------------------------------------------
+
+
+def unsafe_first(text: str, turns: list[str], sample: bool) -> str:
+    """Greedy decoding says a block-listed word; the sampled retry is the real model's own text."""
+    return text if sample else f"{text} you ZORBLAX"
+
+
+def unsafe_always(text: str, turns: list[str], sample: bool) -> str:
+    return f"{text} what a purple  monkey" if sample else f"{text} you zorblax"
+
+
+@pytest.mark.parametrize("platform", ["discord", "slack-http", "web"])
+@pytest.mark.parametrize("rewrite", [unsafe_first, unsafe_always], ids=["retry-is-safe", "retry-unsafe-too"])
+async def test_unsafe_model_output_is_never_sent_nor_stored(platforms, tiny_model, platform, rewrite):
+    model = Scripted(tiny_model, rewrite)
+    driver = await platforms.open(platform, model=model)
+    sent = await driver.say("hello there, tell me something")
+    reply = driver.readable(await driver.reply(sent))
+
+    assert model.samples == [False, True]  # refused, then retried with sampling
+    history = await driver.engine.history(driver.conversation(sent))
+    if rewrite is unsafe_first:
+        assert reply != neutralize_mentions(DEFLECTION)
+        assert [exchange.user for exchange in history] == ["hello there, tell me something"]
+    else:
+        assert reply == neutralize_mentions(DEFLECTION)
+        assert history == []
+    everything_sent = " ".join(driver.readable(text) for text in driver.replies(sent)).lower()
+    stored = " ".join(exchange.bot for exchange in history).lower()
+    for unsafe in ("zorblax", "monkey"):
+        assert unsafe not in everything_sent and unsafe not in stored
+    driver.assert_nothing_pings()
+
+
+# -- rate limits -----------------------------------------------------------------------
+
+BURST = 3
+
+
+@pytest.mark.parametrize("platform", ["discord", "slack-http", "slack-socket", "web"])
+async def test_a_burst_of_ten_gets_the_burst_and_one_notice_and_a_second_user_is_served(platforms, platform):
+    # Almost no refill during the test: a token every ten minutes.
+    driver = await platforms.open(platform, rate_limit_burst=BURST, rate_limit_per_minute=0.1)
+    burst = [await driver.say(f"message number {i}") for i in range(10)]
+    second = await driver.say("hello, I am someone else", user="second")
+    assert model_answered(driver, await driver.reply(second))
+    await driver.settle()
+
+    answers = [[driver.readable(text) for text in driver.replies(sent)] for sent in burst]
+    answered = [a for a in answers if a and model_answered(driver, a[0])]
+    notices = [a for a in answers if a and a[0].startswith("You're sending messages faster than I can answer")]
+    if platform == "web":  # an HTTP request always gets an answer: the rest are 429s with Retry-After
+        assert [driver.status(sent) for sent in burst] == [200] * BURST + [429] * (10 - BURST)
+        assert all(driver.answers[sent][2] for sent in burst[BURST:])
+    else:
+        assert len(answered) == BURST and len(notices) == 1, answers
+        assert sum(len(a) for a in answers) == BURST + 1  # silence for the other six
+    asked = [turns[-1] for turns in driver.model.asked() if turns[-1] != SETTLE_TEXT]
+    assert len(asked) == BURST + 1 and asked[-1] == "hello, I am someone else"
+    driver.assert_nothing_pings()
+
+
+async def test_a_burst_in_one_discord_channel_is_answered_in_order(platforms):
+    driver = await platforms.open("discord")
+    burst = [await driver.say(f"message number {i}") for i in range(6)]
+    replies = [await driver.reply(sent) for sent in burst]
+    assert [reply.rsplit("(you said: ", 1)[1] for reply in replies] == [f"message number {i})" for i in range(6)]
+    history = await driver.engine.history(driver.conversation(burst[0]))
+    assert [exchange.user for exchange in history][-5:] == [f"message number {i}" for i in range(1, 6)]
+
+
+# -- blocked users and allow-lists -----------------------------------------------------
+
+
+@pytest.mark.parametrize("platform", ["discord", "slack-http"])
+async def test_a_blocked_user_gets_silence_everywhere_and_cannot_forget(platforms, platform):
+    driver = await platforms.open(platform, blocked_users=frozenset({str(DiscordDriver.users["first"]), "U2"}))
+    # Someone else's conversation, which the blocked user must not be able to wipe.
+    kept = await driver.say("remember this for me", user="second")
+    assert model_answered(driver, await driver.reply(kept))
+    calls_before = len(driver.fake.calls)
+
+    thread = {"thread": kept[1]} if platform.startswith("slack") else {}
+    silent = [
+        await driver.say("hello, are you there?"),
+        await driver.say("forget", **thread),
+        await driver.say("hello in private", where="dm"),
+    ]
+    await driver.settle()
+
+    assert all(driver.replies(sent) == [] for sent in silent)
+    assert len(await driver.engine.history(driver.conversation(kept))) == 1
+    assert [turns[-1] for turns in driver.model.asked()] == ["remember this for me", SETTLE_TEXT]
+    # Not even a typing indicator or a progress reaction: only the settling message was answered.
+    later = [call for call in driver.fake.calls[calls_before:]]
+    if platform == "discord":
+        assert {call.path for call in later if call.path.startswith("/channels/")} == {
+            f"/channels/{OTHER_CHANNEL_ID}/typing", f"/channels/{OTHER_CHANNEL_ID}/messages"}
+    else:
+        assert {call.params["channel"] for call in later if call.method.startswith(("reactions.", "chat."))} == {
+            "DSETTLE"}
+
+
+async def test_a_blocked_discord_user_cannot_reset_with_the_slash_command(platforms):
+    driver = await platforms.open("discord", blocked_users=frozenset({str(DiscordDriver.users["first"])}))
+    kept = await driver.say("remember this for me", user="second")
+    await driver.reply(kept)
+    interaction = await driver.fake.slash_command("reset", user_id=DiscordDriver.users["first"])
+    callbacks = lambda: [c for c in driver.fake.calls if c.path.startswith(f"/interactions/{interaction}/")]  # noqa: E731
+    await driver.fake.wait_for(callbacks, what="the refusal")
+    assert callbacks()[0].json["data"]["content"] == NOT_HERE  # only they see it (ephemeral)
+    assert len(await driver.engine.history(driver.conversation(kept))) == 1
+
+
+async def test_forget_outside_the_discord_allow_list_is_ignored(platforms):
+    driver = await platforms.open("discord", discord_channel_ids=frozenset({str(OTHER_CHANNEL_ID)}))
+    sent = await driver.say("forget")  # in #general, not on the list
+    await driver.settle()
+    assert driver.replies(sent) == [] and driver.fake.touching(CHANNEL_ID) == []
+
+
+async def test_slack_allow_lists_also_bind_forget_and_dms_from_other_teams(platforms):
+    driver = await platforms.open("slack-http", slack_team_ids=frozenset({"T1"}),
+                                  slack_channel_ids=frozenset({"CALLOWED"}))
+    forget = await driver.say("forget", channel="C1")
+    status, _ = await driver.bot.send(event_body(dm("hello from another workspace", channel="DOTHER"), team="T9"))
+    assert status == 200
+    in_dm = await driver.say("DMs are not bound by the channel list", where="dm")
+    assert model_answered(driver, await driver.reply(in_dm))
+    await driver.settle()
+    assert driver.replies(forget) == []
+    assert {post.params["channel"] for post in driver.fake.posts} == {"D1", "DSETTLE"}
