@@ -5,6 +5,7 @@ and the terminal chat. See tests/platform_drivers.py for how each is driven."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -358,3 +359,68 @@ async def test_slack_allow_lists_also_bind_forget_and_dms_from_other_teams(platf
     await driver.settle()
     assert driver.replies(forget) == []
     assert {post.params["channel"] for post in driver.fake.posts} == {"D1", "DSETTLE"}
+
+
+# -- forget --------------------------------------------------------------------------
+
+
+async def forget(driver: Driver, how: str, where: dict) -> str:
+    """Ask `driver`'s bot to forget the conversation `where` points at; its confirmation."""
+    if how == "web":
+        return str(await driver.forget())
+    if how == "discord-slash":
+        interaction = await driver.fake.slash_command("reset")
+        followups = lambda: [c for c in driver.fake.calls if c.path.startswith("/webhooks/") and str(interaction) in c.path]  # noqa: E731
+        return (await driver.fake.wait_for(followups, what="the /reset follow-up"))[0].json["content"]
+    return await driver.reply(await driver.say("Forget!" if how.startswith("slack") else "forget", **where))
+
+
+FORGET_DONE = {"discord-mention": DISCORD_RESET_DONE, "discord-slash": DISCORD_RESET_DONE,
+               "slack-mention": SLACK_RESET_DONE, "slack-dm": SLACK_RESET_DONE, "web": "{'reset': True}"}
+FORGET_PLATFORM = {"discord-mention": "discord", "discord-slash": "discord", "slack-mention": "slack-http",
+                   "slack-dm": "slack-socket", "web": "web"}
+
+
+@pytest.mark.parametrize("how", FORGET_DONE)
+async def test_forget_confirms_and_the_next_message_starts_afresh(platforms, how):
+    driver = await platforms.open(FORGET_PLATFORM[how])
+    where = {"where": "dm"} if how == "slack-dm" else {}
+    first = await driver.say("my name is Alice", **where)
+    await driver.reply(first)
+    if how == "slack-mention":
+        where = {"thread": first[1]}  # the thread the bot answered in
+    await driver.reply(await driver.say("what is my name?", **where))
+    assert driver.model.asked()[-1][0] == "my name is Alice"  # the conversation was remembered
+
+    assert await forget(driver, how, where) == FORGET_DONE[how]
+
+    after = await driver.say("who am I?", **where)
+    assert model_answered(driver, await driver.reply(after))
+    assert driver.model.asked()[-1] == ["who am I?"]  # no earlier history reached the model
+    assert driver.conversation(after) == driver.conversation(first)
+    assert [exchange.user for exchange in await driver.engine.history(driver.conversation(after))] == ["who am I?"]
+    driver.assert_nothing_pings()
+
+
+@pytest.mark.parametrize("command", ["/reset", "/forget"])
+def test_the_terminal_chat_forgets_on_reset_and_forget(tmp_path, blenderbot_dir, command):
+    env = subprocess_env(BLENDERBOT_MODEL=str(blenderbot_dir), BLENDERBOT_MAX_NEW_TOKENS="6",
+                         BLENDERBOT_NUM_BEAMS="1", MEMORY_URL=f"sqlite:///{tmp_path}/memory.db", LOG_LEVEL="WARNING")
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "chat", "--conversation", "mine"],
+        input=f"my name is Alice\nwhat is my name?\n{command}\nwho am I?\n/quit\n",
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "bot> (conversation forgotten)" in result.stdout
+    assert len([line for line in result.stdout.splitlines() if "bot> " in line]) == 4
+
+    async def remembered() -> list[str]:
+        store = open_store(f"sqlite:///{tmp_path}/memory.db", max_turns=10)
+        await store.open()
+        try:
+            return [exchange.user for exchange in await store.history("mine")]
+        finally:
+            await store.close()
+
+    assert asyncio.run(remembered()) == ["who am I?"]
