@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import subprocess_env
-from fake_discord import CHANNEL_ID, OTHER_CHANNEL_ID, FakeDiscord
-from fake_slack import FakeSlack, dm, event_body, wait_for
+from fake_discord import CHANNEL_ID, EPHEMERAL, OTHER_CHANNEL_ID, FakeDiscord
+from fake_slack import FakeSlack, dm, event_body
 from platform_drivers import SETTLE_TEXT, DiscordDriver, Scripted, SlackDriver, WebDriver
 from test_slack import SECRET
 from test_slack import Bot as SlackBot
@@ -132,6 +132,11 @@ async def platforms(tiny_model, make_settings, blocklist) -> AsyncIterator[Platf
     yield opened
     for cleanup in reversed(opened.cleanups):
         await cleanup()
+
+
+def calls_under(driver: DiscordDriver, prefix: str, containing: str = "") -> list:
+    """The Discord fake's REST calls whose path starts with `prefix` (and holds `containing`)."""
+    return [call for call in driver.fake.calls if call.path.startswith(prefix) and containing in call.path]
 
 
 def model_answered(driver: Driver, sent: str) -> bool:
@@ -335,9 +340,10 @@ async def test_a_blocked_discord_user_cannot_reset_with_the_slash_command(platfo
     kept = await driver.say("remember this for me", user="second")
     await driver.reply(kept)
     interaction = await driver.fake.slash_command("reset", user_id=DiscordDriver.users["first"])
-    callbacks = lambda: [c for c in driver.fake.calls if c.path.startswith(f"/interactions/{interaction}/")]  # noqa: E731
-    await driver.fake.wait_for(callbacks, what="the refusal")
-    assert callbacks()[0].json["data"]["content"] == NOT_HERE  # only they see it (ephemeral)
+    [refusal] = await driver.fake.wait_for(lambda: calls_under(driver, f"/interactions/{interaction}/"),
+                                           what="the refusal")
+    assert refusal.json["data"]["content"] == NOT_HERE  # only they see it (ephemeral)
+    assert refusal.json["data"]["flags"] & EPHEMERAL
     assert len(await driver.engine.history(driver.conversation(kept))) == 1
 
 
@@ -370,8 +376,9 @@ async def forget(driver: Driver, how: str, where: dict) -> str:
         return str(await driver.forget())
     if how == "discord-slash":
         interaction = await driver.fake.slash_command("reset")
-        followups = lambda: [c for c in driver.fake.calls if c.path.startswith("/webhooks/") and str(interaction) in c.path]  # noqa: E731
-        return (await driver.fake.wait_for(followups, what="the /reset follow-up"))[0].json["content"]
+        followups = await driver.fake.wait_for(lambda: calls_under(driver, "/webhooks/", str(interaction)),
+                                               what="the /reset follow-up")
+        return followups[0].json["content"]
     return await driver.reply(await driver.say("Forget!" if how.startswith("slack") else "forget", **where))
 
 
