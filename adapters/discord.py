@@ -210,6 +210,8 @@ class DiscordAdapter:
         author = message.author
         if me is None or author.id == me.id or author.bot or message.webhook_id is not None:
             return None
+        if str(author.id) in self.settings.blocked_users:
+            return None  # silence, not even typing; and no `forget` of a channel others talk in
         if message.type not in _ANSWERED_TYPES:
             return None
         if isinstance(message.channel, discord.DMChannel):
@@ -282,6 +284,8 @@ class DiscordAdapter:
         await interaction.followup.send(await self._reset(f"discord:{interaction.channel_id}"))
 
     def _interaction_allowed(self, interaction: discord.Interaction) -> bool:
+        if str(interaction.user.id) in self.settings.blocked_users:
+            return False
         if interaction.guild_id is None:
             return self.settings.discord_dms
         channel = interaction.channel or discord.Object(interaction.channel_id or 0)

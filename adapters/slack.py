@@ -206,6 +206,8 @@ class SlackAdapter:
         # Edits, deletions, bot posts, broadcasts, joins...: only plain user messages are answered.
         if event.get("subtype") or event.get("bot_id") or user == self._bot_user_id:
             return None
+        if user in self.settings.blocked_users:
+            return None  # silence, not even the progress reaction; and no `forget` of a shared thread
         team = body.get("team_id") or event.get("team") or "-"
         if self.settings.slack_team_ids and team not in self.settings.slack_team_ids:
             return None

@@ -9,7 +9,7 @@ import threading
 from bot.engine import ReplyEngine
 from bot.errors import ReplyError
 
-HELP = "Type a message and press Enter. /reset forgets this conversation, /quit (or Ctrl-D) leaves."
+HELP = "Type a message and press Enter. /reset (or /forget) forgets this conversation, /quit (or Ctrl-D) leaves."
 
 
 async def chat(engine: ReplyEngine, conversation: str) -> None:
@@ -25,7 +25,7 @@ async def chat(engine: ReplyEngine, conversation: str) -> None:
             print()
             return
         command = line.strip()
-        if command == "/reset":
+        if command in ("/reset", "/forget"):
             await engine.reset(conversation)
             print("bot> (conversation forgotten)")
         elif command == "/help":

@@ -237,8 +237,8 @@ async def test_http_broadcasts_and_mentions_never_reach_the_model_or_the_reply_l
     assert "Alice" in seen and "Bob" in seen and BOT_USER_ID not in seen and "1 < 2" in seen
     sent = post.params["text"]
     assert "<" not in sent and ">" not in sent
-    # The engine defuses mention tokens and the adapter escapes what is left: nothing live, nothing lost.
-    assert "&amp;" in sent and "&lt;http://x.y|click&gt;" in sent and "hi" in sent
+    # The engine defuses mention tokens (`<!channel>` -> `@\u200bchannel`); the adapter escapes what is left.
+    assert "@\u200bchannel" in sent and "@\u200bU3" in sent and "&amp;" in sent and "&lt;http://x.y|click&gt;" in sent
     for broadcast in ("@channel", "@here", "@everyone"):
         assert broadcast not in sent
 
