@@ -304,12 +304,18 @@ def run(args: argparse.Namespace) -> dict:
 
 def engine_extras(worker: Worker, batch: list[str], bandwidth: float) -> dict:
     """Engine overhead, single-stream decode against the bandwidth limit, steady RSS."""
-    raw = worker.call("raw", prompts=batch)
+    # Engine and raw generate in turns, best of two each, so drift hits both alike.
+    raw_best = engine_best = 0.0
+    for _ in range(2):
+        raw = worker.call("raw", prompts=batch)
+        raw_best = max(raw_best, raw["tokens"] / raw["wall"])
+        run = worker.call("run", prompts=batch, limit=len(batch))
+        engine_best = max(engine_best, run["tokens"] / run["wall"])
     decode = worker.call("decode", prompt=batch[0])
     rss = worker.call("rss")
     limit = bandwidth / decode["decoder_bytes_per_token"]
     return {
-        "raw_generate": {"prompts": len(batch), "tokens_per_s": raw["tokens"] / raw["wall"], "wall_s": raw["wall"]},
+        "raw_generate": {"prompts": len(batch), "tokens_per_s": raw_best, "engine_tokens_per_s": engine_best},
         "decode": {
             "tokens_per_s": 1 / decode["seconds_per_token"],
             "decoder_bytes_per_token": decode["decoder_bytes_per_token"],

@@ -149,3 +149,32 @@ def test_benchmark_smoke_run_writes_table_plot_and_json(tmp_path):
     assert "| decoding | conversations | contender | replies/s | tokens/s | p50 s | p95 s | peak RSS MB" in table
     assert "naive server" in table and "engine (ReplyEngine.reply)" in table and "## Targets" in table
     assert (out / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_beam_batches_are_split_to_stay_under_the_row_cap(make_settings, keep_threads):
+    chat_model = load_chat_model(make_settings(num_beams=4, batch_max_rows=8))
+    calls = []
+    real_generate = chat_model.model.generate
+
+    def counting_generate(**kwargs):
+        calls.append(kwargs["input_ids"].shape[0] * kwargs.get("num_beams", 1))
+        return real_generate(**kwargs)
+
+    chat_model.model.generate = counting_generate
+    conversations = [[f"message number {i}, about {topic}"] for i, topic in enumerate(["dogs", "cats", "rain", "tea", "jazz"])]
+
+    batched = chat_model.generate(conversations)
+
+    assert calls == [8, 8, 4]  # 2 + 2 + 1 conversations of 4 beams each
+    alone = [chat_model.generate([c])[0] for c in conversations]
+    assert [g.text for g in batched] == [g.text for g in alone]  # every answer with its own conversation
+    calls.clear()
+    chat_model.generate(conversations, sample=True)  # sampling has one row per conversation
+    assert calls == [5]
+
+
+def test_batch_max_rows_setting():
+    assert load_settings({}, dotenv=False).batch_max_rows == 160
+    assert load_settings({"BATCH_MAX_ROWS": "40"}, dotenv=False).batch_max_rows == 40
+    with pytest.raises(ConfigError, match="BATCH_MAX_ROWS"):
+        load_settings({"BATCH_MAX_ROWS": "0"}, dotenv=False)
