@@ -111,8 +111,9 @@ class ChatModel:
     def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False) -> list[Generated]:
         """Batched generation for several conversations (each a list of turns), in
         as few `generate` calls as `max_rows` allows. Beam search multiplies a
-        batch's rows by the beam count, and past ~160 rows its per-step cache
-        reordering makes a call slower than two half-size ones."""
+        batch's rows by the beam count, and large beam batches get slower per
+        token and need GBs for their caches (benchmarks/README.md). The engine
+        already sends at most `max_rows` rows; this guards other callers."""
         per_call = max(1, self.max_rows // (1 if sample else self.beams))
         results: list[Generated] = []
         for start in range(0, len(conversations), per_call):

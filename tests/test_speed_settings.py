@@ -3,6 +3,7 @@ GPU, the threads setting, and the benchmark's `--smoke` run end to end."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -174,7 +175,28 @@ def test_beam_batches_are_split_to_stay_under_the_row_cap(make_settings, keep_th
 
 
 def test_batch_max_rows_setting():
-    assert load_settings({}, dotenv=False).batch_max_rows == 160
+    assert load_settings({}, dotenv=False).batch_max_rows == 80
     assert load_settings({"BATCH_MAX_ROWS": "40"}, dotenv=False).batch_max_rows == 40
     with pytest.raises(ConfigError, match="BATCH_MAX_ROWS"):
         load_settings({"BATCH_MAX_ROWS": "0"}, dotenv=False)
+
+
+async def test_engine_batches_hold_at_most_max_rows_of_beams(make_settings, keep_threads):
+    from bot.engine import ReplyEngine
+    from bot.memory import open_store
+
+    settings = make_settings(num_beams=4, batch_max_rows=8, batch_size=32)
+    chat_model = load_chat_model(settings)
+    batches = []
+    real_generate = chat_model.generate
+
+    def recording_generate(conversations, *, sample=False):
+        batches.append(len(conversations))
+        return real_generate(conversations, sample=sample)
+
+    chat_model.generate = recording_generate
+    async with ReplyEngine(chat_model, open_store("memory://", max_turns=5), settings) as engine:
+        answers = await asyncio.gather(*(engine.reply(f"c{i}", f"hello number {i}") for i in range(5)))
+
+    assert len(answers) == 5 and all(answers)
+    assert sum(batches) == 5 and max(batches) == 2  # 8 rows / 4 beams
