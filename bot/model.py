@@ -8,6 +8,7 @@ the engine's inference thread, never on the event loop.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import logging
 import os
@@ -77,10 +78,19 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
 def _release_free_memory() -> None:
     """glibc keeps freed heap memory for reuse; malloc_trim returns it (the
     fp32 weights freed by quantizing are ~1 GB for the 400M model)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018  (glibc only)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+    return libc
 
 
 def default_threads() -> int:
