@@ -48,7 +48,8 @@ class Settings:
     threads: int | None = None  # None: the cores available to the process
 
     # Engine
-    batch_size: int = 32
+    batch_size: int = 32  # conversations per batch
+    batch_max_rows: int = 80  # conversations x beams per generate call (benchmarks/README.md)
     batch_wait_ms: int = 0
     queue_size: int = 256
     reply_timeout: float = 120.0
@@ -132,6 +133,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
         dtype=env.choice("BLENDERBOT_DTYPE", "auto", ("auto", "float32", "float16", "bfloat16")),
         threads=env.integer("BLENDERBOT_THREADS", None, minimum=1),
         batch_size=env.integer("BATCH_SIZE", 32, minimum=1),
+        batch_max_rows=env.integer("BATCH_MAX_ROWS", 80, minimum=1),
         batch_wait_ms=env.integer("BATCH_WAIT_MS", 0, minimum=0),
         queue_size=env.integer("QUEUE_SIZE", 256, minimum=1),
         reply_timeout=env.duration("REPLY_TIMEOUT", 120.0, minimum=1.0),

@@ -276,11 +276,15 @@ class ReplyEngine:
 
     async def _batch_worker(self) -> None:
         loop = asyncio.get_running_loop()
+        # Beam search multiplies a batch's rows by the beam count: cap conversations
+        # so rows stay within batch_max_rows (see benchmarks/README.md).
+        beams = getattr(self.model, "beams", 1)
+        limit = max(1, min(self.settings.batch_size, self.settings.batch_max_rows // beams))
         while True:
             batch = [await self._queue.get()]
             if self.settings.batch_wait_ms:
                 await asyncio.sleep(self.settings.batch_wait_ms / 1000)
-            while len(batch) < self.settings.batch_size and not self._queue.empty():
+            while len(batch) < limit and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             live = [request for request in batch if not request.future.done()]  # drop timed-out ones
             for sample in (False, True):

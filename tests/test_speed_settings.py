@@ -1,0 +1,202 @@
+"""Speed settings: int8 quantization per setting and device, half precision on
+GPU, the threads setting, and the benchmark's `--smoke` run end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, subprocess_env
+
+from bot.config import ConfigError, load_settings
+from bot.model import ModelLoadError, default_threads, load_chat_model, quantize_int8, resolve_dtype, should_quantize
+
+QuantizedLinear = torch.ao.nn.quantized.dynamic.Linear
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture
+def keep_threads():
+    """Loading a model sets torch's thread count for the whole process: put it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def linear_kinds(model: torch.nn.Module) -> tuple[int, int]:
+    modules = list(model.modules())
+    quantized = sum(isinstance(m, QuantizedLinear) for m in modules)
+    plain = sum(type(m) is torch.nn.Linear for m in modules)
+    return quantized, plain
+
+
+@pytest.mark.parametrize("setting, quantized", [("auto", True), ("int8", True), ("none", False)])
+def test_quantization_on_cpu_follows_the_setting(make_settings, keep_threads, setting, quantized):
+    chat_model = load_chat_model(make_settings(device="cpu", quantize=setting))
+
+    int8_layers, fp32_layers = linear_kinds(chat_model.model)
+    assert chat_model.quantized is quantized
+    if quantized:
+        assert int8_layers > 0 and fp32_layers == 0
+    else:
+        assert int8_layers == 0 and fp32_layers > 0
+    [answer] = chat_model.generate([["Hello there, how are you?"]])
+    assert answer.new_tokens > 0
+
+
+def test_settings_read_quantize_dtype_and_threads_from_the_environment():
+    settings = load_settings({"BLENDERBOT_QUANTIZE": "INT8", "BLENDERBOT_DTYPE": "float16", "BLENDERBOT_THREADS": "3"}, dotenv=False)
+    assert (settings.quantize, settings.dtype, settings.threads) == ("int8", "float16", 3)
+    defaults = load_settings({}, dotenv=False)
+    assert (defaults.quantize, defaults.dtype, defaults.threads) == ("auto", "auto", None)
+    for name, value in [("BLENDERBOT_QUANTIZE", "fp4"), ("BLENDERBOT_THREADS", "0"), ("BLENDERBOT_DTYPE", "int8")]:
+        with pytest.raises(ConfigError, match=name):
+            load_settings({name: value}, dotenv=False)
+
+
+def test_on_a_gpu_auto_does_not_quantize_and_int8_is_refused_clearly():
+    assert should_quantize("auto", CUDA) is False
+    assert should_quantize("none", CUDA) is False
+    with pytest.raises(ModelLoadError, match="CPU only") as error:
+        should_quantize("int8", CUDA)
+    assert "\n" not in str(error.value)
+
+
+def test_half_precision_on_a_gpu_and_fp32_on_the_cpu(monkeypatch):
+    for setting in ("auto", "float32", "float16", "bfloat16"):
+        assert resolve_dtype(setting, CPU) is torch.float32  # int8 is the CPU speed-up, not half precision
+    assert resolve_dtype("float16", CUDA) is torch.float16
+    assert resolve_dtype("bfloat16", CUDA) is torch.bfloat16
+    assert resolve_dtype("float32", CUDA) is torch.float32
+    # Which half precision a GPU supports cannot be asked of a machine without one.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto", CUDA) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype("auto", CUDA) is torch.float16
+
+
+def test_quantizing_frees_the_fp32_linear_weights(blenderbot_dir):
+    from transformers import AutoModelForSeq2SeqLM
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(blenderbot_dir).eval()
+    originals = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    # The output projection shares its weight with the token embedding, which stays.
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    refs = [weakref.ref(m) for m in originals] + [weakref.ref(m.weight) for m in originals if id(m.weight) not in embeddings]
+    assert len(refs) > len(originals)
+    del originals
+
+    quantize_int8(model)
+
+    assert linear_kinds(model)[1] == 0
+    assert [ref for ref in refs if ref() is not None] == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="memory maps are read from /proc (Linux)")
+def test_a_quantized_model_does_not_keep_the_checkpoint_mapped(blenderbot_dir, tmp_path, make_settings, keep_threads):
+    # A private copy, so no other test's model maps the same file.
+    checkpoint = shutil.copytree(blenderbot_dir, tmp_path / "model")
+    weights = str(checkpoint / "model.safetensors")
+
+    int8 = load_chat_model(make_settings(model=str(checkpoint), quantize="int8"))
+    assert weights not in Path("/proc/self/maps").read_text()
+    assert int8.quantized
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_setting_is_honoured(make_settings, keep_threads, threads):
+    load_chat_model(make_settings(threads=threads))
+    assert torch.get_num_threads() == threads
+
+
+def test_threads_default_to_the_cores_available(make_settings, keep_threads):
+    torch.set_num_threads(1)
+    load_chat_model(make_settings(threads=None))
+    assert torch.get_num_threads() == default_threads()
+
+
+@pytest.mark.timeout(900)
+def test_benchmark_smoke_run_writes_table_plot_and_json(tmp_path):
+    out = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench.py"), "--smoke", "--out", str(out), "--cache", str(tmp_path / "cache"),
+         "--concurrency", "1,8"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=880, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    data = json.loads((out / "smoke.json").read_text())
+    http_runs = (REPO / "bot" / "web.py").exists()
+    contenders = {"seed", "naive", "engine"} | ({"http"} if http_runs else set())
+    measured = {(r["contender"], r["beams"], r["concurrency"]) for r in data["rows"]}
+    assert measured == {(c, b, n) for c in contenders for b in (1, 10) for n in (1, 8)}
+    for row in data["rows"]:
+        assert row["replies_per_s"] > 0 and row["tokens_per_s"] > 0 and row["peak_rss_mb"] > 0
+        assert 0 < row["p50_s"] <= row["p95_s"]
+    if not http_runs:
+        assert "bot/web.py does not exist" in result.stdout
+    assert 0.5 < data["extras"]["fidelity"]["mean"] <= 1.0001
+    assert data["bandwidth_bytes_per_s"] > 0 and data["extras"]["decode"]["bandwidth_limit_tokens_per_s"] > 0
+    assert {t["target"] for t in data["targets"]} and all("met" in t for t in data["targets"])
+
+    table = (out / "smoke.md").read_text()
+    assert "| decoding | conversations | contender | replies/s | tokens/s | p50 s | p95 s | peak RSS MB" in table
+    assert "naive server" in table and "engine (ReplyEngine.reply)" in table and "## Targets" in table
+    assert (out / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_beam_batches_are_split_to_stay_under_the_row_cap(make_settings, keep_threads):
+    chat_model = load_chat_model(make_settings(num_beams=4, batch_max_rows=8))
+    calls = []
+    real_generate = chat_model.model.generate
+
+    def counting_generate(**kwargs):
+        calls.append(kwargs["input_ids"].shape[0] * kwargs.get("num_beams", 1))
+        return real_generate(**kwargs)
+
+    chat_model.model.generate = counting_generate
+    conversations = [[f"message number {i}, about {topic}"] for i, topic in enumerate(["dogs", "cats", "rain", "tea", "jazz"])]
+
+    batched = chat_model.generate(conversations)
+
+    assert calls == [8, 8, 4]  # 2 + 2 + 1 conversations of 4 beams each
+    alone = [chat_model.generate([c])[0] for c in conversations]
+    assert [g.text for g in batched] == [g.text for g in alone]  # every answer with its own conversation
+    calls.clear()
+    chat_model.generate(conversations, sample=True)  # sampling has one row per conversation
+    assert calls == [5]
+
+
+def test_batch_max_rows_setting():
+    assert load_settings({}, dotenv=False).batch_max_rows == 80
+    assert load_settings({"BATCH_MAX_ROWS": "40"}, dotenv=False).batch_max_rows == 40
+    with pytest.raises(ConfigError, match="BATCH_MAX_ROWS"):
+        load_settings({"BATCH_MAX_ROWS": "0"}, dotenv=False)
+
+
+async def test_engine_batches_hold_at_most_max_rows_of_beams(make_settings, keep_threads):
+    from bot.engine import ReplyEngine
+    from bot.memory import open_store
+
+    settings = make_settings(num_beams=4, batch_max_rows=8, batch_size=32)
+    chat_model = load_chat_model(settings)
+    batches = []
+    real_generate = chat_model.generate
+
+    def recording_generate(conversations, *, sample=False):
+        batches.append(len(conversations))
+        return real_generate(conversations, sample=sample)
+
+    chat_model.generate = recording_generate
+    async with ReplyEngine(chat_model, open_store("memory://", max_turns=5), settings) as engine:
+        answers = await asyncio.gather(*(engine.reply(f"c{i}", f"hello number {i}") for i in range(5)))
+
+    assert len(answers) == 5 and all(answers)
+    assert sum(batches) == 5 and max(batches) == 2  # 8 rows / 4 beams
