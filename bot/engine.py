@@ -89,6 +89,7 @@ class ReplyEngine:
             self._locks = LayeredLocks(self._locks, shared_lock)
         self._sweeper: asyncio.Task[None] | None = None
         self._pending = 0  # replies accepted and not yet finished
+        self._preparing = 0  # replies holding their conversation's lock, not yet queued for the model
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
@@ -199,10 +200,14 @@ class ReplyEngine:
         except TimeoutError:
             raise ReplyTimeout() from None
         try:
-            # Checked in line, not before: the check runs on a thread and would let messages overtake.
-            if await self._unsafe(text, "input", conversation):
-                return self.settings.safety_deflection  # never shown to the model nor stored
-            history = await self._load_history(conversation)
+            self._preparing += 1
+            try:
+                # Checked in line, not before: the check runs on a thread and would let messages overtake.
+                if await self._unsafe(text, "input", conversation):
+                    return self.settings.safety_deflection  # never shown to the model nor stored
+                history = await self._load_history(conversation)
+            finally:
+                self._preparing -= 1  # from here to the queue there is no await
             try:
                 async with asyncio.timeout_at(deadline):
                     generated = await self._generate_safely(_turns(history, text), conversation)
@@ -282,10 +287,17 @@ class ReplyEngine:
         limit = max(1, min(self.settings.batch_size, self.settings.batch_max_rows // beams))
         while True:
             batch = [await self._queue.get()]
-            if self.settings.batch_wait_ms:
-                await asyncio.sleep(self.settings.batch_wait_ms / 1000)
-            while len(batch) < limit and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            # Messages that arrived together (a burst) reach the queue a few ms apart, after
+            # their safety check and history read: wait for those already on their way, at most
+            # batch_wait_ms, so one generate answers them all. A lone message never waits.
+            gather_until = loop.time() + self.settings.batch_wait_ms / 1000
+            while len(batch) < limit:
+                if not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                elif self._preparing and loop.time() < gather_until:
+                    await asyncio.sleep(0.001)
+                else:
+                    break
             live = [request for request in batch if not request.future.done()]  # drop timed-out ones
             for sample in (False, True):
                 group = [request for request in live if request.sample is sample]

@@ -205,3 +205,22 @@ async def test_metrics_count_replies_batches_and_tokens(model, make_settings):
     assert 'blenderchat_replies_total{outcome="empty",platform="discord"} 1.0' in metrics
     assert "blenderchat_batch_size_count 1.0" in metrics
     assert "blenderchat_generated_tokens_total 0.0" not in metrics
+
+
+async def test_a_burst_of_conversations_is_answered_by_one_generate_call(model, make_settings, tmp_path):
+    """Messages arriving together are each checked and read from memory before
+    they queue; the batch waits for them instead of sending the first alone."""
+    settings = make_settings(memory_url=f"sqlite:///{tmp_path}/memory.db", batch_wait_ms=2000)
+    async with engine_for(model, settings) as engine:
+        await engine.reply("warm-up", "hello")
+        model.batches.clear()
+        answers = await asyncio.gather(*[engine.reply(f"c{i}", f"hi {i}") for i in range(8)])
+    assert all(answers)
+    assert [len(batch) for batch in model.batches] == [8]
+
+
+async def test_a_lone_message_does_not_wait_for_a_batch(model, make_settings):
+    async with engine_for(model, make_settings(batch_wait_ms=5000)) as engine:
+        started = time.monotonic()
+        await engine.reply("c", "hello")
+        assert time.monotonic() - started < 4  # far below the 5 s it would wait for company
