@@ -11,6 +11,8 @@ import asyncio
 import itertools
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -24,12 +26,13 @@ import pytest
 import redis.asyncio
 from aiohttp.test_utils import TestClient, TestServer
 from bot_process import BotProcess, http, port_env
-from fake_slack import BOT_USER_ID, FakeSlack, event_body, mention, signed_headers
+from conftest import REPO, subprocess_env
+from fake_slack import FakeSlack, event_body, mention, signed_headers
 from prometheus_client.parser import text_string_to_metric_families
 from redis_servers import PrivateRedis, delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
 
 from bot.cli import open_engine
-from bot.config import Settings
+from bot.config import ConfigError, Settings, load_settings
 from bot.memory.redis import RedisStore
 from bot.model import load_chat_model
 from bot.text import neutralize_mentions
@@ -264,6 +267,22 @@ def test_a_users_rate_limit_holds_across_replicas(replicas) -> None:
     assert status == 429 and body["code"] == "rate_limited", body
 
 
+def test_the_terminal_chat_continues_a_conversation_of_the_replicas(replicas, blenderbot_dir, redis_url, shared_prefix):
+    a, b = replicas
+    conversation = new_id()
+    assert chat(a, conversation, "hello there")[0] == 200
+    env = replica_env(blenderbot_dir, f"{redis_url}?prefix={shared_prefix}", LOG_LEVEL="WARNING")
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "chat", "--conversation", f"web:{conversation}"],
+        input="what do you like to do for fun?\n/quit\n", cwd=REPO, env=subprocess_env(**env),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "1 earlier exchanges remembered" in result.stdout
+    assert "Traceback" not in result.stderr and "Unclosed" not in result.stderr, result.stderr
+    assert [user for user, _ in history(b, conversation)] == ["hello there", "what do you like to do for fun?"]
+
+
 # -- one replica and a Redis that comes and goes ----------------------------
 
 
@@ -347,3 +366,9 @@ async def server_keys(url: str, pattern: str) -> list[bytes]:
         return await client.keys(pattern)
     finally:
         await client.aclose()
+
+
+def test_a_redis_url_of_another_kind_is_refused_at_start() -> None:
+    with pytest.raises(ConfigError, match="REDIS_URL"):
+        load_settings({"REDIS_URL": "http://cache:6379"}, dotenv=False)
+    assert load_settings({"REDIS_URL": "rediss://cache:6380/1"}, dotenv=False).redis_url == "rediss://cache:6380/1"
