@@ -9,9 +9,14 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bot.config import ConfigError, Settings, load_settings
 from bot.redact import SecretRedactor, redact, secret_values
+
+if TYPE_CHECKING:
+    from bot.engine import ReplyEngine
+    from bot.shared import SharedState
 
 log = logging.getLogger("bot")
 
@@ -57,15 +62,33 @@ def setup_logging(level: str, secrets: Iterable[str] = ()) -> None:
         handler.addFilter(redactor)
 
 
-async def open_engine(settings: Settings):
-    """Load the model (on a thread, it takes a while) and build the engine."""
+async def open_engine(settings: Settings) -> tuple[ReplyEngine, SharedState | None]:
+    """Load the model (on a thread, it takes a while) and build the engine.
+
+    With Redis configured (REDIS_URL, or a redis:// MEMORY_URL) the engine takes
+    its conversation locks and rate limits from Redis, and the `SharedState` comes
+    back too: its `dedupe` is for the Slack adapter, its `ping` for /readyz.
+    Close it after the engine. Nothing connects yet, so a Redis that is down does
+    not stop the start."""
     from bot.engine import ReplyEngine
     from bot.memory import open_store
+    from bot.metrics import Metrics
     from bot.model import load_chat_model
+    from bot.shared import SharedState
 
     model = await asyncio.to_thread(load_chat_model, settings)
+    metrics = Metrics()
+    shared = SharedState.from_settings(settings, metrics=metrics)
     store = open_store(settings.memory_url, max_turns=settings.memory_max_turns, ttl=settings.memory_ttl)
-    return ReplyEngine(model, store, settings)
+    engine = ReplyEngine(
+        model,
+        store,
+        settings,
+        metrics=metrics,
+        shared_lock=shared.locks if shared else None,
+        limiter=shared.limiter if shared else None,
+    )
+    return engine, shared
 
 
 def _chat(settings: Settings, args: argparse.Namespace) -> int:
@@ -73,8 +96,13 @@ def _chat(settings: Settings, args: argparse.Namespace) -> int:
     from bot.model import ModelLoadError
 
     async def session() -> None:
-        async with await open_engine(settings) as engine:
-            await chat(engine, args.conversation)
+        engine, shared = await open_engine(settings)
+        try:
+            async with engine:
+                await chat(engine, args.conversation)
+        finally:
+            if shared is not None:
+                await shared.close()
 
     try:
         asyncio.run(session())

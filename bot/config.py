@@ -170,7 +170,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
         rate_limit_burst=env.integer("RATE_LIMIT_BURST", 5, minimum=1),
         rate_limit_per_minute=env.number("RATE_LIMIT_PER_MINUTE", 10.0, minimum=0.0),
         blocked_users=env.ids("BLOCKED_USERS"),
-        redis_url=env.optional("REDIS_URL"),
+        redis_url=_check_redis_url(env.optional("REDIS_URL")),
     )
     _check_combinations(settings)
     return settings
@@ -321,6 +321,12 @@ def _check_memory_url(value: str) -> None:
     parent = _nearest_existing_parent(path)
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError("MEMORY_URL", value, f"cannot create the database under {parent}; use a writable path")
+
+
+def _check_redis_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("redis://", "rediss://")):
+        raise ConfigError("REDIS_URL", value, "use redis://host:port/db or rediss://host:port/db")
+    return value
 
 
 def _nearest_existing_parent(path: Path) -> Path:

@@ -33,7 +33,7 @@ from bot.errors import (
     ReplyTimeout,
 )
 from bot.locks import ConversationLock, ConversationLocks, LayeredLocks, LocalLocks
-from bot.memory import ConversationStore, Exchange
+from bot.memory import ConversationStore, Exchange, StoreUnavailable
 from bot.metrics import Metrics
 from bot.model import Generated
 from bot.ratelimit import RateLimiter, TokenBucketLimiter
@@ -224,9 +224,9 @@ class ReplyEngine:
     async def _load_history(self, conversation: str) -> list[Exchange]:
         try:
             return await self.store.history(conversation)
-        except Exception:
+        except Exception as error:
             # Memory is down (Redis restarting...): answer without context rather than not at all.
-            log.exception("Could not read the history of conversation %s", conversation)
+            _log_store_error("Could not read the history of conversation %s", conversation, error)
             self.metrics.errors.labels("memory_read").inc()
             return []
 
@@ -250,9 +250,9 @@ class ReplyEngine:
     async def _store_exchange(self, conversation: str, text: str, answer: str) -> None:
         try:
             await self.store.append_exchange(conversation, text, answer)
-        except Exception:
+        except Exception as error:
             # The user still gets the answer; the conversation just does not remember it.
-            log.exception("Could not store an exchange of conversation %s", conversation)
+            _log_store_error("Could not store an exchange of conversation %s", conversation, error)
             self.metrics.errors.labels("memory_write").inc()
 
     async def _generate(self, turns: list[str], *, sample: bool = False) -> Generated:
@@ -321,6 +321,15 @@ class ReplyEngine:
             self.metrics.generated_tokens.inc(result.new_tokens)
             if not request.future.done():
                 request.future.set_result(result)
+
+
+def _log_store_error(message: str, conversation: str, error: Exception) -> None:
+    """An unreachable store (an outage, already counted) is one line per message;
+    anything else may be a bug and gets its traceback."""
+    if isinstance(error, StoreUnavailable):
+        log.warning(message + ": %s", conversation, error)
+    else:
+        log.exception(message, conversation)
 
 
 def _turns(history: list[Exchange], text: str) -> list[str]:

@@ -12,12 +12,15 @@ import re
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from bot.config import Settings
 from bot.engine import ReplyEngine
+
+if TYPE_CHECKING:
+    from bot.shared import SharedState
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +45,10 @@ def run(settings: Settings) -> int:
         return 2 if isinstance(error, ModelLoadError) else 1
 
 
-def build_adapters(settings: Settings, engine: ReplyEngine) -> list[Any]:
+def build_adapters(settings: Settings, engine: ReplyEngine, shared: SharedState | None = None) -> list[Any]:
     """One adapter per platform with credentials; imported only then, so a
-    deployment without Slack never loads slack_bolt."""
+    deployment without Slack never loads slack_bolt. With `shared`, Slack's
+    events are de-duplicated in Redis, across replicas."""
     adapters: list[Any] = []
     try:
         if settings.discord_token:
@@ -54,7 +58,7 @@ def build_adapters(settings: Settings, engine: ReplyEngine) -> list[Any]:
         if settings.slack_bot_token:
             from adapters.slack import SlackAdapter
 
-            adapters.append(SlackAdapter(settings, engine))
+            adapters.append(SlackAdapter(settings, engine, dedupe=shared.dedupe if shared else None))
     except ImportError as error:
         raise StartupError(f"a platform adapter could not be loaded: {error}") from None
     return adapters
@@ -62,28 +66,43 @@ def build_adapters(settings: Settings, engine: ReplyEngine) -> list[Any]:
 
 async def _serve(settings: Settings) -> int:
     from bot.cli import open_engine
-    from bot.web import build_app
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     _install_signal_handlers(loop, stop)
 
     started = time.monotonic()
-    engine = await open_engine(settings)
+    engine, shared = await open_engine(settings)
     log.info("Model ready in %.1fs", time.monotonic() - started)
-    if stop.is_set():  # a signal came while the model was loading: nothing runs yet
-        log.info("Stopped before start-up finished")
-        return 0
+    try:
+        if stop.is_set():  # a signal came while the model was loading: nothing runs yet
+            log.info("Stopped before start-up finished")
+            return 0
+        if shared is not None:
+            log.info("Sharing conversation locks, rate limits and event de-duplication through Redis")
+        await _serve_engine(settings, engine, shared, stop)
+    finally:
+        if shared is not None:
+            await shared.close()
+    log.info("Stopped")
+    return 0
+
+
+async def _serve_engine(
+    settings: Settings, engine: ReplyEngine, shared: SharedState | None, stop: asyncio.Event
+) -> None:
+    from bot.web import build_app
+
     try:
         await engine.start()
-    except Exception as error:  # an unreachable Redis, an unwritable SQLite file...
+    except Exception as error:  # an unwritable SQLite file... (an unreachable Redis only logs)
         store = _safe_url(settings.memory_url)
         raise StartupError(f"the memory store ({store}) could not be opened: {error}") from None
     adapters: list[Any] = []
     runner: web.AppRunner | None = None
     try:
-        adapters = build_adapters(settings, engine)
-        app = build_app(engine, settings, adapters)
+        adapters = build_adapters(settings, engine, shared)
+        app = build_app(engine, settings, adapters, shared=shared)
         for adapter in adapters:
             if hasattr(adapter, "mount"):  # Slack in HTTP mode receives its events on our server
                 adapter.mount(app)
@@ -108,8 +127,6 @@ async def _serve(settings: Settings) -> int:
         await _shutdown(settings, engine, adapters, app)
     finally:
         await _close(engine, adapters, runner)
-    log.info("Stopped")
-    return 0
 
 
 async def _start_adapters(adapters: list[Any]) -> None:

@@ -17,7 +17,7 @@ import math
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -44,16 +44,28 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/slack/")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# How long /readyz waits for the memory store or Redis before calling it unavailable.
+PING_TIMEOUT = 2.0
+
+
+class Pingable(Protocol):
+    """What /readyz needs of the state shared with other replicas (`bot.shared.SharedState`)."""
+
+    async def ping(self) -> None: ...
 
 
 class WebState:
-    """What the handlers share with the runtime: the adapters to report on,
-    whether the process is shutting down, and the API requests in flight."""
+    """What the handlers share with the runtime: the adapters and the shared
+    Redis state to report on, whether the process is shutting down, and the API
+    requests in flight."""
 
-    def __init__(self, engine: ReplyEngine, settings: Settings, adapters: Sequence[Any] = ()) -> None:
+    def __init__(
+        self, engine: ReplyEngine, settings: Settings, adapters: Sequence[Any] = (), shared: Pingable | None = None
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.adapters = list(adapters)
+        self.shared = shared
         self.closing = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -92,9 +104,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def build_app(engine: ReplyEngine, settings: Settings, adapters: Sequence[Any] = ()) -> web.Application:
-    """The application; `app[STATE]` is its `WebState`."""
-    state = WebState(engine, settings, adapters)
+def build_app(
+    engine: ReplyEngine, settings: Settings, adapters: Sequence[Any] = (), *, shared: Pingable | None = None
+) -> web.Application:
+    """The application; `app[STATE]` is its `WebState`. `shared` (Redis) is
+    checked by /readyz along with the memory store."""
+    state = WebState(engine, settings, adapters, shared)
     # aiohttp's 1 MiB, or more for a JSON body around the longest text allowed (an escape takes up
     # to 12 bytes a character); Slack's events, carrying text and blocks, can be large too.
     app = web.Application(
@@ -208,13 +223,27 @@ async def readyz(request: web.Request) -> web.Response:
     for adapter in state.adapters:
         if not adapter.connected:
             reasons.append(f"{adapter.name} is not connected")
-    try:
-        await asyncio.wait_for(state.engine.store.ping(), 2.0)
-    except Exception as error:  # any failure of the store means not ready
-        reasons.append(f"the memory store is unavailable ({type(error).__name__})")
+    store_error, shared_error = await asyncio.gather(_ping(state.engine.store), _ping(state.shared))
+    if store_error is not None:
+        backend = state.settings.memory_url.partition(":")[0]  # redis, sqlite... never the URL itself
+        reasons.append(f"the memory store is unavailable ({backend}: {store_error})")
+    if shared_error is not None:
+        reasons.append(f"Redis for locks, rate limits and de-duplication is unavailable ({shared_error})")
     if reasons:
         return web.json_response({"ready": False, "reason": "; ".join(reasons)}, status=503)
     return web.json_response({"ready": True, "adapters": [adapter.name for adapter in state.adapters]})
+
+
+async def _ping(target: Pingable | None) -> str | None:
+    """None if `target` is absent or answers in time, else a short reason (the
+    error's kind: its text can name hosts and paths, not for an open endpoint)."""
+    if target is None:
+        return None
+    try:
+        await asyncio.wait_for(target.ping(), PING_TIMEOUT)
+    except Exception as error:  # any failure means not ready
+        return type(error).__name__
+    return None
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -75,12 +75,36 @@ def test_dockerignore_keeps_secrets_out_and_sources_in() -> None:
     assert sources and not [source for source in sources if ignored(source)]
 
 
+def compose_services() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+
+
 def test_compose_file() -> None:
-    service = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["blender-chat"]
+    service = compose_services()["blender-chat"]
+    assert "profiles" not in service  # `docker compose up` starts it without naming a profile
+    assert service["build"]["context"] == "." and service["image"] == "blender-chat"
     assert service["restart"] in ("always", "unless-stopped")
     assert service["env_file"] == ".env" or ".env" in service["env_file"]
     assert any(volume.endswith(":/data") for volume in service["volumes"])
     assert any(port.endswith(":8080") for port in service["ports"])
+
+
+def test_compose_scale_profile_runs_two_replicas_on_one_redis() -> None:
+    services = compose_services()
+    redis = services["redis"]
+    assert redis["profiles"] == ["scale"] and redis["image"].startswith("redis:")
+    assert "--appendonly" in redis["command"] and redis["healthcheck"]["test"][-1] == "ping"
+    replicas = [services["replica-a"], services["replica-b"]]
+    for replica in replicas:
+        assert replica["profiles"] == ["scale"] and replica["image"] == "blender-chat"
+        assert replica["env_file"] == ".env" and replica["restart"] in ("always", "unless-stopped")
+        assert replica["environment"]["MEMORY_URL"].startswith("redis://redis:6379")
+        assert replica["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert replica["environment"]["DISCORD_SHARD_COUNT"] == "2"
+    # Each replica its own shard and its own host port.
+    assert sorted(r["environment"]["DISCORD_SHARD_IDS"] for r in replicas) == ["0", "1"]
+    host_ports = [port for service in services.values() for port in service.get("ports", [])]
+    assert len(host_ports) == len(set(host_ports)) == 3
 
 
 @pytest.mark.timeout(60)
