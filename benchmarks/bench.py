@@ -306,16 +306,21 @@ def engine_extras(worker: Worker, batch: list[str], bandwidth: float) -> dict:
     """Engine overhead, single-stream decode against the bandwidth limit, steady RSS."""
     # Engine and raw generate in turns, best of two each, so drift hits both alike.
     raw_best = engine_best = 0.0
+    retries = []
     for _ in range(2):
         raw = worker.call("raw", prompts=batch)
         raw_best = max(raw_best, raw["tokens"] / raw["wall"])
         run = worker.call("run", prompts=batch, limit=len(batch))
         engine_best = max(engine_best, run["tokens"] / run["wall"])
+        retries.append(run.get("safety_retries", 0))
     decode = worker.call("decode", prompt=batch[0])
     rss = worker.call("rss")
     limit = bandwidth / decode["decoder_bytes_per_token"]
     return {
-        "raw_generate": {"prompts": len(batch), "tokens_per_s": raw_best, "engine_tokens_per_s": engine_best},
+        "raw_generate": {
+            "prompts": len(batch), "tokens_per_s": raw_best, "engine_tokens_per_s": engine_best,
+            "safety_retries": retries,
+        },  # fmt: skip
         "decode": {
             "tokens_per_s": 1 / decode["seconds_per_token"],
             "decoder_bytes_per_token": decode["decoder_bytes_per_token"],

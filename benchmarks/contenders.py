@@ -215,11 +215,21 @@ class Engine:
             await self.engine.reply(f"bench-{self.runs}-{i}", prompt)
             return time.perf_counter() - started
 
+        retried = self._safety_retries()
         latencies = list(await asyncio.gather(*(request(i, p) for i, p in enumerate(prompts))))
         # min = max new tokens: every reply is exactly NEW_TOKENS long (the engine's
         # own counter leaves out the forced end-of-sequence token).
         tokens = len(prompts) * NEW_TOKENS
-        return {"latencies": latencies, "wall": max(latencies), "tokens": tokens, "replies": len(prompts), "extrapolated": False}
+        return {
+            "latencies": latencies, "wall": max(latencies), "tokens": tokens, "replies": len(prompts),
+            "extrapolated": False, "safety_retries": self._safety_retries() - retried,
+        }  # fmt: skip
+
+    def _safety_retries(self) -> int:
+        """Replies the safety filter sent back for a sampled second try (random
+        weights say odd things): each costs the engine one more generation."""
+        registry = self.engine.metrics.registry
+        return int(registry.get_sample_value("blenderchat_safety_blocked_total", {"direction": "output"}) or 0)
 
     async def raw(self, prompts: list[str]) -> dict:
         """One raw batched `generate` over the same prompts and the same model,

@@ -115,7 +115,8 @@ def markdown(results: dict) -> str:
         lines.append(
             f"- Engine overhead: one raw batched `generate` over the same {r['prompts']} prompts "
             f"{r['tokens_per_s']:.1f} tokens/s, the engine {r['engine_tokens_per_s']:.1f} tokens/s "
-            "(same process, in turns, best of two each)."
+            "(same process, in turns, best of two each); replies the safety filter sent back for a "
+            f"sampled second generation in those two engine runs: {r.get('safety_retries', '?')}."
         )
     if "engine_steady_rss_mb" in extras:
         lines.append(f"- Engine steady-state RSS after the workloads: {extras['engine_steady_rss_mb']:.0f} MB.")
