@@ -119,6 +119,16 @@ async def answer(engine: ReplyEngine, message: IncomingMessage) -> str | None:
         return APOLOGY
 
 
+async def forget(engine: ReplyEngine, conversation: str, confirmation: str) -> str:
+    """Forget a conversation (`reset`/`forget`/`/reset`); the text to send back."""
+    try:
+        await engine.reset(conversation)
+    except Exception:
+        log.exception("Could not reset conversation %s", conversation)
+        return APOLOGY
+    return confirmation
+
+
 def split_message(text: str, limit: int) -> list[str]:
     """Split `text` into chunks of at most `limit` characters, in order.
 

@@ -20,7 +20,7 @@ import discord
 import yarl
 from discord import app_commands
 
-from adapters.base import APOLOGY, AdapterStartError, IncomingMessage, ReplyTasks, answer, split_message
+from adapters.base import AdapterStartError, IncomingMessage, ReplyTasks, answer, forget, split_message
 from bot.config import Settings
 from bot.engine import ReplyEngine
 from bot.errors import EngineClosed
@@ -236,21 +236,13 @@ class DiscordAdapter:
             await self._send(message, [CANNOT_READ])
             return
         if text.lower() in RESET_WORDS:
-            await self._send(message, [await self._reset(conversation)])
+            await self._send(message, [await forget(self.engine, conversation, RESET_DONE)])
             return
         incoming = IncomingMessage("discord", conversation, str(message.author.id), text)
         async with _typing(message.channel):
             reply = await answer(self.engine, incoming)
         if reply:
             await self._send(message, split_message(reply, MESSAGE_LIMIT))
-
-    async def _reset(self, conversation: str) -> str:
-        try:
-            await self.engine.reset(conversation)
-        except Exception:
-            log.exception("Could not reset conversation %s", conversation)
-            return APOLOGY
-        return RESET_DONE
 
     async def _send(self, message: discord.Message, chunks: list[str]) -> None:
         """The first chunk replies to `message`; the rest follow it in order."""
@@ -281,7 +273,7 @@ class DiscordAdapter:
     async def _reset_command(self, interaction: discord.Interaction) -> None:
         # Resetting waits for a reply in flight in the channel; Discord wants an answer within 3 s.
         await interaction.response.defer(thinking=True)
-        await interaction.followup.send(await self._reset(f"discord:{interaction.channel_id}"))
+        await interaction.followup.send(await forget(self.engine, f"discord:{interaction.channel_id}", RESET_DONE))
 
     def _interaction_allowed(self, interaction: discord.Interaction) -> bool:
         if str(interaction.user.id) in self.settings.blocked_users:

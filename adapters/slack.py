@@ -23,7 +23,7 @@ from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
-from adapters.base import APOLOGY, IncomingMessage, ReplyTasks, answer, split_message
+from adapters.base import IncomingMessage, ReplyTasks, answer, forget, split_message
 from adapters.dedupe import DedupeStore, InProcessDedupe
 from adapters.slack_text import mentioned_users, to_model_text, to_slack_text
 from bot.config import Settings
@@ -240,7 +240,7 @@ class SlackAdapter:
                 names = await self._names_for(mentioned_users(turn.raw_text))
                 model_text = to_model_text(turn.raw_text, bot_user_id=self._bot_user_id, names=names)
                 if model_text.strip(" .!").lower() in RESET_WORDS:
-                    text: str | None = await self._reset(turn.conversation)
+                    text: str | None = await forget(self.engine, turn.conversation, RESET_DONE)
                 else:
                     message = IncomingMessage("slack", turn.conversation, turn.user, model_text)
                     text = await answer(self.engine, message)
@@ -249,14 +249,6 @@ class SlackAdapter:
         finally:
             await hint
             await self._react("reactions_remove", turn)
-
-    async def _reset(self, conversation: str) -> str:
-        try:
-            await self.engine.reset(conversation)
-        except Exception:
-            log.exception("Could not reset conversation %s", conversation)
-            return APOLOGY
-        return RESET_DONE
 
     async def _post(self, turn: _Turn, text: str) -> None:
         for chunk in _chunks(text):
