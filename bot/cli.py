@@ -94,21 +94,25 @@ async def open_engine(settings: Settings) -> tuple[ReplyEngine, SharedState | No
 def _chat(settings: Settings, args: argparse.Namespace) -> int:
     from bot.chat import chat
     from bot.model import ModelLoadError
+    from bot.runtime import StartupError, start_engine
 
     async def session() -> None:
         engine, shared = await open_engine(settings)
         try:
-            async with engine:
+            await start_engine(settings, engine)
+            try:
                 await chat(engine, args.conversation)
+            finally:
+                await engine.close()
         finally:
             if shared is not None:
                 await shared.close()
 
     try:
         asyncio.run(session())
-    except ModelLoadError as error:
+    except (ModelLoadError, StartupError) as error:
         print(f"blender-chat: {error}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(error, ModelLoadError) else 1
     except KeyboardInterrupt:
         print()
     return 0

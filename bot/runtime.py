@@ -88,16 +88,21 @@ async def _serve(settings: Settings) -> int:
     return 0
 
 
+async def start_engine(settings: Settings, engine: ReplyEngine) -> None:
+    """`engine.start()`, with a memory store that cannot be opened as one line for the operator."""
+    try:
+        await engine.start()
+    except Exception as error:  # an unwritable or corrupt SQLite file... (an unreachable Redis only logs)
+        store = _safe_url(settings.memory_url)
+        raise StartupError(f"the memory store ({store}) could not be opened: {error}") from None
+
+
 async def _serve_engine(
     settings: Settings, engine: ReplyEngine, shared: SharedState | None, stop: asyncio.Event
 ) -> None:
     from bot.web import build_app
 
-    try:
-        await engine.start()
-    except Exception as error:  # an unwritable SQLite file... (an unreachable Redis only logs)
-        store = _safe_url(settings.memory_url)
-        raise StartupError(f"the memory store ({store}) could not be opened: {error}") from None
+    await start_engine(settings, engine)
     adapters: list[Any] = []
     runner: web.AppRunner | None = None
     try:

@@ -50,3 +50,12 @@ def test_empty_lines_are_ignored_and_bad_input_gets_a_message(tmp_path, blenderb
     assert result.returncode == 0
     assert bot_lines(result.stdout) == ["That message is too long for me (3,000 characters). Please keep it under 2,000 characters."]
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_memory_file_that_is_not_a_database_is_one_line_not_a_traceback(tmp_path, blenderbot_dir):
+    (tmp_path / "memory.db").write_text("these are my notes, not a database\n" * 100)
+    result = chat(tmp_path, blenderbot_dir, "hello\n")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "the memory store (sqlite:///" in result.stderr and "could not be opened" in result.stderr
+    assert (tmp_path / "memory.db").read_text().startswith("these are my notes")  # nothing lost

@@ -44,13 +44,18 @@ class SQLiteStore:
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: we say BEGIN/COMMIT ourselves, so one exchange is one transaction.
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute("PRAGMA synchronous=NORMAL")
-        await self._db.execute("PRAGMA busy_timeout=5000")
-        # Forgotten and expired conversations are overwritten, not just unlinked (many builds default to this).
-        await self._db.execute("PRAGMA secure_delete=ON")
-        await self._db.executescript(SCHEMA)
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA busy_timeout=5000")
+            # Forgotten and expired conversations are overwritten, not just unlinked (many builds default to this).
+            await db.execute("PRAGMA secure_delete=ON")
+            await db.executescript(SCHEMA)
+        except BaseException:
+            await db.close()  # its thread would otherwise keep the process from exiting
+            raise
+        self._db = db
 
     async def close(self) -> None:
         if self._db is not None:
