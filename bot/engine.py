@@ -32,6 +32,7 @@ from bot.errors import (
     ReplyError,
     ReplyTimeout,
 )
+from bot.inflight import InFlight
 from bot.locks import ConversationLock, ConversationLocks, LayeredLocks, LocalLocks
 from bot.memory import ConversationStore, Exchange, StoreUnavailable
 from bot.metrics import Metrics
@@ -88,10 +89,8 @@ class ReplyEngine:
         if shared_lock is not None:
             self._locks = LayeredLocks(self._locks, shared_lock)
         self._sweeper: asyncio.Task[None] | None = None
-        self._pending = 0  # replies accepted and not yet finished
+        self._pending = InFlight()  # replies accepted and not yet finished
         self._preparing = 0  # replies holding their conversation's lock, not yet queued for the model
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._closing = False
 
     # -- lifecycle -------------------------------------------------------
@@ -122,11 +121,7 @@ class ReplyEngine:
 
     async def drain(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for replies in flight; True if all finished."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
+        return await self._pending.wait(timeout)
 
     async def close(self, timeout: float | None = None) -> None:
         """Stop taking replies, let those in flight finish, then stop the worker."""
@@ -178,18 +173,14 @@ class ReplyEngine:
             raise MessageTooLong(len(text), self.settings.max_input_chars)
         if self._closing:
             raise EngineClosed()
-        if self._pending >= self.settings.queue_size:
+        if self._pending.count >= self.settings.queue_size:
             raise EngineBusy()
-        self._pending += 1
-        self._idle.clear()
         self.metrics.queue_depth.inc()
         try:
-            return await self._reply_in_order(conversation, text)
+            with self._pending:
+                return await self._reply_in_order(conversation, text)
         finally:
-            self._pending -= 1
             self.metrics.queue_depth.dec()
-            if self._pending == 0:
-                self._idle.set()
 
     async def _reply_in_order(self, conversation: str, text: str) -> str:
         deadline = asyncio.get_running_loop().time() + self.settings.reply_timeout

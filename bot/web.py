@@ -33,6 +33,7 @@ from bot.errors import (
     ReplyTimeout,
     UserBlocked,
 )
+from bot.inflight import InFlight
 from bot.text import clean_text
 
 log = logging.getLogger(__name__)
@@ -67,29 +68,14 @@ class WebState:
         self.adapters = list(adapters)
         self.shared = shared
         self.closing = False
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.requests = InFlight()  # API requests being answered
 
     def stop_accepting(self) -> None:
         self.closing = True
 
     async def drain(self, timeout: float) -> bool:
         """Wait up to `timeout` s for API requests in flight; True if all finished."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
-
-    def _enter(self) -> None:
-        self._in_flight += 1
-        self._idle.clear()
-
-    def _leave(self) -> None:
-        self._in_flight -= 1
-        if self._in_flight == 0:
-            self._idle.set()
+        return await self.requests.wait(timeout)
 
 
 STATE = web.AppKey("state", WebState)
@@ -196,11 +182,8 @@ def _make_shutdown_guard(state: WebState) -> Callable[..., Awaitable[web.StreamR
         if state.closing:
             return _error(503, "closed", "The bot is restarting right now. Please try again in a minute.",
                           headers={"Retry-After": "30"})
-        state._enter()
-        try:
+        with state.requests:
             return await handler(request)
-        finally:
-            state._leave()
 
     return guard
 

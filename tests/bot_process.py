@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import REPO, subprocess_env
+from prometheus_client.parser import text_string_to_metric_families
 
 LISTENING = re.compile(r"Web server listening on http://([^:\s]+):(\d+)")
 
@@ -116,3 +117,14 @@ def http(
     if response_headers.get("Content-Type", "").startswith("application/json"):
         return status, response_headers, json.loads(text)
     return status, response_headers, text
+
+
+def metric(base: str, name: str, **labels: str) -> float:
+    """The value of one sample on the bot's /metrics (0 if absent)."""
+    status, _, text = http("GET", base + "/metrics")
+    assert status == 200
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0

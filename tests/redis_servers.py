@@ -97,3 +97,11 @@ class PrivateRedis:
             self.process.terminate()
             self.process.wait(10)
         self.process = None
+
+
+@pytest.fixture(scope="module")
+def shared_prefix(redis_url):
+    """A key prefix for one test module, its keys deleted afterwards."""
+    prefix = unique_prefix()
+    yield prefix
+    delete_prefix(redis_url, prefix)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, subprocess_env
 from model_doubles import GatedModel
-from redis_servers import PrivateRedis, delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
+from redis_servers import PrivateRedis, delete_prefix, redis_url, shared_prefix, unique_prefix  # noqa: F401 (fixtures)
 
 from bot.config import Settings
 from bot.errors import RateLimited, UserBlocked
@@ -93,13 +93,6 @@ class Replica:
 
 async def result(future: Future[dict], timeout: float = 60) -> dict:
     return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
-
-
-@pytest.fixture(scope="module")
-def shared_prefix(redis_url):
-    prefix = unique_prefix()
-    yield prefix
-    delete_prefix(redis_url, prefix)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from bot_process import BotProcess, http, port_env, run_once
+from bot_process import BotProcess, http, metric, port_env, run_once
 from tiny_models import build_blenderbot
 
 pytestmark = pytest.mark.timeout(180)
@@ -57,16 +56,6 @@ def slow_env(model: Path, db: Path, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
-
-
-def metric(base: str, name: str, **labels: str) -> float:
-    status, headers, text = http("GET", base + "/metrics")
-    assert status == 200
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 def test_ready_health_and_startup_log(bot: BotProcess) -> None:

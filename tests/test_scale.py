@@ -25,11 +25,10 @@ import aiohttp
 import pytest
 import redis.asyncio
 from aiohttp.test_utils import TestClient, TestServer
-from bot_process import BotProcess, http, port_env
+from bot_process import BotProcess, http, metric, port_env
 from conftest import REPO, subprocess_env
 from fake_slack import FakeSlack, event_body, mention, signed_headers
-from prometheus_client.parser import text_string_to_metric_families
-from redis_servers import PrivateRedis, delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
+from redis_servers import PrivateRedis, delete_prefix, redis_url, shared_prefix, unique_prefix  # noqa: F401 (fixtures)
 
 from bot.cli import open_engine
 from bot.config import ConfigError, Settings, load_settings
@@ -89,13 +88,6 @@ def slack():
 
 
 @pytest.fixture(scope="module")
-def shared_prefix(redis_url):
-    prefix = unique_prefix()
-    yield prefix
-    delete_prefix(redis_url, prefix)
-
-
-@pytest.fixture(scope="module")
 def replicas(blenderbot_dir, redis_url, shared_prefix, slack, tmp_path_factory):
     """Replicas A and B: `python -m bot run` on the shared Redis (this module's
     prefix), Slack in HTTP mode against one fake Slack, each on its own port."""
@@ -134,16 +126,6 @@ def history(replica: BotProcess, conversation: str) -> list[tuple[str, str]]:
 def readyz(replica: BotProcess) -> tuple[int, dict]:
     status, _, body = http("GET", replica.base + "/readyz")
     return status, body
-
-
-def metric(replica: BotProcess, name: str, **labels: str) -> float:
-    status, _, text = http("GET", replica.base + "/metrics")
-    assert status == 200
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 def eventually(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
@@ -196,10 +178,10 @@ def test_the_same_slack_event_delivered_to_both_replicas_is_answered_once(replic
         follow_up = mention("and the weather?", user="U3", thread_ts=event["ts"])
         assert deliver(replica, json.dumps(event_body(follow_up))) == 200
     eventually(lambda: len(slack.posts_in(event["ts"])) >= 3, "the answers to the follow-ups")
-    eventually(lambda: all(metric(r, "blenderchat_queue_depth") == 0 for r in replicas), "both replicas idle")
+    eventually(lambda: all(metric(r.base, "blenderchat_queue_depth") == 0 for r in replicas), "both replicas idle")
     time.sleep(0.5)  # a late second answer would be posted within this
     assert len(slack.posts_in(event["ts"])) == 3
-    answered = sum(metric(r, "blenderchat_replies_total", platform="slack", outcome="ok") for r in replicas)
+    answered = sum(metric(r.base, "blenderchat_replies_total", platform="slack", outcome="ok") for r in replicas)
     assert answered == 3
 
 
@@ -313,7 +295,7 @@ def test_a_replica_starts_without_redis_keeps_answering_through_an_outage_and_re
         for text in ("are you there?", "still there?"):
             status, body = chat(bot, "outage", text)
             assert status == 200 and body["reply"].strip(), body
-        assert metric(bot, "blenderchat_errors_total", kind="memory_write") >= 2
+        assert metric(bot.base, "blenderchat_errors_total", kind="memory_write") >= 2
 
         server.start()  # same port, empty again (the test server keeps nothing)
         eventually(lambda: readyz(bot)[0] == 200, "/readyz to recover after the restart")
