@@ -48,7 +48,7 @@ def test_chat_answers_remembers_across_restarts_and_resets(tmp_path, blenderbot_
 def test_empty_lines_are_ignored_and_bad_input_gets_a_message(tmp_path, blenderbot_dir):
     result = chat(tmp_path, blenderbot_dir, "\n   \n" + "x" * 3000 + "\n")
     assert result.returncode == 0
-    assert bot_lines(result.stdout) == ["That message is too long for me (3,000 characters). Please keep it under 2,000 characters."]
+    assert bot_lines(result.stdout) == ["That message is too long for me (3,000 characters). Please keep it to at most 2,000 characters."]
     assert "Traceback" not in result.stdout + result.stderr
 
 

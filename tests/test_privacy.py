@@ -186,12 +186,12 @@ def test_the_cli_logging_setup_redacts_secret_settings():
     env = subprocess_env(
         WEB_API_TOKEN=WEB_TOKEN,
         SLACK_SIGNING_SECRET=SIGNING_SECRET,
-        SLACK_BOT_TOKEN="custom-bot-token-value",
+        SLACK_BOT_TOKEN="xoxb-custom-bot-token-value",
         DISCORD_TOKEN="plain-discord-secret",
     )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    for secret in (WEB_TOKEN, SIGNING_SECRET, "custom-bot-token-value", "plain-discord-secret"):
+    for secret in (WEB_TOKEN, SIGNING_SECRET, "xoxb-custom-bot-token-value", "plain-discord-secret"):
         assert secret not in result.stderr
     assert "tokens <redacted> <redacted> <redacted>" in result.stderr and "ValueError: bad <redacted>" in result.stderr
 
