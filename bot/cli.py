@@ -9,14 +9,9 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from bot.config import ConfigError, Settings, load_settings
 from bot.redact import SecretRedactor, redact, secret_values
-
-if TYPE_CHECKING:
-    from bot.engine import ReplyEngine
-    from bot.shared import SharedState
 
 log = logging.getLogger("bot")
 
@@ -55,46 +50,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(level: str, secrets: Iterable[str] = ()) -> None:
-    """Log to standard error, with `secrets` and token-shaped text redacted."""
+    """Log to standard error, with `secrets` and token-shaped text redacted.
+
+    The Hugging Face hub library prints its warnings (download retries...) through
+    a handler of its own, beside the copy that reaches ours, and unredacted: with
+    that handler gone they are logged once, through ours."""
+    from huggingface_hub.utils import logging as hub_logging
+
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     redactor = SecretRedactor(secrets)
     for handler in logging.getLogger().handlers:
         handler.addFilter(redactor)
-
-
-async def open_engine(settings: Settings) -> tuple[ReplyEngine, SharedState | None]:
-    """Load the model (on a thread, it takes a while) and build the engine.
-
-    With Redis configured (REDIS_URL, or a redis:// MEMORY_URL) the engine takes
-    its conversation locks and rate limits from Redis, and the `SharedState` comes
-    back too: its `dedupe` is for the Slack adapter, its `ping` for /readyz.
-    Close it after the engine. Nothing connects yet, so a Redis that is down does
-    not stop the start."""
-    from bot.engine import ReplyEngine
-    from bot.memory import open_store
-    from bot.metrics import Metrics
-    from bot.model import load_chat_model
-    from bot.shared import SharedState
-
-    model = await asyncio.to_thread(load_chat_model, settings)
-    metrics = Metrics()
-    shared = SharedState.from_settings(settings, metrics=metrics)
-    store = open_store(settings.memory_url, max_turns=settings.memory_max_turns, ttl=settings.memory_ttl)
-    engine = ReplyEngine(
-        model,
-        store,
-        settings,
-        metrics=metrics,
-        shared_lock=shared.locks if shared else None,
-        limiter=shared.limiter if shared else None,
-    )
-    return engine, shared
+    hub_root = hub_logging.get_logger()
+    for handler in list(hub_root.handlers):
+        hub_root.removeHandler(handler)
+    hub_logging.enable_propagation()
 
 
 def _chat(settings: Settings, args: argparse.Namespace) -> int:
     from bot.chat import chat
     from bot.model import ModelLoadError
-    from bot.runtime import StartupError, start_engine
+    from bot.startup import StartupError, open_engine, start_engine
 
     async def session() -> None:
         engine, shared = await open_engine(settings)

@@ -493,6 +493,9 @@ async def test_blender_chat_run_answers_discord_through_the_configured_urls(fake
 
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 60) == 0
+        log = (await process.stdout.read()).decode()
+        assert "Running: discord" in log
+        assert "voice will NOT be supported" not in log  # the bot has no voice: no warnings about its libraries
     finally:
         if process.returncode is None:
             process.kill()
