@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         # Secret settings are already hidden; this also catches a token pasted into the wrong variable.
         print(f"blender-chat: {redact(str(error))}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level, secret_values(settings))
+    setup_logging(_terminal_level(settings.log_level, args), secret_values(settings))
     return args.command(settings, args)
 
 
@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--conversation", default="terminal:default", help="conversation id; reuse one to resume it (default: %(default)s)"
     )
-    chat.set_defaults(command=_chat)
+    # The log would print its INFO lines between `you>` and `bot>`: only warnings, unless debugging.
+    chat.set_defaults(command=_chat, quietest_log="WARNING")
 
     run = commands.add_parser("run", help="run the bot: web chat and API, and Discord/Slack when configured")
     run.set_defaults(command=_run)
@@ -47,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     download = commands.add_parser("download", help="download the configured model into the Hugging Face cache")
     download.set_defaults(command=_download)
     return parser
+
+
+def _terminal_level(level: str, args: argparse.Namespace) -> str:
+    """LOG_LEVEL, raised to the command's `quietest_log` unless it is DEBUG."""
+    quietest = getattr(args, "quietest_log", None)
+    if quietest is None or level == "DEBUG":
+        return level
+    return max(level, quietest, key=logging.getLevelName)
 
 
 def setup_logging(level: str, secrets: Iterable[str] = ()) -> None:
@@ -73,6 +82,7 @@ def _chat(settings: Settings, args: argparse.Namespace) -> int:
     from bot.startup import StartupError, open_engine, start_engine
 
     async def session() -> None:
+        print(f"Loading {settings.model} ...", flush=True)  # the terminal log shows warnings only
         engine, shared = await open_engine(settings)
         try:
             await start_engine(settings, engine)
