@@ -46,7 +46,8 @@ def _show_resumed(conversation: str, history: list[Exchange]) -> None:
         return
     shown = history[-SHOWN_ON_RESUME:]
     which = "" if len(shown) == len(history) else f"; the last {len(shown)}"
-    print(f"(resuming conversation {conversation!r}: {len(history)} earlier exchanges remembered{which})")
+    exchanges = "1 earlier exchange" if len(history) == 1 else f"{len(history)} earlier exchanges"
+    print(f"(resuming conversation {conversation!r}: {exchanges} remembered{which})")
     for exchange in shown:
         print(f"you> {exchange.user}")
         print(f"bot> {clean_text(exchange.bot) or NO_ANSWER}")
