@@ -4,7 +4,7 @@
 #   ./setup.sh chat         set up and chat in the terminal
 #   ./setup.sh test [ARGS]  set up with the test tools and run the test suite
 # Any other arguments go to `blender-chat`. VENV=path picks the environment (default .venv);
-# TORCH_INDEX=url another index for the CPU build of torch (default PyTorch's own).
+# TORCH_INDEX_URL=url another index for the CPU build of torch (default PyTorch's own).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -15,7 +15,7 @@ py="$venv/bin/python"
 # The torch versions the project supports: pyproject.toml's range, e.g. torch>=2.4,<2.15.
 torch_spec=$(sed -n 's/^ *"\(torch[<>=!~][^"]*\)",.*/\1/p' pyproject.toml)
 torch_spec=${torch_spec:-torch}
-torch_index=${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
+torch_index=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}
 
 if ! "$py" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1; then

@@ -40,12 +40,12 @@ def test_chat_answers_remembers_across_restarts_and_resets(tmp_path, blenderbot_
     assert resumed == ["you> Hello bot!", f"bot> {answers[0]}", "you> How are you?", f"bot> {answers[1]}"]
 
     other = chat(tmp_path, blenderbot_dir, "/quit\n", "--conversation", "someone-else")
-    assert "earlier exchanges" not in other.stdout
+    assert "earlier exchange" not in other.stdout
 
     reset = chat(tmp_path, blenderbot_dir, "/reset\n/quit\n", "--conversation", "mine")
     assert "(conversation forgotten)" in reset.stdout
     after = chat(tmp_path, blenderbot_dir, "/quit\n", "--conversation", "mine")
-    assert "earlier exchanges" not in after.stdout
+    assert "earlier exchange" not in after.stdout
 
 
 def test_empty_lines_are_ignored_and_bad_input_gets_a_message(tmp_path, blenderbot_dir):

@@ -260,7 +260,7 @@ def test_the_terminal_chat_continues_a_conversation_of_the_replicas(replicas, bl
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "1 earlier exchanges remembered" in result.stdout
+    assert "1 earlier exchange remembered" in result.stdout and "you> hello there" in result.stdout
     assert "Traceback" not in result.stderr and "Unclosed" not in result.stderr, result.stderr
     assert [user for user, _ in history(b, conversation)] == ["hello there", "what do you like to do for fun?"]
 

@@ -42,7 +42,7 @@ def run_setup(tmp_path: Path, torch_index: str) -> tuple[subprocess.CompletedPro
         program.chmod(0o755)
     result = subprocess.run(
         ["bash", str(REPO / "setup.sh"), "chat"],
-        env={"PATH": "/usr/bin:/bin", "VENV": str(tmp_path / "venv"), "TORCH_INDEX": torch_index},
+        env={"PATH": "/usr/bin:/bin", "VENV": str(tmp_path / "venv"), "TORCH_INDEX_URL": torch_index},
         capture_output=True,
         text=True,
         timeout=60,
