@@ -78,7 +78,6 @@ def setup_logging(level: str, secrets: Iterable[str] = ()) -> None:
 
 def _chat(settings: Settings, args: argparse.Namespace) -> int:
     from bot.chat import chat
-    from bot.model import ModelLoadError
     from bot.startup import StartupError, open_engine, start_engine
 
     async def session() -> None:
@@ -96,9 +95,9 @@ def _chat(settings: Settings, args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(session())
-    except (ModelLoadError, StartupError) as error:
+    except StartupError as error:
         print(f"blender-chat: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ModelLoadError) else 1
+        return error.status
     except KeyboardInterrupt:
         print()
     return 0

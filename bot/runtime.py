@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from bot.config import Settings
-from bot.engine import ReplyEngine
 from bot.startup import StartupError, cannot_listen, check_http_port, open_engine, start_engine
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # bot.engine imports torch: only once the HTTP port has been checked
     from adapters.base import Adapter
+    from bot.engine import ReplyEngine
     from bot.shared import SharedState
 
 log = logging.getLogger(__name__)
@@ -33,13 +33,11 @@ HOW_TO_ADD_PLATFORMS = (
 
 def run(settings: Settings) -> int:
     """Run until a signal; the exit status."""
-    from bot.model import ModelLoadError
-
     try:
         return asyncio.run(_serve(settings))
-    except (ModelLoadError, StartupError) as error:
+    except StartupError as error:
         print(f"blender-chat: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ModelLoadError) else 1
+        return error.status
 
 
 def build_adapters(settings: Settings, engine: ReplyEngine, shared: SharedState | None = None) -> list[Adapter]:

@@ -23,7 +23,12 @@ log = logging.getLogger(__name__)
 
 
 class StartupError(Exception):
-    """Start-up cannot go on; `str(error)` is the one line for the operator."""
+    """Start-up cannot go on; `str(error)` is the one line for the operator, `status`
+    the exit status (2 for a model that cannot be loaded, like a bad setting)."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 async def check_http_port(settings: Settings) -> None:
@@ -51,7 +56,8 @@ def cannot_listen(settings: Settings, error: OSError) -> StartupError:
 
 
 async def open_engine(settings: Settings) -> tuple[ReplyEngine, SharedState | None]:
-    """Load the model (on a thread, it takes a while) and build the engine.
+    """Load the model (on a thread, it takes a while) and build the engine;
+    a model that cannot be loaded is a `StartupError` with status 2.
 
     With Redis configured (REDIS_URL, or a redis:// MEMORY_URL) the engine takes
     its conversation locks and rate limits from Redis, and the `SharedState` comes
@@ -61,11 +67,14 @@ async def open_engine(settings: Settings) -> tuple[ReplyEngine, SharedState | No
     from bot.engine import ReplyEngine
     from bot.memory import open_store
     from bot.metrics import Metrics
-    from bot.model import load_chat_model
+    from bot.model import ModelLoadError, load_chat_model
     from bot.shared import SharedState
 
     log.info("Loading %s ...", settings.model)
-    model = await asyncio.to_thread(load_chat_model, settings)
+    try:
+        model = await asyncio.to_thread(load_chat_model, settings)
+    except ModelLoadError as error:
+        raise StartupError(str(error), status=2) from None
     metrics = Metrics()
     shared = SharedState.from_settings(settings, metrics=metrics)
     store = open_store(settings.memory_url, max_turns=settings.memory_max_turns, ttl=settings.memory_ttl)
