@@ -11,10 +11,13 @@ import re
 import unicodedata
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.engine import ReplyEngine
 from bot.errors import ReplyError
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +40,13 @@ class AdapterStartError(RuntimeError):
 
 
 class Adapter(Protocol):
-    """The lifecycle `blender-chat run` drives, in this order:
+    """The lifecycle `blender-chat run` drives, in this order: `mount(app)`,
     `start()`, then on shutdown `stop_accepting()`, `drain(deadline)`, `close()`."""
 
     name: str
+
+    def mount(self, app: web.Application) -> None:
+        """Add the routes the platform sends events to (before the web server starts); a no-op for none."""
 
     async def start(self) -> None:
         """Connect; return once connected (or raise with a clear message)."""

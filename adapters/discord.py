@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import discord
 import yarl
+from aiohttp import web
 from discord import app_commands
 
 from adapters.base import AdapterStartError, IncomingMessage, ReplyTasks, answer, forget, split_message
@@ -73,6 +74,9 @@ class DiscordAdapter:
         self._tree = self._build_commands(self._client)
 
     # -- lifecycle -------------------------------------------------------
+
+    def mount(self, app: web.Application) -> None:
+        """Nothing to add: Discord's events come over the gateway."""
 
     async def start(self) -> None:
         # The endpoints are set in the context of the client's own task: every task it
@@ -145,6 +149,8 @@ class DiscordAdapter:
     # -- building the client ----------------------------------------------
 
     def _build_client(self) -> discord.Client:
+        # The bot has no voice: discord.py's warnings that voice's libraries are missing are noise.
+        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
         # Only what answering needs, all non-privileged: the guild and channel cache, and
         # messages. The other default intents (typing, reactions, voice...) are traffic we ignore.
         intents = discord.Intents.none()

@@ -6,17 +6,19 @@ import asyncio
 import sys
 import threading
 
-from bot.engine import ReplyEngine
+from bot.engine import NO_ANSWER, ReplyEngine
 from bot.errors import ReplyError
+from bot.memory import Exchange
+from bot.text import clean_text
 
 HELP = "Type a message and press Enter. /reset (or /forget) forgets this conversation, /quit (or Ctrl-D) leaves."
+# How many remembered exchanges are shown when a conversation is resumed.
+SHOWN_ON_RESUME = 3
 
 
 async def chat(engine: ReplyEngine, conversation: str) -> None:
     lines = _stdin_lines()
-    history = await engine.history(conversation)
-    if history:
-        print(f"(resuming conversation {conversation!r}: {len(history)} earlier exchanges remembered)")
+    _show_resumed(conversation, await engine.history(conversation))
     print(HELP)
     while True:
         print("you> ", end="", flush=True)
@@ -36,6 +38,19 @@ async def chat(engine: ReplyEngine, conversation: str) -> None:
             except ReplyError as error:
                 answer = error.user_message
             print(f"bot> {answer}", flush=True)
+
+
+def _show_resumed(conversation: str, history: list[Exchange]) -> None:
+    """Where a resumed conversation left off: its last few exchanges, as they were shown."""
+    if not history:
+        return
+    shown = history[-SHOWN_ON_RESUME:]
+    which = "" if len(shown) == len(history) else f"; the last {len(shown)}"
+    exchanges = "1 earlier exchange" if len(history) == 1 else f"{len(history)} earlier exchanges"
+    print(f"(resuming conversation {conversation!r}: {exchanges} remembered{which})")
+    for exchange in shown:
+        print(f"you> {exchange.user}")
+        print(f"bot> {clean_text(exchange.bot) or NO_ANSWER}")
 
 
 def _stdin_lines() -> asyncio.Queue[str | None]:

@@ -9,14 +9,9 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from bot.config import ConfigError, Settings, load_settings
 from bot.redact import SecretRedactor, redact, secret_values
-
-if TYPE_CHECKING:
-    from bot.engine import ReplyEngine
-    from bot.shared import SharedState
 
 log = logging.getLogger("bot")
 
@@ -30,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         # Secret settings are already hidden; this also catches a token pasted into the wrong variable.
         print(f"blender-chat: {redact(str(error))}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level, secret_values(settings))
+    setup_logging(_terminal_level(settings.log_level, args), secret_values(settings))
     return args.command(settings, args)
 
 
@@ -44,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--conversation", default="terminal:default", help="conversation id; reuse one to resume it (default: %(default)s)"
     )
-    chat.set_defaults(command=_chat)
+    # The log would print its INFO lines between `you>` and `bot>`: only warnings, unless debugging.
+    chat.set_defaults(command=_chat, quietest_log="WARNING")
 
     run = commands.add_parser("run", help="run the bot: web chat and API, and Discord/Slack when configured")
     run.set_defaults(command=_run)
@@ -54,49 +50,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminal_level(level: str, args: argparse.Namespace) -> str:
+    """LOG_LEVEL, raised to the command's `quietest_log` unless it is DEBUG."""
+    quietest = getattr(args, "quietest_log", None)
+    if quietest is None or level == "DEBUG":
+        return level
+    return max(level, quietest, key=logging.getLevelName)
+
+
 def setup_logging(level: str, secrets: Iterable[str] = ()) -> None:
-    """Log to standard error, with `secrets` and token-shaped text redacted."""
+    """Log to standard error, with `secrets` and token-shaped text redacted.
+
+    The Hugging Face hub library prints its warnings (download retries...) through
+    a handler of its own, beside the copy that reaches ours, and unredacted: with
+    that handler gone they are logged once, through ours."""
+    from huggingface_hub.utils import logging as hub_logging
+
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     redactor = SecretRedactor(secrets)
     for handler in logging.getLogger().handlers:
         handler.addFilter(redactor)
-
-
-async def open_engine(settings: Settings) -> tuple[ReplyEngine, SharedState | None]:
-    """Load the model (on a thread, it takes a while) and build the engine.
-
-    With Redis configured (REDIS_URL, or a redis:// MEMORY_URL) the engine takes
-    its conversation locks and rate limits from Redis, and the `SharedState` comes
-    back too: its `dedupe` is for the Slack adapter, its `ping` for /readyz.
-    Close it after the engine. Nothing connects yet, so a Redis that is down does
-    not stop the start."""
-    from bot.engine import ReplyEngine
-    from bot.memory import open_store
-    from bot.metrics import Metrics
-    from bot.model import load_chat_model
-    from bot.shared import SharedState
-
-    model = await asyncio.to_thread(load_chat_model, settings)
-    metrics = Metrics()
-    shared = SharedState.from_settings(settings, metrics=metrics)
-    store = open_store(settings.memory_url, max_turns=settings.memory_max_turns, ttl=settings.memory_ttl)
-    engine = ReplyEngine(
-        model,
-        store,
-        settings,
-        metrics=metrics,
-        shared_lock=shared.locks if shared else None,
-        limiter=shared.limiter if shared else None,
-    )
-    return engine, shared
+    hub_root = hub_logging.get_logger()
+    for handler in list(hub_root.handlers):
+        hub_root.removeHandler(handler)
+    hub_logging.enable_propagation()
 
 
 def _chat(settings: Settings, args: argparse.Namespace) -> int:
     from bot.chat import chat
-    from bot.model import ModelLoadError
-    from bot.runtime import StartupError, start_engine
+    from bot.startup import StartupError, open_engine, start_engine
 
     async def session() -> None:
+        print(f"Loading {settings.model} ...", flush=True)  # the terminal log shows warnings only
         engine, shared = await open_engine(settings)
         try:
             await start_engine(settings, engine)
@@ -110,9 +95,9 @@ def _chat(settings: Settings, args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(session())
-    except (ModelLoadError, StartupError) as error:
+    except StartupError as error:
         print(f"blender-chat: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ModelLoadError) else 1
+        return error.status
     except KeyboardInterrupt:
         print()
     return 0

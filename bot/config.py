@@ -27,11 +27,15 @@ SECRET_VARIABLES = frozenset(
 
 
 class ConfigError(ValueError):
-    """One bad setting: `str(error)` is the one line shown to the operator."""
+    """One bad setting: `str(error)` is the one line shown to the operator.
+    A `value` of None means the setting is needed but unset."""
 
-    def __init__(self, variable: str, value: str, allowed: str) -> None:
-        shown = "<hidden>" if variable in SECRET_VARIABLES else repr(value)
-        super().__init__(f"{variable}={shown} is not valid: {allowed}")
+    def __init__(self, variable: str, value: str | None, allowed: str) -> None:
+        if value is None:
+            super().__init__(f"{variable} is missing: {allowed}")
+        else:
+            shown = "<hidden>" if variable in SECRET_VARIABLES else repr(value)
+            super().__init__(f"{variable}={shown} is not valid: {allowed}")
         self.variable = variable
 
 
@@ -329,6 +333,48 @@ def _check_redis_url(value: str | None) -> str | None:
     return value
 
 
+def _check_credentials(settings: Settings) -> None:
+    """The shape of the platforms' credentials, checked now rather than when the
+    platform refuses them, after the model has loaded: the usual slips are a
+    token pasted into the wrong variable and the wrong value copied from a portal."""
+    bot_token, app_token, secret = settings.slack_bot_token, settings.slack_app_token, settings.slack_signing_secret
+    if bot_token and not bot_token.startswith(("xoxb-", "xoxe.xoxb-")):
+        hint = {"xapp-": "that is an app-level token, for SLACK_APP_TOKEN; ", "xoxp-": "that is a user token; "}
+        raise ConfigError(
+            "SLACK_BOT_TOKEN",
+            bot_token,
+            hint.get(bot_token[:5], "") + "use the Bot User OAuth Token (xoxb-…) from the app's Install App page",
+        )
+    if app_token and not app_token.startswith("xapp-"):
+        raise ConfigError("SLACK_APP_TOKEN", app_token, "use an app-level token starting with xapp-")
+    if secret and secret.startswith(("xox", "xapp-")):
+        raise ConfigError(
+            "SLACK_SIGNING_SECRET", secret, "that is a token; use Basic Information → Signing Secret of the app"
+        )
+    if settings.discord_token:
+        _check_discord_token(settings.discord_token)
+
+
+# What else people paste into DISCORD_TOKEN from the Developer Portal.
+_NOT_DISCORD_TOKENS = [
+    (re.compile(r"\d{15,21}"), "the Application ID"),
+    (re.compile(r"[0-9a-f]{64}"), "the Public Key"),
+    (re.compile(r"[A-Za-z0-9_-]{32}"), "the OAuth2 Client Secret"),
+    (re.compile(r"(xox|xapp-).*"), "a Slack token"),
+]
+
+
+def _check_discord_token(token: str) -> None:
+    allowed = "use the bot token from the Developer Portal's Bot page (Reset Token)"
+    if token.lower().startswith("bot "):
+        raise ConfigError("DISCORD_TOKEN", token, "leave out the 'Bot ' in front; " + allowed)
+    if re.search(r"\s", token):
+        raise ConfigError("DISCORD_TOKEN", token, "a token has no spaces; " + allowed)
+    for shape, what in _NOT_DISCORD_TOKENS:
+        if shape.fullmatch(token):
+            raise ConfigError("DISCORD_TOKEN", token, f"that looks like {what}, not the bot token; " + allowed)
+
+
 def _nearest_existing_parent(path: Path) -> Path:
     parent = path.absolute().parent
     while not parent.exists():
@@ -337,16 +383,17 @@ def _nearest_existing_parent(path: Path) -> Path:
 
 
 def _check_combinations(settings: Settings) -> None:
-    if settings.slack_app_token and not settings.slack_app_token.startswith("xapp-"):
-        raise ConfigError("SLACK_APP_TOKEN", settings.slack_app_token, "use an app-level token starting with xapp-")
+    _check_credentials(settings)
     if settings.slack_bot_token and not settings.slack_app_token and not settings.slack_signing_secret:
         raise ConfigError(
             "SLACK_SIGNING_SECRET",
-            "",
-            "set it (HTTP mode) or set SLACK_APP_TOKEN (Socket Mode) when SLACK_BOT_TOKEN is set",
+            None,
+            "SLACK_BOT_TOKEN is set, so set SLACK_SIGNING_SECRET (HTTP mode) or SLACK_APP_TOKEN (Socket Mode)",
         )
     if settings.discord_shard_ids and settings.discord_shard_count is None:
-        raise ConfigError("DISCORD_SHARD_IDS", ",".join(map(str, settings.discord_shard_ids)), "also set DISCORD_SHARD_COUNT")
+        raise ConfigError(
+            "DISCORD_SHARD_COUNT", None, "DISCORD_SHARD_IDS is set, so set DISCORD_SHARD_COUNT to the total number of shards"
+        )
     if settings.discord_shard_count is not None and any(
         i >= settings.discord_shard_count for i in settings.discord_shard_ids
     ):

@@ -30,7 +30,7 @@ class MessageTooLong(ReplyError):
     def __init__(self, length: int, limit: int) -> None:
         super().__init__(
             f"That message is too long for me ({length:,} characters). "
-            f"Please keep it under {limit:,} characters."
+            f"Please keep it to at most {limit:,} characters."
         )
         self.length = length
         self.limit = limit

@@ -8,48 +8,43 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from bot.config import Settings
-from bot.engine import ReplyEngine
+from bot.startup import StartupError, cannot_listen, check_http_port, open_engine, start_engine
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # bot.engine imports torch: only once the HTTP port has been checked
+    from adapters.base import Adapter
+    from bot.engine import ReplyEngine
     from bot.shared import SharedState
 
 log = logging.getLogger(__name__)
 
-NO_PLATFORMS_HINT = (
-    "No Discord or Slack credentials set: only the web chat runs. To add Discord set DISCORD_TOKEN; "
-    "to add Slack set SLACK_BOT_TOKEN and SLACK_APP_TOKEN (Socket Mode) or SLACK_SIGNING_SECRET (HTTP mode)."
+HOW_TO_ADD_PLATFORMS = (
+    "To add Discord set DISCORD_TOKEN; to add Slack set SLACK_BOT_TOKEN and SLACK_APP_TOKEN (Socket Mode) "
+    "or SLACK_SIGNING_SECRET (HTTP mode)."
 )
-
-
-class StartupError(Exception):
-    """Start-up cannot go on; `str(error)` is the one line for the operator."""
 
 
 def run(settings: Settings) -> int:
     """Run until a signal; the exit status."""
-    from bot.model import ModelLoadError
-
     try:
         return asyncio.run(_serve(settings))
-    except (ModelLoadError, StartupError) as error:
+    except StartupError as error:
         print(f"blender-chat: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ModelLoadError) else 1
+        return error.status
 
 
-def build_adapters(settings: Settings, engine: ReplyEngine, shared: SharedState | None = None) -> list[Any]:
+def build_adapters(settings: Settings, engine: ReplyEngine, shared: SharedState | None = None) -> list[Adapter]:
     """One adapter per platform with credentials; imported only then, so a
     deployment without Slack never loads slack_bolt. With `shared`, Slack's
     events are de-duplicated in Redis, across replicas."""
-    adapters: list[Any] = []
+    adapters: list[Adapter] = []
     try:
         if settings.discord_token:
             from adapters.discord import DiscordAdapter
@@ -65,12 +60,11 @@ def build_adapters(settings: Settings, engine: ReplyEngine, shared: SharedState 
 
 
 async def _serve(settings: Settings) -> int:
-    from bot.cli import open_engine
-
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     _install_signal_handlers(loop, stop)
 
+    await check_http_port(settings)  # a busy port fails now, not after the model has loaded
     started = time.monotonic()
     engine, shared = await open_engine(settings)
     log.info("Model ready in %.1fs", time.monotonic() - started)
@@ -88,53 +82,59 @@ async def _serve(settings: Settings) -> int:
     return 0
 
 
-async def start_engine(settings: Settings, engine: ReplyEngine) -> None:
-    """`engine.start()`, with a memory store that cannot be opened as one line for the operator."""
-    try:
-        await engine.start()
-    except Exception as error:  # an unwritable or corrupt SQLite file... (an unreachable Redis only logs)
-        store = _safe_url(settings.memory_url)
-        raise StartupError(f"the memory store ({store}) could not be opened: {error}") from None
-
-
 async def _serve_engine(
     settings: Settings, engine: ReplyEngine, shared: SharedState | None, stop: asyncio.Event
 ) -> None:
     from bot.web import build_app
 
     await start_engine(settings, engine)
-    adapters: list[Any] = []
+    adapters: list[Adapter] = []
     runner: web.AppRunner | None = None
     try:
         adapters = build_adapters(settings, engine, shared)
         app = build_app(engine, settings, adapters, shared=shared)
         for adapter in adapters:
-            if hasattr(adapter, "mount"):  # Slack in HTTP mode receives its events on our server
-                adapter.mount(app)
+            adapter.mount(app)  # Slack in HTTP mode receives its events on our server
         # The drain below has already waited for handlers; cleanup only needs a moment.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, settings.http_host, settings.http_port)
         try:
             await site.start()
-        except OSError as error:
-            raise StartupError(
-                f"cannot listen on {settings.http_host}:{settings.http_port} ({error.strerror}); "
-                "set HTTP_HOST/HTTP_PORT to a free address"
-            ) from None
-        log.info("Web server listening on http://%s:%d", settings.http_host, _bound_port(runner))
+        except OSError as error:  # taken since check_http_port
+            raise cannot_listen(settings, error) from None
+        host = f"[{settings.http_host}]" if ":" in settings.http_host else settings.http_host  # IPv6
+        url = f"http://{host}:{_bound_port(runner)}"
+        log.info("Web server listening on %s", url)
         await _start_adapters(adapters)
-        if adapters:
-            log.info("Running: %s and the web chat", ", ".join(adapter.name for adapter in adapters))
-        else:
-            log.info(NO_PLATFORMS_HINT)
+        _log_what_runs(settings, adapters, url)
         await stop.wait()
         await _shutdown(settings, engine, adapters, app)
     finally:
         await _close(engine, adapters, runner)
 
 
-async def _start_adapters(adapters: list[Any]) -> None:
+def _log_what_runs(settings: Settings, adapters: list[Adapter], url: str) -> None:
+    """One line saying what answers chats, in the same words as the web server's warning."""
+    from bot.web import is_loopback
+
+    web_chat = is_loopback(settings.http_host) or bool(settings.web_api_token)
+    names = ", ".join(adapter.name for adapter in adapters)
+    if adapters and web_chat:
+        log.info("Running: %s and the web chat (%s/)", names, url)
+    elif adapters:
+        log.info("Running: %s (the web chat is disabled: WEB_API_TOKEN is not set)", names)
+    elif web_chat:
+        log.info("No Discord or Slack credentials set: only the web chat runs, at %s/. %s", url, HOW_TO_ADD_PLATFORMS)
+    else:
+        log.warning(
+            "No Discord or Slack credentials set and the web chat is disabled (WEB_API_TOKEN is not set): "
+            "nothing can chat with the bot. Set WEB_API_TOKEN for the web chat. %s",
+            HOW_TO_ADD_PLATFORMS,
+        )
+
+
+async def _start_adapters(adapters: list[Adapter]) -> None:
     for adapter in adapters:
         try:
             await adapter.start()
@@ -157,7 +157,7 @@ def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Even
         loop.add_signal_handler(signum, on_signal, signum)
 
 
-async def _shutdown(settings: Settings, engine: ReplyEngine, adapters: list[Any], app: web.Application) -> None:
+async def _shutdown(settings: Settings, engine: ReplyEngine, adapters: list[Adapter], app: web.Application) -> None:
     """Stop taking messages everywhere, then wait (up to SHUTDOWN_GRACE) for the replies in flight."""
     from bot.web import STATE
 
@@ -174,7 +174,7 @@ async def _shutdown(settings: Settings, engine: ReplyEngine, adapters: list[Any]
         log.warning("Some replies were still running after SHUTDOWN_GRACE=%gs and were dropped", grace)
 
 
-async def _close(engine: ReplyEngine, adapters: list[Any], runner: web.AppRunner | None) -> None:
+async def _close(engine: ReplyEngine, adapters: list[Adapter], runner: web.AppRunner | None) -> None:
     """Release everything, each step bounded so a stuck platform cannot hold the exit."""
     for adapter in adapters:
         try:
@@ -192,8 +192,3 @@ def _bound_port(runner: web.AppRunner) -> int:
         if isinstance(address, tuple):
             return address[1]
     return 0
-
-
-def _safe_url(url: str) -> str:
-    """A memory URL without any password in it, fit for a log line."""
-    return re.sub(r"//[^@/]*@", "//***@", url)

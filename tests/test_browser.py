@@ -95,6 +95,7 @@ def test_chat_page_answers_and_keeps_the_conversation(browser: Browser, blenderb
 
         page.click("#reset")
         expect(messages).to_have_count(0)
+        expect(page.locator("#welcome")).to_be_visible()
         assert page.evaluate("localStorage.getItem('blenderchat.conversation')") != conversation
         page.close()
     finally:
@@ -116,6 +117,53 @@ def test_chat_page_asks_for_the_token_when_the_server_needs_one(
         page.click("#token-form button")
         expect(page.locator("#token-form")).to_be_hidden()
         assert send(page, "hello").strip()
+        page.close()
+    finally:
+        bot.close()
+
+
+def test_chat_page_at_phone_width_wraps_welcomes_and_says_when_the_bot_is_down(
+    browser: Browser, blenderbot_dir: Path, tmp_path: Path
+) -> None:
+    bot = start_bot(tmp_path, blenderbot_dir)
+    try:
+        page = browser.new_page(viewport={"width": 390, "height": 844})
+        problems: list[str] = []  # console errors and warnings, failed requests (a missing favicon...)
+        page.on("console", lambda message: problems.append(message.text) if message.type in ("error", "warning") else None)
+        page.on("response", lambda response: problems.append(f"{response.status} {response.url}") if response.status >= 400 else None)
+        with page.expect_response("**/static/favicon.svg") as icon:
+            page.goto(bot.base + "/")
+        assert icon.value.status == 200
+        welcome = page.locator("#welcome")
+        expect(welcome).to_be_visible()
+        expect(welcome).to_contain_text("Say hello")
+
+        word = "https://example.com/" + "a" * 280  # one 300-character word
+        send(page, word)
+        expect(welcome).to_have_count(0)
+        bubble = page.locator(".msg.user").first
+        assert bubble.inner_text() == word
+        no_sideways_scroll = """() => [document.documentElement, document.getElementById("log")]
+            .every(element => element.scrollWidth <= element.clientWidth)"""
+        assert page.evaluate(no_sideways_scroll)
+        log_box, word_box = page.locator("#log").bounding_box(), bubble.bounding_box()
+        assert log_box and word_box and word_box["x"] + word_box["width"] <= log_box["x"] + log_box["width"]
+
+        send(page, "hi")  # a short message gets a small bubble, on the right
+        short = page.locator(".msg.user").last.bounding_box()
+        assert short and short["width"] < log_box["width"] / 4
+        assert word_box["height"] > 2 * short["height"]  # the long word wrapped onto several lines
+        assert short["x"] + short["width"] > log_box["x"] + log_box["width"] * 0.9
+        assert problems == []
+
+        bot.close()  # the server goes away with the page still open
+        page.fill("#text", "are you there?")
+        page.click("#send")
+        error = page.locator(".msg.error")
+        expect(error).to_have_count(1)
+        expect(error).to_contain_text("Can't reach the bot")
+        assert "Failed to fetch" not in page.locator("#log").inner_text()
+        expect(page.locator("#text")).to_have_value("are you there?")  # nothing typed is lost
         page.close()
     finally:
         bot.close()

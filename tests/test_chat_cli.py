@@ -8,13 +8,13 @@ import sys
 from conftest import subprocess_env
 
 
-def chat(tmp_path, blenderbot_dir, stdin: str, *args: str) -> subprocess.CompletedProcess[str]:
+def chat(tmp_path, blenderbot_dir, stdin: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     env = subprocess_env(
         BLENDERBOT_MODEL=str(blenderbot_dir),
         BLENDERBOT_MAX_NEW_TOKENS="6",
         BLENDERBOT_NUM_BEAMS="1",
         MEMORY_URL=f"sqlite:///{tmp_path}/memory.db",
-        LOG_LEVEL="WARNING",
+        **({"LOG_LEVEL": "WARNING"} | env),
     )
     return subprocess.run(
         [sys.executable, "-m", "bot", "chat", *args],
@@ -35,20 +35,23 @@ def test_chat_answers_remembers_across_restarts_and_resets(tmp_path, blenderbot_
     second = chat(tmp_path, blenderbot_dir, "", "--conversation", "mine")  # Ctrl-D at once
     assert second.returncode == 0
     assert "2 earlier exchanges remembered" in second.stdout
+    # Where it left off, as it was shown.
+    resumed = second.stdout.split("remembered", 1)[1].splitlines()[1:5]
+    assert resumed == ["you> Hello bot!", f"bot> {answers[0]}", "you> How are you?", f"bot> {answers[1]}"]
 
     other = chat(tmp_path, blenderbot_dir, "/quit\n", "--conversation", "someone-else")
-    assert "earlier exchanges" not in other.stdout
+    assert "earlier exchange" not in other.stdout
 
     reset = chat(tmp_path, blenderbot_dir, "/reset\n/quit\n", "--conversation", "mine")
     assert "(conversation forgotten)" in reset.stdout
     after = chat(tmp_path, blenderbot_dir, "/quit\n", "--conversation", "mine")
-    assert "earlier exchanges" not in after.stdout
+    assert "earlier exchange" not in after.stdout
 
 
 def test_empty_lines_are_ignored_and_bad_input_gets_a_message(tmp_path, blenderbot_dir):
     result = chat(tmp_path, blenderbot_dir, "\n   \n" + "x" * 3000 + "\n")
     assert result.returncode == 0
-    assert bot_lines(result.stdout) == ["That message is too long for me (3,000 characters). Please keep it under 2,000 characters."]
+    assert bot_lines(result.stdout) == ["That message is too long for me (3,000 characters). Please keep it to at most 2,000 characters."]
     assert "Traceback" not in result.stdout + result.stderr
 
 
@@ -59,3 +62,20 @@ def test_a_memory_file_that_is_not_a_database_is_one_line_not_a_traceback(tmp_pa
     assert "Traceback" not in result.stderr
     assert "the memory store (sqlite:///" in result.stderr and "could not be opened" in result.stderr
     assert (tmp_path / "memory.db").read_text().startswith("these are my notes")  # nothing lost
+
+
+def test_resuming_a_long_conversation_shows_its_last_three_exchanges(tmp_path, blenderbot_dir):
+    said = [f"message number {n}" for n in range(1, 6)]
+    assert chat(tmp_path, blenderbot_dir, "\n".join(said) + "\n", "--conversation", "long").returncode == 0
+    resumed = chat(tmp_path, blenderbot_dir, "", "--conversation", "long")
+    assert "5 earlier exchanges remembered; the last 3" in resumed.stdout
+    shown = [line.removeprefix("you> ") for line in resumed.stdout.splitlines() if line.startswith("you> message")]
+    assert shown == said[-3:]
+
+
+def test_the_terminal_shows_no_info_log_lines_while_chatting(tmp_path, blenderbot_dir):
+    result = chat(tmp_path, blenderbot_dir, "Hello bot!\n/quit\n", LOG_LEVEL="INFO")
+    assert result.returncode == 0, result.stderr
+    assert f"Loading {blenderbot_dir} ..." in result.stdout  # the wait is explained, without the log
+    assert " INFO " not in result.stdout + result.stderr
+    assert len(bot_lines(result.stdout)) == 1

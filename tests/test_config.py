@@ -91,9 +91,54 @@ def test_a_bad_value_names_the_variable_the_value_and_what_is_allowed(variable, 
     assert "\n" not in message
 
 
-def test_combinations_are_checked():
-    with pytest.raises(ConfigError, match="SLACK_SIGNING_SECRET.*SLACK_APP_TOKEN"):
+def test_a_missing_setting_is_called_missing_and_says_what_to_set():
+    with pytest.raises(ConfigError) as error:
         load_settings({"SLACK_BOT_TOKEN": "xoxb-1"})
+    assert str(error.value) == (
+        "SLACK_SIGNING_SECRET is missing: SLACK_BOT_TOKEN is set, "
+        "so set SLACK_SIGNING_SECRET (HTTP mode) or SLACK_APP_TOKEN (Socket Mode)"
+    )
+    with pytest.raises(ConfigError) as error:
+        load_settings({"DISCORD_SHARD_IDS": "0,1"})
+    assert str(error.value).startswith("DISCORD_SHARD_COUNT is missing: DISCORD_SHARD_IDS is set")
+
+
+DISCORD_TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4.GaBcDe.abcdefghijklmnopqrstuvwxyz0123456789AB"  # the shape, not a real one
+
+
+@pytest.mark.parametrize(
+    "variable, value, why",
+    [
+        ("SLACK_BOT_TOKEN", "xapp-1-A0123-4567-abcdef", "that is an app-level token, for SLACK_APP_TOKEN"),
+        ("SLACK_BOT_TOKEN", "xoxp-1234-5678-abcdef", "that is a user token"),
+        ("SLACK_BOT_TOKEN", "8f742231b10e8888abcd99yyyzzz85a5", "use the Bot User OAuth Token (xoxb-…)"),
+        ("SLACK_SIGNING_SECRET", "xoxb-1234-5678-abcdef", "that is a token; use Basic Information → Signing Secret"),
+        ("DISCORD_TOKEN", "Bot " + DISCORD_TOKEN, "leave out the 'Bot ' in front"),
+        ("DISCORD_TOKEN", "1234567890123456789", "that looks like the Application ID"),
+        ("DISCORD_TOKEN", "0123456789abcdef" * 4, "that looks like the Public Key"),
+        ("DISCORD_TOKEN", "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1x-", "that looks like the OAuth2 Client Secret"),
+        ("DISCORD_TOKEN", "xoxb-1234-5678-abcdef", "that looks like a Slack token"),
+    ],
+)
+def test_a_credential_of_the_wrong_shape_is_refused_before_anything_starts(variable, value, why):
+    env = {"SLACK_SIGNING_SECRET": "a-signing-secret"} if variable == "SLACK_BOT_TOKEN" else {}
+    if variable == "SLACK_SIGNING_SECRET":
+        env["SLACK_BOT_TOKEN"] = "xoxb-1"
+    with pytest.raises(ConfigError) as error:
+        load_settings(env | {variable: value})
+    message = str(error.value)
+    assert message.startswith(f"{variable}=<hidden> is not valid: ") and why in message
+    assert value not in message
+
+
+def test_credentials_of_the_right_shape_are_taken():
+    settings = load_settings(
+        {"DISCORD_TOKEN": DISCORD_TOKEN, "SLACK_BOT_TOKEN": "xoxe.xoxb-1-rotated", "SLACK_APP_TOKEN": "xapp-1-A1-2-ab"}
+    )
+    assert (settings.discord_token, settings.slack_bot_token) == (DISCORD_TOKEN, "xoxe.xoxb-1-rotated")
+
+
+def test_combinations_are_checked():
     with pytest.raises(ConfigError, match="xapp-"):
         load_settings({"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_APP_TOKEN": "xoxb-wrong"})
     with pytest.raises(ConfigError, match="DISCORD_SHARD_COUNT"):

@@ -335,7 +335,7 @@ async def test_too_long_input_gets_a_clear_answer(fake, start_bot):
     await start_bot(max_input_chars=50)
     _, replies = await answer_to(fake, f"{MENTION} {'very ' * 40}long", mentions=(BOT_ID,))
     assert "too long" in replies[0].json["content"]
-    assert "under 50 characters" in replies[0].json["content"]
+    assert "at most 50 characters" in replies[0].json["content"]
 
 
 async def test_a_429_is_survived_with_exactly_one_message(fake, bot):
@@ -493,6 +493,9 @@ async def test_blender_chat_run_answers_discord_through_the_configured_urls(fake
 
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 60) == 0
+        log = (await process.stdout.read()).decode()
+        assert "Running: discord" in log
+        assert "voice will NOT be supported" not in log  # the bot has no voice: no warnings about its libraries
     finally:
         if process.returncode is None:
             process.kill()

@@ -186,14 +186,38 @@ def test_the_cli_logging_setup_redacts_secret_settings():
     env = subprocess_env(
         WEB_API_TOKEN=WEB_TOKEN,
         SLACK_SIGNING_SECRET=SIGNING_SECRET,
-        SLACK_BOT_TOKEN="custom-bot-token-value",
+        SLACK_BOT_TOKEN="xoxb-custom-bot-token-value",
         DISCORD_TOKEN="plain-discord-secret",
     )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    for secret in (WEB_TOKEN, SIGNING_SECRET, "custom-bot-token-value", "plain-discord-secret"):
+    for secret in (WEB_TOKEN, SIGNING_SECRET, "xoxb-custom-bot-token-value", "plain-discord-secret"):
         assert secret not in result.stderr
     assert "tokens <redacted> <redacted> <redacted>" in result.stderr and "ValueError: bad <redacted>" in result.stderr
+
+
+def test_hugging_face_retry_warnings_are_logged_once_and_redacted():
+    """The hub library's own handler printed each retry warning bare, beside our copy, and unredacted."""
+    code = (
+        "import socket\n"
+        "from bot.cli import setup_logging\n"
+        "setup_logging('INFO', ['hub-secret-value'])\n"
+        "import transformers\n"
+        "from huggingface_hub.utils import http_backoff\n"
+        "with socket.socket() as closed:\n"
+        "    closed.bind(('127.0.0.1', 0))\n"
+        "    url = 'http://127.0.0.1:%d/hub-secret-value' % closed.getsockname()[1]\n"
+        "try:\n"
+        "    http_backoff('GET', url, max_retries=1, base_wait_time=0.01)\n"
+        "except Exception:\n"
+        "    pass\n"
+    )
+    env = subprocess_env(HF_HUB_OFFLINE="0")  # the request goes to a closed port on this machine
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    retries = [line for line in result.stderr.splitlines() if "Retrying in" in line]
+    assert len(retries) == 1 and " WARNING huggingface_hub" in retries[0], result.stderr
+    assert "hub-secret-value" not in result.stderr and REDACTED in result.stderr
 
 
 # -- secrets in configuration errors ----------------------------------------------

@@ -30,6 +30,7 @@ def bot(blenderbot_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         MEMORY_URL=f"sqlite:///{tmp / 'memory.db'}",
         **port_env(),
     )
+    process.model, process.memory_db = blenderbot_dir, (tmp / "memory.db").resolve()
     try:
         process.wait_ready()
         yield process
@@ -64,8 +65,12 @@ def test_ready_health_and_startup_log(bot: BotProcess) -> None:
     status, _, body = http("GET", bot.base + "/healthz")
     assert (status, body) == (200, {"status": "ok"})
     log = bot.log
-    assert "No Discord or Slack credentials set" in log and "DISCORD_TOKEN" in log and "SLACK_BOT_TOKEN" in log
-    assert "Model ready in" in log
+    assert f"only the web chat runs, at {bot.base}/" in log and "DISCORD_TOKEN" in log and "SLACK_BOT_TOKEN" in log
+    # What start-up says, in order: what it loads, that it is loaded, where conversations are kept.
+    loading, ready, memory = (log.find(text) for text in ("Loading ", "Model ready in", "Conversations are kept"))
+    assert -1 < loading < ready < memory, log
+    assert f"Loading {bot.model} ..." in log
+    assert f"Conversations are kept in the SQLite file {bot.memory_db}" in log
 
 
 def test_chat_answers_remembers_and_resets(bot: BotProcess) -> None:
@@ -240,6 +245,9 @@ def test_non_loopback_bind_without_token_disables_the_api(blenderbot_dir: Path, 
         assert http("GET", bot.base + "/healthz")[0] == 200
         assert http("GET", bot.base + "/metrics")[0] == 200
         assert "WEB_API_TOKEN is not set" in bot.log
+        # The log agrees with itself: no "only the web chat runs" beside "the web chat is disabled".
+        assert "only the web chat runs" not in bot.log
+        assert "nothing can chat with the bot" in bot.log
         bot.signal(signal.SIGINT)
         assert bot.wait(20) == 0
     finally:
@@ -270,6 +278,21 @@ def test_non_loopback_bind_with_token_needs_the_header(blenderbot_dir: Path, tmp
         assert bot.wait(20) == 0
     finally:
         bot.close()
+
+
+def test_a_busy_port_fails_at_once_before_the_model_loads(blenderbot_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = port_env() | {"HTTP_PORT": str(port)}
+        result = run_once("run", BLENDERBOT_MODEL=str(blenderbot_dir), MEMORY_URL="memory://", **env)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"blender-chat: cannot listen on 127.0.0.1:{port} (Address already in use); "
+        "set HTTP_HOST/HTTP_PORT to a free address"
+    )
+    assert "Loading" not in result.stderr and "Traceback" not in result.stderr  # the model was never loaded
 
 
 def test_model_load_error_is_one_line_and_fails(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from conftest import REPO, subprocess_env
 from fake_slack import FakeSlack, event_body, mention, signed_headers
 from redis_servers import PrivateRedis, delete_prefix, redis_url, shared_prefix, unique_prefix  # noqa: F401 (fixtures)
 
-from bot.cli import open_engine
+from bot.startup import open_engine
 from bot.config import ConfigError, Settings, load_settings
 from bot.memory.redis import RedisStore
 from bot.model import load_chat_model
@@ -260,7 +260,7 @@ def test_the_terminal_chat_continues_a_conversation_of_the_replicas(replicas, bl
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "1 earlier exchanges remembered" in result.stdout
+    assert "1 earlier exchange remembered" in result.stdout and "you> hello there" in result.stdout
     assert "Traceback" not in result.stderr and "Unclosed" not in result.stderr, result.stderr
     assert [user for user, _ in history(b, conversation)] == ["hello there", "what do you like to do for fun?"]
 

@@ -7,6 +7,8 @@ const chatForm = document.getElementById("chat-form");
 const textInput = document.getElementById("text");
 const sendButton = document.getElementById("send");
 const tokenForm = document.getElementById("token-form");
+const welcome = document.getElementById("welcome");
+const UNREACHABLE = "Can't reach the bot: the server is not answering. Check that it is running, then try again.";
 
 function conversationId() {
   let id = localStorage.getItem("blenderchat.conversation");
@@ -18,6 +20,7 @@ function conversationId() {
 }
 
 function show(kind, text) {
+  welcome.remove();
   const div = document.createElement("div");
   div.className = "msg " + kind;
   div.textContent = text;  // never innerHTML: replies are untrusted text
@@ -26,20 +29,29 @@ function show(kind, text) {
   return div;
 }
 
+// Every request of the page goes through here: JSON in and out, the token when one was given.
 async function api(method, path, body) {
   const headers = {"Content-Type": "application/json"};
   const token = localStorage.getItem("blenderchat.token");
   if (token) headers["Authorization"] = "Bearer " + token;
-  const response = await fetch(path, {method, headers, body: body ? JSON.stringify(body) : undefined});
+  let response;
+  try {
+    response = await fetch(path, {method, headers, body: body ? JSON.stringify(body) : undefined});
+  } catch (e) {  // no answer at all: the server is down or the network is gone
+    throw new Error(UNREACHABLE);
+  }
   let data = {};
   try { data = await response.json(); } catch (e) { /* not JSON: keep the status */ }
   if (response.status === 401) tokenForm.hidden = false;
-  if (!response.ok) throw new Error(data.error || ("The server answered " + response.status + "."));
+  if (!response.ok) {
+    const proxy = !data.error && response.status >= 502 && response.status <= 504;  // a proxy, no bot behind it
+    throw new Error(proxy ? UNREACHABLE : data.error || ("The server answered " + response.status + "."));
+  }
   return data;
 }
 
 async function loadHistory() {
-  log.textContent = "";
+  log.replaceChildren(welcome);
   try {
     const data = await api("GET", "/api/history?conversation=" + encodeURIComponent(conversationId()));
     for (const exchange of data.exchanges) {
@@ -66,6 +78,7 @@ chatForm.addEventListener("submit", async (event) => {
   } catch (error) {
     thinking.className = "msg error";
     thinking.textContent = error.message;
+    if (!textInput.value) textInput.value = text;  // nothing typed is lost: edit it or send it again
   } finally {
     sendButton.disabled = false;
     textInput.focus();
