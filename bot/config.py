@@ -235,11 +235,8 @@ class _Reader:
         if raw is None:
             return default
         allowed = f"a duration such as 90s, 15m, 12h or 30d (plain numbers are seconds), at least {minimum:g}s"
-        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", raw.lower())
-        if not match:
-            raise ConfigError(name, raw, allowed)
-        seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-        if seconds < minimum:
+        seconds = parse_duration(raw)
+        if seconds is None or seconds < minimum:
             raise ConfigError(name, raw, allowed)
         return seconds
 
@@ -283,6 +280,14 @@ class _Reader:
         if not path.is_file() or not os.access(path, os.R_OK):
             raise ConfigError(name, raw, "use the path of a readable text file")
         return path
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds for `90`, `90s`, `15m`, `12h` or `30d`; None if `text` is none of these."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text.strip().lower())
+    if not match:
+        return None
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
 def _range_text(kind: str, minimum: int | float, maximum: int | float | None) -> str:
