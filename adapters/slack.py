@@ -28,7 +28,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.base import IncomingMessage, ReplyTasks, forget, respond, split_message
 from adapters.dedupe import DedupeStore, InProcessDedupe
-from adapters.slack_surface import PROGRESS_REACTION, SlackSurface
+from adapters.slack_surface import SlackSurface
 from adapters.slack_text import mentioned_users, to_model_text, to_slack_text
 from bot.config import Settings
 from bot.engine import Reply, ReplyEngine
@@ -39,7 +39,6 @@ EVENTS_PATH = "/slack/events"
 # Slack truncates at 40,000 and advises far less per message; a section block (the last
 # chunk, which carries the feedback buttons) holds 3,000.
 MAX_CHUNK = 3000
-__all__ = ["PROGRESS_REACTION", "SlackAdapter", "SlackStartError"]
 RESET_WORDS = frozenset({"reset", "forget"})
 RESET_DONE = "Okay, I've forgotten our conversation here. Let's start over!"
 DEDUPE_TTL = 3600.0  # Slack retries for about 5 minutes; keep keys well past that

@@ -342,7 +342,8 @@ def home_view(settings: Settings, conversation: str | None, notice: str | None =
             "*What I remember*\n"
             f"• The last {settings.memory_max_turns} exchanges of each conversation (our DM, or each channel "
             f"thread), {kept}.\n"
-            "• Ratings are kept with the conversation and deleted with it. Names are not stored with the history."
+            "• Ratings (which reply, good or bad, who rated) are kept with the conversation and deleted with it. "
+            "Names are not stored with the history."
         ))),
     ]
     if conversation is not None:

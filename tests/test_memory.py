@@ -206,7 +206,7 @@ async def test_idle_sweep_and_expiry_delete_feedback_with_the_conversation(backe
 
 
 @pytest.mark.parametrize("backend", ["redis"])
-async def test_redis_feedback_expires_when_its_conversation_does(make_store, redis_url):
+async def test_redis_feedback_expires_when_its_conversation_does(make_store):
     """A rating given long after the last exchange still goes when the conversation goes."""
     store = await make_store(ttl=1.0)
     exchange = await store.append_exchange("c", "hello", " hi")

@@ -32,7 +32,8 @@ from fake_slack import (
 )
 
 from adapters.dedupe import InProcessDedupe
-from adapters.slack import PROGRESS_REACTION, RESET_DONE, SlackAdapter, SlackStartError
+from adapters.slack import RESET_DONE, SlackAdapter, SlackStartError
+from adapters.slack_surface import PROGRESS_REACTION
 from bot.engine import ReplyEngine
 from bot.memory.inprocess import InProcessStore
 

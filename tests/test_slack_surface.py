@@ -27,8 +27,8 @@ from fake_slack import (
 from test_feedback import counted
 from test_slack import SECRET, Bot, answered, fake, start_bot  # noqa: F401 (fixtures)
 
-from adapters.slack import PROGRESS_REACTION
 from adapters.slack_surface import (
+    PROGRESS_REACTION,
     FEEDBACK_ACTION,
     FORGET_ACTION,
     FORGOTTEN,
@@ -316,3 +316,31 @@ async def test_forged_or_foreign_feedback_values_are_ignored(start_bot, fake):
     await asyncio.sleep(0.3)
     assert await bot.engine.store.list_feedback() == [] and ephemerals(fake) == []
     assert counted(bot.engine, "slack", "good") == 0
+
+
+# -- the manifest -------------------------------------------------------------------
+
+
+async def test_manifest_subscribes_to_exactly_the_events_the_bot_handles(start_bot, fake):
+    import yaml
+
+    from conftest import REPO
+
+    manifest = yaml.safe_load((REPO / "slack-manifest.yml").read_text())
+    events = manifest["settings"]["event_subscriptions"]["bot_events"]
+    scopes = manifest["oauth_config"]["scopes"]["bot"]
+    assert sorted(scopes) == ["app_mentions:read", "assistant:write", "chat:write", "im:history", "reactions:write",
+                              "users:read"]
+    assert manifest["settings"]["interactivity"]["is_enabled"] and manifest["features"]["app_home"]["home_tab_enabled"]
+    assert "assistant_view" in manifest["features"]
+    bot = await start_bot(slack_suggested_prompts=())
+    samples = {"app_home_opened": home_opened("messages"), "app_mention": mention("hi"),
+               "assistant_thread_started": thread_started(), "message.im": dm("hi")}
+    assert sorted(events) == sorted(samples)
+    for name in events:
+        # Bolt answers 404 to an event no listener takes; Slack then counts a failure and retries.
+        assert (await bot.send(event_body(samples[name])))[0] == 200, name
+    unsubscribed = {"type": "reaction_added", "user": "U2", "reaction": "+1", "event_ts": "1.2",
+                    "item": {"type": "message", "channel": "C1", "ts": "1.1"}}
+    assert (await bot.send(event_body(unsubscribed)))[0] == 404
+    await answered(fake, 2)
