@@ -4,10 +4,10 @@ real HTTP, the metrics, and `/good` / `/bad` in the terminal chat."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import pytest
@@ -128,7 +128,7 @@ async def test_feedback_window_counts_only_recent_ratings(client):
     engine = client.server.app[STATE].engine
     reply = await engine.respond("web:c", "hello", platform="web")
     await engine.rate(reply.exchange, "bad", user="web:c", platform="web")
-    time.sleep(1.2)  # noqa: ASYNC251 -- the window is measured on the wall clock
+    await asyncio.sleep(1.2)  # the window is measured on the wall clock
     report = await (await client.get("/api/feedback", params={"window": "1s"})).json()
     assert report["counts"] == {} and report["total"] == 0 and report["bad_share"] is None
     assert len(report["recent"]) == 1  # recent ratings are listed whatever the window
