@@ -13,7 +13,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bot.engine import ReplyEngine
+from bot.engine import Reply, ReplyEngine
 from bot.errors import ReplyError
 
 if TYPE_CHECKING:
@@ -108,21 +108,28 @@ class ReplyTasks:
 
 
 async def answer(engine: ReplyEngine, message: IncomingMessage) -> str | None:
-    """The text to send back for `message`, or None for a deliberate silence.
+    """The text to send back for `message`, or None for a deliberate silence (see `respond`)."""
+    reply = await respond(engine, message)
+    return None if reply is None else reply.text
+
+
+async def respond(engine: ReplyEngine, message: IncomingMessage) -> Reply | None:
+    """What to send back for `message` and the stored exchange it is (to rate it),
+    or None for a deliberate silence.
 
     Expected failures (busy, too long, timeout...) become their short message;
     anything else is a bug: logged with its traceback, and the user gets an
-    apology, never exception text.
+    apology, never exception text. Neither is an exchange to rate.
     """
     try:
-        return await engine.reply(message.conversation, message.text, user=message.user, platform=message.platform)
+        return await engine.respond(message.conversation, message.text, user=message.user, platform=message.platform)
     except ReplyError as error:
         if getattr(error, "notify", True) is False:
             return None
-        return error.user_message
+        return Reply(error.user_message)
     except Exception:
         log.exception("Unexpected error answering a %s message in %s", message.platform, message.conversation)
-        return APOLOGY
+        return Reply(APOLOGY)
 
 
 async def forget(engine: ReplyEngine, conversation: str, confirmation: str) -> str:

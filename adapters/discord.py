@@ -1,8 +1,11 @@
 """The Discord adapter: discord.py events in, `engine.reply` answers out.
 
 Answers messages that mention the bot, replies to its own messages and DMs;
-`/reset` and `/help` are slash commands. Needs only Discord's default
-(non-privileged) intents: mentions, replies and DMs carry their content.
+`/reset` and `/help` are slash commands and "Ask BlenderBot" a message context
+menu, all usable wherever the app is installed (a server, or a user's account).
+👍 / 👎 reactions on its replies are ratings (adapters/discord_feedback.py).
+Needs only Discord's default (non-privileged) intents: mentions, replies and
+DMs carry their content, and so do the bot's own messages.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ import yarl
 from aiohttp import web
 from discord import app_commands
 
-from adapters.base import AdapterStartError, IncomingMessage, ReplyTasks, answer, forget, split_message
+from adapters.base import AdapterStartError, IncomingMessage, ReplyTasks, forget, respond, split_message
+from adapters.discord_feedback import RepliesSent, exchange_sent_as, rating_for
 from bot.config import Settings
 from bot.engine import ReplyEngine
 from bot.errors import EngineClosed
+from bot.memory import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +42,15 @@ CANNOT_READ = "I can't read that message: Discord only shows me messages that me
 HELP_TEXT = (
     "I'm a chat bot answered by BlenderBot, a conversational model running on my own server.\n"
     "- Mention me (@me) in a channel, reply to one of my messages, or DM me, and I'll answer.\n"
+    "- Right-click (or long-press) any message -> Apps -> **Ask BlenderBot** and I answer it; where I'm not "
+    "a member, only you see the answer.\n"
     "- Each channel and each thread is its own conversation, and I remember it.\n"
     "- `/reset` (or mention me with just `reset`) makes me forget this channel's conversation.\n"
+    "- React with 👍 or 👎 on my replies to tell the people running me what works.\n"
     "I can be wrong or odd: don't take my word for facts."
 )
+ASK_COMMAND = "Ask BlenderBot"
+NOTHING_TO_ASK = "That message has no text I can answer."
 PRIVILEGED_INTENT_HELP = (
     "Discord refused the privileged Message Content intent: enable the Message Content intent at "
     "https://discord.com/developers/applications -> your app -> Bot -> Privileged Gateway Intents, "
@@ -70,6 +80,7 @@ class DiscordAdapter:
         self._replies = ReplyTasks()
         self._ready = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
+        self._sent = RepliesSent()  # which exchange each recent reply message is, for reactions
         self._client = self._build_client()
         self._tree = self._build_commands(self._client)
 
@@ -151,10 +162,11 @@ class DiscordAdapter:
     def _build_client(self) -> discord.Client:
         # The bot has no voice: discord.py's warnings that voice's libraries are missing are noise.
         discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
-        # Only what answering needs, all non-privileged: the guild and channel cache, and
-        # messages. The other default intents (typing, reactions, voice...) are traffic we ignore.
+        # Only what answering needs, all non-privileged: the guild and channel cache, messages,
+        # and reactions (ratings). The other default intents (typing, voice...) are traffic we ignore.
         intents = discord.Intents.none()
         intents.guilds = intents.guild_messages = intents.dm_messages = True
+        intents.guild_reactions = intents.dm_reactions = True
         intents.message_content = self.settings.discord_message_content
         options: dict[str, Any] = {"intents": intents, "allowed_mentions": discord.AllowedMentions.none()}
         if self.settings.discord_shard_count is not None:
@@ -174,12 +186,23 @@ class DiscordAdapter:
         async def on_message(message: discord.Message) -> None:
             self._on_message(message)
 
+        async def on_raw_reaction_add(payload: discord.RawReactionActionEvent) -> None:
+            # The raw event: it comes for messages not in the cache too (older replies).
+            self._on_reaction(payload)
+
         client.event(on_ready)
         client.event(on_message)
+        client.event(on_raw_reaction_add)
         return client
 
     def _build_commands(self, client: discord.Client) -> app_commands.CommandTree:
-        tree = app_commands.CommandTree(client)
+        # Every command works wherever the app is: installed in a server, or to a user's
+        # account (then also in DMs and group DMs the bot is no member of).
+        tree = app_commands.CommandTree(
+            client,
+            allowed_installs=app_commands.AppInstallationType(guild=True, user=True),
+            allowed_contexts=app_commands.AppCommandContext(guild=True, dm_channel=True, private_channel=True),
+        )
 
         async def reset(interaction: discord.Interaction) -> None:
             await self._command(interaction, self._reset_command(interaction))
@@ -192,6 +215,11 @@ class DiscordAdapter:
             ("help", "What I am and how to talk to me", help_command),
         ):
             tree.add_command(app_commands.Command(name=name, description=description, callback=callback))
+
+        async def ask(interaction: discord.Interaction, message: discord.Message) -> None:
+            await self._command(interaction, self._ask_command(interaction, message))
+
+        tree.add_command(app_commands.ContextMenu(name=ASK_COMMAND, callback=ask))
         return tree
 
     async def _sync_commands(self) -> None:
@@ -199,7 +227,7 @@ class DiscordAdapter:
             await self._tree.sync()
         except discord.HTTPException as error:
             # Mentions and DMs work without them: not worth failing start-up for.
-            log.warning("Could not register the /reset and /help commands (%s %s)", error.status, error.text)
+            log.warning("Could not register the app commands (%s %s)", error.status, error.text)
 
     # -- messages ----------------------------------------------------------
 
@@ -246,21 +274,64 @@ class DiscordAdapter:
             return
         incoming = IncomingMessage("discord", conversation, str(message.author.id), text)
         async with _typing(message.channel):
-            reply = await answer(self.engine, incoming)
-        if reply:
-            await self._send(message, split_message(reply, MESSAGE_LIMIT))
+            reply = await respond(self.engine, incoming)
+        if reply and reply.text:
+            sent = await self._send(message, split_message(reply.text, MESSAGE_LIMIT))
+            if reply.exchange is not None:
+                self._sent.remember(sent, reply.exchange)
 
-    async def _send(self, message: discord.Message, chunks: list[str]) -> None:
-        """The first chunk replies to `message`; the rest follow it in order."""
+    async def _send(self, message: discord.Message, chunks: list[str]) -> list[int]:
+        """The first chunk replies to `message`; the rest follow it in order. The ids of those sent."""
         # If the message was deleted meanwhile, still answer, just without the reference.
         reference = message.to_reference(fail_if_not_exists=False)
+        sent = []
         for index, chunk in enumerate(chunks):
             try:
-                await message.channel.send(chunk, reference=reference if index == 0 else None)
+                sent.append((await message.channel.send(chunk, reference=reference if index == 0 else None)).id)
             except discord.HTTPException as error:
                 # Usually missing permissions in that channel: nothing more can be sent there.
                 log.warning("Could not answer in channel %s (%s %s)", message.channel.id, error.status, error.text)
-                return
+                break
+        return sent
+
+    # -- reactions: ratings of replies -------------------------------------
+
+    def _on_reaction(self, payload: discord.RawReactionActionEvent) -> None:
+        me = self._client.user
+        rating = rating_for(payload.emoji.name or "") if payload.emoji.is_unicode_emoji() else None
+        if rating is None or me is None or payload.user_id == me.id or not self._replies.accepting:
+            return
+        # Discord says whose message it is; only the bot's replies are rated.
+        if payload.message_author_id is not None and payload.message_author_id != me.id:
+            return
+        if (payload.member is not None and payload.member.bot) or str(payload.user_id) in self.settings.blocked_users:
+            return
+        channel = self._client.get_channel(payload.channel_id) or discord.Object(payload.channel_id)
+        if payload.guild_id is not None and not self._allowed_here(payload.guild_id, channel):
+            return
+        self._replies.spawn(self._rate(payload, rating), name=f"discord-rating-{payload.message_id}")
+
+    async def _rate(self, payload: discord.RawReactionActionEvent, rating: str) -> None:
+        exchange = self._sent.get(payload.message_id) or await self._exchange_of(payload)
+        if exchange is None:
+            return  # not a reply the bot remembers (a notice, or a forgotten conversation)
+        try:
+            await self.engine.rate(exchange, rating, user=str(payload.user_id), platform="discord")
+        except StoreUnavailable:
+            pass  # logged by the engine; the reaction stays on Discord
+
+    async def _exchange_of(self, payload: discord.RawReactionActionEvent) -> Any:
+        """A reply not sent by this process (or long ago): its text, matched against the conversation."""
+        me = self._client.user
+        try:
+            message = await self._client.get_partial_messageable(payload.channel_id).fetch_message(payload.message_id)
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as error:
+            log.debug("Could not fetch a rated message in channel %s: %s", payload.channel_id, error)
+            return None
+        if me is None or message.author.id != me.id or not message.content:
+            return None
+        conversation = f"discord:{payload.channel_id}"
+        return exchange_sent_as(message.content, conversation, await self.engine.history(conversation), MESSAGE_LIMIT)
 
     # -- slash commands ----------------------------------------------------
 
@@ -278,8 +349,32 @@ class DiscordAdapter:
 
     async def _reset_command(self, interaction: discord.Interaction) -> None:
         # Resetting waits for a reply in flight in the channel; Discord wants an answer within 3 s.
-        await interaction.response.defer(thinking=True)
-        await interaction.followup.send(await forget(self.engine, f"discord:{interaction.channel_id}", RESET_DONE))
+        private = not _bot_is_member(interaction)
+        await interaction.response.defer(thinking=True, ephemeral=private)
+        confirmation = await forget(self.engine, _interaction_conversation(interaction), RESET_DONE)
+        await interaction.followup.send(confirmation, ephemeral=private)
+
+    async def _ask_command(self, interaction: discord.Interaction, message: discord.Message) -> None:
+        """"Ask BlenderBot" on a message: answer its text. Only the asker sees the answer where
+        the bot is no member (a user install in someone else's server, DM or group DM)."""
+        private = not _bot_is_member(interaction)
+        # Deferred first: the model takes longer than Discord's 3 seconds.
+        await interaction.response.defer(thinking=True, ephemeral=private)
+        me = self._client.user
+        text = _model_text(message, me.id) if me is not None else message.content
+        if not text:
+            await interaction.followup.send(NOTHING_TO_ASK, ephemeral=private)
+            return
+        conversation = _interaction_conversation(interaction)
+        reply = await respond(self.engine, IncomingMessage("discord", conversation, str(interaction.user.id), text))
+        if reply is None or not reply.text:
+            await interaction.delete_original_response()  # a deliberate silence: take "thinking..." away
+            return
+        sent = []
+        for chunk in split_message(reply.text, MESSAGE_LIMIT):
+            sent.append((await interaction.followup.send(chunk, ephemeral=private, wait=True)).id)
+        if reply.exchange is not None and not private:
+            self._sent.remember(sent, reply.exchange)
 
     def _interaction_allowed(self, interaction: discord.Interaction) -> bool:
         if str(interaction.user.id) in self.settings.blocked_users:
@@ -288,6 +383,23 @@ class DiscordAdapter:
             return self.settings.discord_dms
         channel = interaction.channel or discord.Object(interaction.channel_id or 0)
         return self._allowed_here(interaction.guild_id, channel)
+
+
+def _bot_is_member(interaction: discord.Interaction) -> bool:
+    """Whether the bot is in the place of an interaction: its own DM, or a server it is
+    in (cached). Elsewhere the app is there only through a user's install."""
+    if interaction.context.dm_channel:
+        return True
+    # Not `interaction.guild`: discord.py makes up a stand-in for a server it is not in.
+    return interaction.guild_id is not None and interaction.client.get_guild(interaction.guild_id) is not None
+
+
+def _interaction_conversation(interaction: discord.Interaction) -> str:
+    """The channel's conversation where the bot is a member; elsewhere one per user and
+    channel, since only that user sees the answers."""
+    if _bot_is_member(interaction):
+        return f"discord:{interaction.channel_id}"
+    return f"discord:{interaction.channel_id}:user:{interaction.user.id}"
 
 
 def _guild_id(message: discord.Message) -> int | None:

@@ -3,6 +3,8 @@
 Answers mentions in channels and messages in DMs (and, optionally, follow-ups
 in threads it already answered), once per user message, in a thread by
 default. Translation only: Slack event -> IncomingMessage -> engine -> text.
+The AI-app surface around it (thinking status, suggested prompts, Home tab,
+feedback buttons) is adapters/slack_surface.py.
 """
 
 from __future__ import annotations
@@ -18,22 +20,25 @@ from typing import Any
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.async_app import AsyncApp
+from slack_bolt.context.set_status.async_set_status import AsyncSetStatus
 from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
-from adapters.base import IncomingMessage, ReplyTasks, answer, forget, split_message
+from adapters.base import IncomingMessage, ReplyTasks, forget, respond, split_message
 from adapters.dedupe import DedupeStore, InProcessDedupe
+from adapters.slack_surface import SlackSurface
 from adapters.slack_text import mentioned_users, to_model_text, to_slack_text
 from bot.config import Settings
-from bot.engine import ReplyEngine
+from bot.engine import Reply, ReplyEngine
 
 log = logging.getLogger(__name__)
 
 EVENTS_PATH = "/slack/events"
-MAX_CHUNK = 4000  # Slack truncates at 40,000 and advises far less per message
-PROGRESS_REACTION = "hourglass_flowing_sand"
+# Slack truncates at 40,000 and advises far less per message; a section block (the last
+# chunk, which carries the feedback buttons) holds 3,000.
+MAX_CHUNK = 3000
 RESET_WORDS = frozenset({"reset", "forget"})
 RESET_DONE = "Okay, I've forgotten our conversation here. Let's start over!"
 DEDUPE_TTL = 3600.0  # Slack retries for about 5 minutes; keep keys well past that
@@ -57,6 +62,7 @@ class _Turn:
     channel: str
     ts: str  # the user's message, for the progress reaction
     thread_ts: str | None  # where to reply; None: in the channel itself
+    in_dm: bool = False
 
 
 class SlackAdapter:
@@ -83,6 +89,11 @@ class SlackAdapter:
         self.app.event("app_mention")(self._on_event)
         self.app.event("message")(self._on_event)
         self._tasks = ReplyTasks()
+        self.surface = SlackSurface(
+            settings, engine, self.client, spawn=lambda work: self._tasks.spawn(work, name="slack-surface"),
+            greeted=dedupe,
+        )
+        self.surface.register(self.app)
         self._socket: Any = None  # AsyncSocketModeHandler; it needs a running loop to be built
         self._bot_user_id: str | None = None
         self._names: OrderedDict[str, tuple[str, float]] = OrderedDict()  # user -> (name, expiry)
@@ -175,7 +186,9 @@ class SlackAdapter:
             return BoltResponse(status=503, body="shutting down")
         return await next()
 
-    async def _on_event(self, body: dict[str, Any], event: dict[str, Any]) -> None:
+    async def _on_event(
+        self, body: dict[str, Any], event: dict[str, Any], set_status: AsyncSetStatus | None = None
+    ) -> None:
         turn = self._turn_for(body, event)
         if turn is None:
             return
@@ -188,7 +201,11 @@ class SlackAdapter:
         if not await self._first_time(f"slack:message:{turn.channel}:{turn.ts}"):
             log.debug("Ignoring a second event for message %s in %s", turn.ts, turn.channel)
             return
-        self._tasks.spawn(self._reply(turn), name=f"slack-reply-{turn.channel}-{turn.ts}")
+        # Bolt's set_status points at the message's thread (or the message): the status shows
+        # where the answer goes, in a DM or a thread; a reply in the channel itself gets the hourglass.
+        if set_status is not None and not (turn.in_dm or set_status.thread_ts == turn.thread_ts):
+            set_status = None
+        self._tasks.spawn(self._reply(turn, set_status), name=f"slack-reply-{turn.channel}-{turn.ts}")
 
     async def _first_time(self, key: str) -> bool:
         try:
@@ -226,13 +243,13 @@ class SlackAdapter:
             conversation = f"slack:{team}:{channel}:{reply_to}"
         else:
             conversation, reply_to = f"slack:{team}:{channel}", thread
-        return _Turn(conversation, user, event.get("text") or "", channel, ts, reply_to)
+        return _Turn(conversation, user, event.get("text") or "", channel, ts, reply_to, in_dm=is_dm)
 
     # -- answering -------------------------------------------------------
 
-    async def _reply(self, turn: _Turn) -> None:
+    async def _reply(self, turn: _Turn, set_status: AsyncSetStatus | None = None) -> None:
         # The hint goes up at once, even while an earlier message of the conversation is being answered.
-        hint = asyncio.create_task(self._react("reactions_add", turn))
+        hint = asyncio.create_task(self.surface.thinking.show(turn.channel, turn.ts, set_status))
         try:
             # Entered before the first await, so replies of one conversation go out in the order the
             # messages came, even when posting an earlier answer waits out a rate limit.
@@ -240,34 +257,29 @@ class SlackAdapter:
                 names = await self._names_for(mentioned_users(turn.raw_text))
                 model_text = to_model_text(turn.raw_text, bot_user_id=self._bot_user_id, names=names)
                 if model_text.strip(" .!").lower() in RESET_WORDS:
-                    text: str | None = await forget(self.engine, turn.conversation, RESET_DONE)
+                    reply: Reply | None = Reply(await forget(self.engine, turn.conversation, RESET_DONE))
                 else:
                     message = IncomingMessage("slack", turn.conversation, turn.user, model_text)
-                    text = await answer(self.engine, message)
-                if text:
-                    await self._post(turn, text)
+                    reply = await respond(self.engine, message)
+                if reply and reply.text:
+                    await self._post(turn, reply)
         finally:
-            await hint
-            await self._react("reactions_remove", turn)
+            await self.surface.thinking.clear(await hint)
 
-    async def _post(self, turn: _Turn, text: str) -> None:
-        for chunk in _chunks(text):
+    async def _post(self, turn: _Turn, reply: Reply) -> None:
+        chunks = _chunks(reply.text)
+        for index, chunk in enumerate(chunks):
+            # The last chunk carries the feedback buttons of a stored exchange.
+            blocks = self.surface.reply_blocks(chunk, reply.exchange) if index == len(chunks) - 1 else None
             try:
                 await self.client.chat_postMessage(
-                    channel=turn.channel, thread_ts=turn.thread_ts, text=chunk, link_names=False
+                    channel=turn.channel, thread_ts=turn.thread_ts, text=chunk, blocks=blocks, link_names=False
                 )
             except (SlackClientError, OSError):
                 log.exception("Could not post a reply in %s", turn.channel)
                 return
         if turn.thread_ts and self.settings.slack_thread_followups:
             self._remember_thread(turn.channel, turn.thread_ts)
-
-    async def _react(self, method: str, turn: _Turn) -> None:
-        """Add or remove the progress reaction; a failure (no scope, message gone) only costs the hint."""
-        try:
-            await getattr(self.client, method)(channel=turn.channel, timestamp=turn.ts, name=PROGRESS_REACTION)
-        except (SlackClientError, OSError) as error:
-            log.debug("%s failed in %s: %s", method, turn.channel, error)
 
     def _remember_thread(self, channel: str, thread_ts: str) -> None:
         self._threads[(channel, thread_ts)] = None

@@ -8,18 +8,25 @@ import threading
 
 from bot.engine import NO_ANSWER, ReplyEngine
 from bot.errors import ReplyError
-from bot.memory import Exchange
+from bot.memory import BAD, GOOD, Exchange, ExchangeRef, StoreUnavailable
 from bot.text import clean_text
 
-HELP = "Type a message and press Enter. /reset (or /forget) forgets this conversation, /quit (or Ctrl-D) leaves."
+HELP = (
+    "Type a message and press Enter. /good or /bad rates the last reply, /reset (or /forget) forgets this "
+    "conversation, /quit (or Ctrl-D) leaves."
+)
+RATINGS = {"/good": GOOD, "/bad": BAD}
 # How many remembered exchanges are shown when a conversation is resumed.
 SHOWN_ON_RESUME = 3
 
 
 async def chat(engine: ReplyEngine, conversation: str) -> None:
     lines = _stdin_lines()
-    _show_resumed(conversation, await engine.history(conversation))
+    history = await engine.history(conversation)
+    _show_resumed(conversation, history)
     print(HELP)
+    # The reply /good and /bad rate: on resuming, the last one remembered.
+    last = ExchangeRef(conversation, history[-1].at) if history else None
     while True:
         print("you> ", end="", flush=True)
         line = await lines.get()
@@ -29,12 +36,16 @@ async def chat(engine: ReplyEngine, conversation: str) -> None:
         command = line.strip()
         if command in ("/reset", "/forget"):
             await engine.reset(conversation)
+            last = None
             print("bot> (conversation forgotten)")
+        elif command in RATINGS:
+            print(f"bot> {await _rate(engine, last, RATINGS[command])}")
         elif command == "/help":
             print(HELP)
         elif command:
             try:
-                answer = await engine.reply(conversation, line, user="terminal", platform="terminal")
+                reply = await engine.respond(conversation, line, user="terminal", platform="terminal")
+                answer, last = reply.text, reply.exchange
             except ReplyError as error:
                 answer = error.user_message
             print(f"bot> {answer}", flush=True)
@@ -51,6 +62,16 @@ def _show_resumed(conversation: str, history: list[Exchange]) -> None:
     for exchange in shown:
         print(f"you> {exchange.user}")
         print(f"bot> {clean_text(exchange.bot) or NO_ANSWER}")
+
+
+async def _rate(engine: ReplyEngine, exchange: ExchangeRef | None, rating: str) -> str:
+    if exchange is None:
+        return "(no reply to rate yet)"
+    try:
+        stored = await engine.rate(exchange, rating, user="terminal", platform="terminal")
+    except StoreUnavailable:
+        return "(the rating could not be stored)"
+    return f"(thanks: last reply rated {rating})" if stored else "(that reply is no longer remembered)"
 
 
 def _stdin_lines() -> asyncio.Queue[str | None]:

@@ -19,6 +19,14 @@ DISCORD_API_DEFAULT = "https://discord.com/api/v10"
 DISCORD_GATEWAY_DEFAULT = "wss://gateway.discord.gg"
 SLACK_API_DEFAULT = "https://slack.com/api/"
 DEFAULT_DEFLECTION = "I'd rather not talk about that. Let's talk about something else!"
+DEFAULT_SLACK_PROMPTS = (
+    "Tell me something interesting",
+    "What do you like to do for fun?",
+    "Recommend a good book",
+    "Let's talk about music",
+)
+MAX_SLACK_PROMPTS = 4  # Slack shows at most four suggested prompts
+MAX_SLACK_PROMPT_CHARS = 200
 
 # Variables whose values are never printed, not even in an error message.
 SECRET_VARIABLES = frozenset(
@@ -91,6 +99,7 @@ class Settings:
     slack_channel_ids: frozenset[str] = frozenset()
     slack_reply_in_thread: bool = True
     slack_thread_followups: bool = False
+    slack_suggested_prompts: tuple[str, ...] = DEFAULT_SLACK_PROMPTS
 
     # Safety and abuse limits
     safety: bool = True
@@ -167,6 +176,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
         slack_channel_ids=env.ids("SLACK_CHANNEL_IDS"),
         slack_reply_in_thread=env.flag("SLACK_REPLY_IN_THREAD", True),
         slack_thread_followups=env.flag("SLACK_THREAD_FOLLOWUPS", False),
+        slack_suggested_prompts=_check_prompts(env.optional("SLACK_SUGGESTED_PROMPTS")),
         safety=env.flag("SAFETY", True),
         safety_blocklist=env.readable_file("SAFETY_BLOCKLIST"),
         safety_allowlist=env.readable_file("SAFETY_ALLOWLIST"),
@@ -239,11 +249,8 @@ class _Reader:
         if raw is None:
             return default
         allowed = f"a duration such as 90s, 15m, 12h or 30d (plain numbers are seconds), at least {minimum:g}s"
-        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", raw.lower())
-        if not match:
-            raise ConfigError(name, raw, allowed)
-        seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-        if seconds < minimum:
+        seconds = parse_duration(raw)
+        if seconds is None or seconds < minimum:
             raise ConfigError(name, raw, allowed)
         return seconds
 
@@ -289,6 +296,14 @@ class _Reader:
         return path
 
 
+def parse_duration(text: str) -> float | None:
+    """Seconds for `90`, `90s`, `15m`, `12h` or `30d`; None if `text` is none of these."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text.strip().lower())
+    if not match:
+        return None
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
 def _range_text(kind: str, minimum: int | float, maximum: int | float | None) -> str:
     if maximum is None:
         return f"use {kind} >= {minimum:g}"
@@ -325,6 +340,26 @@ def _check_memory_url(value: str) -> None:
     parent = _nearest_existing_parent(path)
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError("MEMORY_URL", value, f"cannot create the database under {parent}; use a writable path")
+
+
+def _check_prompts(value: str | None) -> tuple[str, ...]:
+    """Up to four prompts separated by `|` (prompts may hold commas); `off`: none."""
+    if value is None:
+        return DEFAULT_SLACK_PROMPTS
+    if value.lower() == "off":
+        return ()
+    prompts = tuple(prompt.strip() for prompt in value.split("|"))
+    if (
+        len(prompts) > MAX_SLACK_PROMPTS
+        or not all(prompts)
+        or any(len(prompt) > MAX_SLACK_PROMPT_CHARS for prompt in prompts)
+    ):
+        raise ConfigError(
+            "SLACK_SUGGESTED_PROMPTS", value,
+            f"use 1 to {MAX_SLACK_PROMPTS} prompts of at most {MAX_SLACK_PROMPT_CHARS} characters separated by |, "
+            "or off",
+        )
+    return prompts
 
 
 def _check_redis_url(value: str | None) -> str | None:

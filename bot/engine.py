@@ -10,6 +10,8 @@ answered one at a time, in order, each seeing the exchange before it.
 Around that: per-user rate limits, the safety filter on the message and on the
 reply (an unsafe one is never sent nor stored), mentions defused in every
 answer, and a periodic sweep that deletes conversations idle past `MEMORY_TTL`.
+`respond()` also says which stored exchange the answer is, so that people can
+rate it (`rate()`: kept with the conversation, counted in the metrics).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from bot.errors import (
 )
 from bot.inflight import InFlight
 from bot.locks import ConversationLock, ConversationLocks, LayeredLocks, LocalLocks
-from bot.memory import ConversationStore, Exchange, StoreUnavailable
+from bot.memory import RATINGS, ConversationStore, Exchange, ExchangeRef, Feedback, StoreUnavailable
 from bot.metrics import Metrics
 from bot.model import Generated
 from bot.ratelimit import RateLimiter, TokenBucketLimiter
@@ -54,6 +56,20 @@ class Generator(Protocol):
     """What the engine needs of a model: `bot.model.ChatModel` is one."""
 
     def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False) -> list[Generated]: ...
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An answer, and the stored exchange it is (None when nothing was stored: a
+    deflection, or the memory was down): what a rating of the answer refers to."""
+
+    text: str
+    exchange: ExchangeRef | None = None
+
+
+def shown_text(bot_text: str) -> str:
+    """A stored reply as the engine gave it out (control characters gone, mentions defused)."""
+    return neutralize_mentions(clean_text(bot_text) or NO_ANSWER)
 
 
 @dataclass
@@ -144,16 +160,39 @@ class ReplyEngine:
         """The bot's answer to `text` in `conversation`; raises `ReplyError` subclasses
         for answers the user should get instead (busy, too long, timeout...).
         `user` is who the rate limit counts; without one, the conversation."""
+        return (await self.respond(conversation, text, user=user, platform=platform)).text
+
+    async def respond(self, conversation: str, text: str, *, user: str | None = None, platform: str = "api") -> Reply:
+        """`reply()`, with the stored exchange the answer is (for ratings)."""
         started = time.monotonic()
         try:
             await self.limiter.acquire(user or conversation)
-            answer = await self._reply(conversation, text)
+            answer, exchange = await self._reply(conversation, text)
         except ReplyError as error:
             self.metrics.replies.labels(platform, error.outcome).inc()
             raise
         self.metrics.replies.labels(platform, "ok").inc()
         self.metrics.reply_latency.labels(platform).observe(time.monotonic() - started)
-        return neutralize_mentions(answer)
+        return Reply(neutralize_mentions(answer), exchange)
+
+    async def rate(self, exchange: ExchangeRef, rating: str, *, user: str, platform: str) -> bool:
+        """Record `user`'s rating (GOOD or BAD) of a reply; True if stored, False if
+        that exchange is no longer remembered (or the user is blocked); raises
+        `StoreUnavailable` if the memory cannot be written (already logged). Every
+        rating of a user who is not blocked is counted in the metrics."""
+        if rating not in RATINGS:
+            raise ValueError(f"rating must be one of {RATINGS}, not {rating!r}")
+        if user in self.settings.blocked_users:
+            return False
+        self.metrics.feedback.labels(platform, rating).inc()
+        try:
+            stored = await self.store.add_feedback(Feedback(exchange, rating, user, platform, time.time()))
+        except Exception as error:
+            _log_store_error("Could not store a rating in conversation %s", exchange.conversation, error)
+            self.metrics.errors.labels("memory_write").inc()
+            raise StoreUnavailable("the rating could not be stored") from error
+        log.info("A reply in conversation %s was rated %s (%s)", exchange.conversation, rating, platform)
+        return stored
 
     async def reset(self, conversation: str) -> bool:
         """Forget a conversation; waits for a reply in flight in it to finish first."""
@@ -165,7 +204,7 @@ class ReplyEngine:
 
     # -- internals -------------------------------------------------------
 
-    async def _reply(self, conversation: str, text: str) -> str:
+    async def _reply(self, conversation: str, text: str) -> tuple[str, ExchangeRef | None]:
         text = clean_text(text)
         if not text:
             raise EmptyMessage()
@@ -182,7 +221,7 @@ class ReplyEngine:
         finally:
             self.metrics.queue_depth.dec()
 
-    async def _reply_in_order(self, conversation: str, text: str) -> str:
+    async def _reply_in_order(self, conversation: str, text: str) -> tuple[str, ExchangeRef | None]:
         deadline = asyncio.get_running_loop().time() + self.settings.reply_timeout
         lock = self._conversation_lock(conversation)
         try:
@@ -195,7 +234,7 @@ class ReplyEngine:
             try:
                 # Checked in line, not before: the check runs on a thread and would let messages overtake.
                 if await self._unsafe(text, "input", conversation):
-                    return self.settings.safety_deflection  # never shown to the model nor stored
+                    return self.settings.safety_deflection, None  # never shown to the model nor stored
                 history = await self._load_history(conversation)
             finally:
                 self._preparing -= 1  # from here to the queue there is no await
@@ -205,12 +244,12 @@ class ReplyEngine:
             except TimeoutError:
                 raise ReplyTimeout() from None
             if generated is None:
-                return self.settings.safety_deflection
+                return self.settings.safety_deflection, None
             # The answer exists now: it is stored and returned whatever the deadline says.
-            await self._store_exchange(conversation, text, generated.text)
+            stored = await self._store_exchange(conversation, text, generated.text)
         finally:
             await lock.release()
-        return clean_text(generated.text) or NO_ANSWER
+        return clean_text(generated.text) or NO_ANSWER, stored
 
     async def _load_history(self, conversation: str) -> list[Exchange]:
         try:
@@ -238,13 +277,15 @@ class ReplyEngine:
         log.info("Safety filter blocked an %s message in conversation %s", direction, conversation)
         return True
 
-    async def _store_exchange(self, conversation: str, text: str, answer: str) -> None:
+    async def _store_exchange(self, conversation: str, text: str, answer: str) -> ExchangeRef | None:
         try:
-            await self.store.append_exchange(conversation, text, answer)
+            exchange = await self.store.append_exchange(conversation, text, answer)
         except Exception as error:
             # The user still gets the answer; the conversation just does not remember it.
             _log_store_error("Could not store an exchange of conversation %s", conversation, error)
             self.metrics.errors.labels("memory_write").inc()
+            return None
+        return ExchangeRef(conversation, exchange.at)
 
     async def _generate(self, turns: list[str], *, sample: bool = False) -> Generated:
         if self._worker is None:

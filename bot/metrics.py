@@ -35,6 +35,14 @@ class Metrics:
         self.safety_blocked = Counter(
             "blenderchat_safety_blocked", "Messages blocked by the safety filter", ["direction"], registry=self.registry
         )
+        self.feedback = Counter(
+            "blenderchat_feedback", "Ratings of replies by platform and rating (good, bad)", ["platform", "rating"],
+            registry=self.registry,
+        )
+        for platform in ("discord", "slack", "web", "terminal"):
+            for rating in ("good", "bad"):
+                # At zero from the start, so a share of bad replies can be graphed before the first one.
+                self.feedback.labels(platform, rating)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

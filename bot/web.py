@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +23,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from bot.config import Settings
+from bot.config import Settings, parse_duration
 from bot.engine import NO_ANSWER, ReplyEngine
 from bot.errors import (
     EmptyMessage,
@@ -33,7 +34,9 @@ from bot.errors import (
     ReplyTimeout,
     UserBlocked,
 )
+from bot.feedback import feedback_report
 from bot.inflight import InFlight
+from bot.memory import RATINGS, ExchangeRef, StoreUnavailable
 from bot.text import clean_text
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,9 @@ OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/slack/")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # How long /readyz waits for the memory store or Redis before calling it unavailable.
 PING_TIMEOUT = 2.0
+FEEDBACK_WINDOW = 7 * 86400.0  # GET /api/feedback counts this far back unless told otherwise
+FEEDBACK_RECENT = 20  # ... and lists this many recent ratings of web conversations
+FEEDBACK_RECENT_MAX = 200
 
 
 class Pingable(Protocol):
@@ -109,6 +115,8 @@ def build_app(
     app.router.add_post("/api/chat", api_chat)
     app.router.add_get("/api/history", api_history)
     app.router.add_post("/api/reset", api_reset)
+    app.router.add_post("/api/feedback", api_rate)
+    app.router.add_get("/api/feedback", api_feedback)
     app.router.add_get("/", chat_page)
     app.router.add_static("/static/", STATIC_DIR)
     return app
@@ -261,6 +269,12 @@ def _conversation(value: Any) -> str:
     return f"web:{value}"
 
 
+def _user(value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not ID_PATTERN.fullmatch(value)):
+        raise BadRequest("user must be 1 to 100 letters, digits or _ . : -")
+    return value
+
+
 def _bad_request(handler: Handler) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
@@ -302,14 +316,13 @@ async def api_chat(request: web.Request) -> web.Response:
         raise BadRequest("Missing field: text.")
     if not isinstance(text, str):
         raise BadRequest("text must be a string.")
-    user = data.get("user")
-    if user is not None and (not isinstance(user, str) or not ID_PATTERN.fullmatch(user)):
-        raise BadRequest("user must be 1 to 100 letters, digits or _ . : -")
+    user = _user(data.get("user"))
     try:
-        reply = await state.engine.reply(conversation, text, user=f"web:{user or conversation}", platform="web")
+        reply = await state.engine.respond(conversation, text, user=f"web:{user or conversation}", platform="web")
     except ReplyError as error:
         return _reply_error(error)
-    return web.json_response({"reply": reply})
+    # `at` names the stored exchange, for POST /api/feedback; null when nothing was stored (a deflection).
+    return web.json_response({"reply": reply.text, "at": reply.exchange.at if reply.exchange else None})
 
 
 @_bad_request
@@ -333,6 +346,51 @@ async def api_reset(request: web.Request) -> web.Response:
     conversation = _conversation(data.get("conversation"))
     forgotten = await request.app[STATE].engine.reset(conversation)
     return web.json_response({"reset": forgotten})
+
+
+@_bad_request
+async def api_rate(request: web.Request) -> web.Response:
+    """Rate a reply: `{"conversation": "abc", "at": <its exchange's at>, "rating": "good" | "bad"}`."""
+    data = await _json_object(request)
+    conversation = _conversation(data.get("conversation"))
+    at = data.get("at")
+    if isinstance(at, bool) or not isinstance(at, (int, float)):
+        raise BadRequest("at must be the number /api/chat or /api/history gave for that reply.")
+    rating = data.get("rating")
+    if rating not in RATINGS:
+        raise BadRequest("rating must be \"good\" or \"bad\".")
+    user = _user(data.get("user"))
+    rater = f"web:{user or conversation.removeprefix('web:')}"
+    if rater in request.app[STATE].settings.blocked_users:
+        return _error(403, UserBlocked.outcome, UserBlocked.user_message or "You cannot use this bot.")
+    try:
+        stored = await request.app[STATE].engine.rate(ExchangeRef(conversation, float(at)), rating, user=rater,
+                                                      platform="web")
+    except StoreUnavailable:
+        return _error(503, "memory_unavailable", "Ratings cannot be stored right now. Please try again later.",
+                      headers={"Retry-After": "30"})
+    if not stored:
+        return _error(404, "not_found", "There is no such reply in this conversation (it may have been forgotten).")
+    return web.json_response({"recorded": True})
+
+
+async def api_feedback(request: web.Request) -> web.Response:
+    """Counts by platform and rating over `?window=` (default 7d), and the `?recent=` latest
+    ratings of web conversations with their exchange."""
+    window_text = request.query.get("window")
+    window = FEEDBACK_WINDOW if window_text is None else parse_duration(window_text)
+    if window is None:
+        return _error(400, "bad_request", "window must be a duration such as 90s, 15m, 12h or 7d.")
+    recent_text = request.query.get("recent", str(FEEDBACK_RECENT))
+    if not recent_text.isdigit() or int(recent_text) > FEEDBACK_RECENT_MAX:
+        return _error(400, "bad_request", f"recent must be a whole number from 0 to {FEEDBACK_RECENT_MAX}.")
+    since = time.time() - window
+    try:
+        report = await feedback_report(request.app[STATE].engine.store, since=since, recent=int(recent_text))
+    except StoreUnavailable:
+        return _error(503, "memory_unavailable", "The memory store is unavailable right now. Please try again later.",
+                      headers={"Retry-After": "30"})
+    return web.json_response({"window": window, **report})
 
 
 # -- the page ----------------------------------------------------------------

@@ -6,6 +6,9 @@ websocket at `/gateway`. It knows one guild with two text channels and a
 thread, a DM channel, a few users; it records every REST call, echoes the
 bot's own messages back on the gateway as Discord does, and can answer 429,
 reject the token (401), refuse intents (4014) or drop the gateway (4000).
+It also dispatches reactions and interactions (slash commands, the message
+context menu) from a server install or from a user's install in places the
+bot is no member of, and answers their callbacks and followups.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ CHANNEL_ID = 830000000000000001  # #general
 OTHER_CHANNEL_ID = 830000000000000002  # #random
 THREAD_ID = 830000000000000003  # a thread in #general
 DM_CHANNEL_ID = 830000000000000009
+GROUP_DM_ID = 830000000000000010  # a group DM the bot is not in (reached through a user install)
+FOREIGN_GUILD_ID = 820000000000000002  # a server the bot is not in (a user install used there)
+FOREIGN_CHANNEL_ID = 830000000000000020
 USER_ID = 840000000000000001
 OTHER_USER_ID = 840000000000000002
 OTHER_BOT_ID = 840000000000000003
@@ -85,6 +91,7 @@ class FakeDiscord:
         self.reject_identify_with: int | None = None  # a close code, e.g. 4014 or 4004
         self.commands: list[dict[str, Any]] = []  # registered slash commands
         self.messages: dict[int, dict[str, Any]] = {}  # every message by id
+        self._interaction_channels: dict[str, int] = {}  # interaction token -> its channel
         self._ids = itertools.count(870000000000000001)
         self._seq = itertools.count(1)
         self._sockets: list[_Socket] = []
@@ -171,15 +178,30 @@ class FakeDiscord:
         return int(data["id"])
 
     async def slash_command(self, name: str, *, channel_id: int = CHANNEL_ID, user_id: int = USER_ID) -> int:
-        """Dispatch an INTERACTION_CREATE for a registered slash command; returns the interaction id."""
+        """Dispatch an INTERACTION_CREATE for a registered slash command; returns the interaction id.
+        `channel_id` GROUP_DM_ID or FOREIGN_CHANNEL_ID: used through the user's install of the app."""
         command = next(c for c in self.commands if c["name"] == name)
+        return await self._interaction({"id": command["id"], "name": name, "type": 1}, channel_id, user_id)
+
+    async def context_menu(self, name: str, message_id: int, *, channel_id: int | None = None,
+                           user_id: int = USER_ID) -> int:
+        """Dispatch a message context-menu command on `message_id` (in its channel unless told)."""
+        command = next(c for c in self.commands if c["name"] == name)
+        message = self.messages[message_id]
+        data = {"id": command["id"], "name": name, "type": 3, "target_id": str(message_id),
+                "resolved": {"messages": {str(message_id): message}}}
+        return await self._interaction(data, channel_id or int(message["channel_id"]), user_id)
+
+    async def _interaction(self, command: dict[str, Any], channel_id: int, user_id: int) -> int:
         interaction_id = next(self._ids)
+        token = f"interaction-token-{interaction_id}"
+        self._interaction_channels[token] = channel_id
         data: dict[str, Any] = {
             "id": str(interaction_id),
             "application_id": str(APP_ID),
             "type": 2,
-            "data": {"id": command["id"], "name": name, "type": 1},
-            "token": f"interaction-token-{interaction_id}",
+            "data": command,
+            "token": token,
             "version": 1,
             "channel_id": str(channel_id),
             "locale": "en-US",
@@ -192,6 +214,19 @@ class FakeDiscord:
             data["channel"] = {"id": str(channel_id), "type": 1}
             data["user"] = USERS[user_id]
             data["context"] = 1
+        elif channel_id == GROUP_DM_ID:
+            # A user install: only the user's own integration authorizes it, the bot is not in there.
+            data["channel"] = {"id": str(channel_id), "type": 3, "name": "friends", "recipients": []}
+            data["user"] = USERS[user_id]
+            data["context"] = 2
+            data["authorizing_integration_owners"] = {"1": str(user_id)}
+        elif channel_id == FOREIGN_CHANNEL_ID:
+            data["channel"] = {"id": str(channel_id), "type": 0, "name": "elsewhere",
+                               "guild_id": str(FOREIGN_GUILD_ID), "position": 0, "permission_overwrites": []}
+            data["guild_id"] = str(FOREIGN_GUILD_ID)
+            data["member"] = {**self._member(user_id), "user": USERS[user_id], "permissions": "2048"}
+            data["context"] = 0
+            data["authorizing_integration_owners"] = {"1": str(user_id)}
         else:
             data["channel"] = {"id": str(channel_id), "type": 11 if channel_id == THREAD_ID else 0}
             data["guild_id"] = str(GUILD_ID)
@@ -199,6 +234,24 @@ class FakeDiscord:
             data["context"] = 0
         await self.dispatch("INTERACTION_CREATE", data)
         return interaction_id
+
+    async def react(self, message_id: int, emoji: str, *, user_id: int = USER_ID) -> None:
+        """Dispatch a MESSAGE_REACTION_ADD: `user_id` added `emoji` to `message_id`."""
+        message = self.messages[message_id]
+        data: dict[str, Any] = {
+            "user_id": str(user_id), "channel_id": message["channel_id"], "message_id": str(message_id),
+            "emoji": {"id": None, "name": emoji}, "message_author_id": message["author"]["id"],
+            "burst": False, "burst_colors": [], "type": 0,
+        }
+        if "guild_id" in message:
+            data["guild_id"] = message["guild_id"]
+            data["member"] = {**self._member(user_id), "user": USERS[user_id]}
+        await self.dispatch("MESSAGE_REACTION_ADD", data)
+
+    def interaction_calls(self, interaction_id: int) -> list[Call]:
+        """The callback and every followup of one interaction, in order."""
+        return [c for c in self.calls
+                if c.path.startswith(f"/interactions/{interaction_id}/") or f"interaction-token-{interaction_id}" in c.path]
 
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
         for socket in list(self._sockets):
@@ -286,6 +339,11 @@ class FakeDiscord:
             return 200, self.commands
         if method == "POST" and parts[0] == "channels" and parts[-1] == "typing":
             return 204, None
+        if method == "GET" and parts[0] == "channels" and parts[2] == "messages" and len(parts) == 4:
+            message = self.messages.get(int(parts[3]))
+            if message is None or message["channel_id"] != parts[1]:
+                return 404, {"message": "Unknown Message", "code": 10008}
+            return 200, message
         if method == "POST" and parts[0] == "channels" and parts[-1] == "messages":
             message = self._bot_message(int(parts[1]), body)
             # Discord echoes the bot's own messages back on the gateway.
@@ -301,7 +359,13 @@ class FakeDiscord:
             }
             return 200, {"interaction": interaction, "resource": {"type": kind}}
         if method == "POST" and parts[0] == "webhooks":
-            return 200, {**self._bot_message(CHANNEL_ID, body), "webhook_id": str(APP_ID)}
+            channel_id = self._interaction_channels.get(parts[2], CHANNEL_ID)
+            message = self._bot_message(channel_id, body)
+            message["webhook_id"] = str(APP_ID)
+            message["flags"] = body.get("flags", 0)
+            return 200, message
+        if method in ("DELETE", "PATCH") and parts[0] == "webhooks":
+            return 204, None
         return 404, {"message": "404: Not Found", "code": 0}
 
     def _bot_message(self, channel_id: int, body: dict[str, Any]) -> dict[str, Any]:
@@ -322,7 +386,9 @@ class FakeDiscord:
             "type": 19 if body.get("message_reference") else 0,
             "flags": 0,
         }
-        if channel_id != DM_CHANNEL_ID:
+        if channel_id == FOREIGN_CHANNEL_ID:
+            message["guild_id"] = str(FOREIGN_GUILD_ID)
+        elif channel_id not in (DM_CHANNEL_ID, GROUP_DM_ID):
             message["guild_id"] = str(GUILD_ID)
             message["member"] = self._member(BOT_ID)
         if body.get("message_reference"):
@@ -350,6 +416,7 @@ class FakeDiscord:
     def _command(self, command: dict[str, Any]) -> dict[str, Any]:
         return {
             "type": 1,
+            "description": "",  # context menus have none
             "options": [],
             "default_member_permissions": None,
             "dm_permission": True,

@@ -3,8 +3,11 @@
 One aiohttp server on 127.0.0.1 (port 0). `FakeSlack.api_url` is what
 SLACK_API_URL points at; `apps.connections.open` hands out its own
 `ws://127.0.0.1:.../socket` URL. Every Web API call is recorded; a method can
-be told to answer one 429 with Retry-After; the websocket side sends
-`events_api` envelopes, records the client's acks and can ask it to reconnect.
+be told to answer one 429 with Retry-After, and a scope can be withheld so the
+methods needing it answer `missing_scope`. It keeps what users would see of the
+AI-app surface: each thread's assistant status, the reactions, the published
+Home tabs, ephemeral messages. The websocket side sends `events_api` and
+`interactive` envelopes, records the client's acks and can ask it to reconnect.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import WSMsgType, web
 from slack_sdk.signature import SignatureVerifier
@@ -25,6 +28,13 @@ from slack_sdk.signature import SignatureVerifier
 BOT_USER_ID = "UBOT"
 BOT_ID = "BBOT"
 TEAM_ID = "T1"
+# The scope each method needs (only those a test withholds matter).
+SCOPES = {
+    "assistant.threads.setStatus": "assistant:write",
+    "assistant.threads.setSuggestedPrompts": "assistant:write",
+    "reactions.add": "reactions:write",
+    "reactions.remove": "reactions:write",
+}
 
 
 @dataclass
@@ -33,6 +43,7 @@ class Call:
     params: dict[str, Any]
     token: str | None
     status: int = 200
+    response_ts: str | None = None  # chat.postMessage: the ts of the message created
 
 
 @dataclass
@@ -41,6 +52,10 @@ class FakeSlack:
     calls: list[Call] = field(default_factory=list)
     acks: list[dict[str, Any]] = field(default_factory=list)
     sockets: list[web.WebSocketResponse] = field(default_factory=list)
+    missing_scopes: set[str] = field(default_factory=set)
+    statuses: dict[tuple[str, str], str] = field(default_factory=dict)  # (channel, thread) -> its status now
+    reactions: set[tuple[str, str, str]] = field(default_factory=set)  # (channel, ts, name) on messages now
+    home_views: dict[str, dict[str, Any]] = field(default_factory=dict)  # user -> published Home tab
     _rate_limit: dict[str, int] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
     _port: int = 0
@@ -82,6 +97,15 @@ class FakeSlack:
     def posts(self) -> list[Call]:
         return self.calls_to("chat.postMessage")
 
+    @property
+    def thinking(self) -> bool:
+        """Whether any sign of the bot thinking is still up: a thread status or a reaction."""
+        return any(self.statuses.values()) or bool(self.reactions)
+
+    def status_calls(self, channel: str | None = None) -> list[Call]:
+        return [c for c in self.calls_to("assistant.threads.setStatus")
+                if channel is None or c.params["channel_id"] == channel]
+
     async def _api(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
         params: dict[str, Any] = dict(request.query)
@@ -99,6 +123,11 @@ class FakeSlack:
             return web.json_response(
                 {"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": str(retry_after)}
             )
+        scope = SCOPES.get(method)
+        if scope in self.missing_scopes:
+            self.calls.append(Call(method, params, token, status=403))
+            return web.json_response({"ok": False, "error": "missing_scope", "needed": scope,
+                                      "provided": "chat:write,im:history"})
         self.calls.append(Call(method, params, token))
         return web.json_response(self._answer(method, params, token))
 
@@ -114,10 +143,26 @@ class FakeSlack:
             return {"ok": True, "url": f"ws://127.0.0.1:{self._port}/socket?ticket={uuid.uuid4().hex}"}
         if method == "chat.postMessage":
             ts = f"{int(time.time())}.{next(self._ts):06d}"
+            self.calls[-1].response_ts = ts
             return {"ok": True, "channel": params.get("channel"), "ts": ts,
                     "message": {"text": params.get("text"), "user": BOT_USER_ID, "bot_id": BOT_ID, "ts": ts}}
-        if method in ("reactions.add", "reactions.remove"):
+        if method == "reactions.add":
+            self.reactions.add((params["channel"], params["timestamp"], params["name"]))
             return {"ok": True}
+        if method == "reactions.remove":
+            self.reactions.discard((params["channel"], params["timestamp"], params["name"]))
+            return {"ok": True}
+        if method == "assistant.threads.setStatus":
+            self.statuses[(params["channel_id"], params["thread_ts"])] = params["status"]
+            return {"ok": True}
+        if method == "assistant.threads.setSuggestedPrompts":
+            return {"ok": True}
+        if method == "views.publish":
+            view = params["view"] if isinstance(params["view"], dict) else json.loads(params["view"])
+            self.home_views[params["user_id"]] = view
+            return {"ok": True, "view": {"id": "V" + uuid.uuid4().hex[:8].upper(), **view}}
+        if method == "chat.postEphemeral":
+            return {"ok": True, "message_ts": f"{int(time.time())}.{next(self._ts):06d}"}
         if method == "users.info":
             user = params.get("user")
             if user not in self.users:
@@ -150,6 +195,14 @@ class FakeSlack:
         await self.open_sockets[-1].send_json({
             "envelope_id": envelope_id, "type": "events_api", "payload": body, "accepts_response_payload": False,
             "retry_attempt": retry_attempt, "retry_reason": "timeout" if retry_attempt else "",
+        })
+        return envelope_id
+
+    async def send_interactive(self, payload: dict[str, Any]) -> str:
+        """Send an `interactive` envelope (a button click...) on the newest connection; its envelope_id."""
+        envelope_id = uuid.uuid4().hex
+        await self.open_sockets[-1].send_json({
+            "envelope_id": envelope_id, "type": "interactive", "payload": payload, "accepts_response_payload": True,
         })
         return envelope_id
 
@@ -192,12 +245,74 @@ def dm(text: str, *, channel: str = "D1", user: str = "U2", **extra: Any) -> dic
             **extra}
 
 
-def signed_headers(secret: str, body: str, *, timestamp: str | None = None) -> dict[str, str]:
+def home_opened(tab: str, *, user: str = "U2", channel: str = "D1") -> dict[str, Any]:
+    """An `app_home_opened` event: the person opened the bot's Home or Messages tab."""
+    return {"type": "app_home_opened", "user": user, "channel": channel, "tab": tab, "event_ts": new_ts()}
+
+
+def thread_started(*, user: str = "U2", channel: str = "D1") -> dict[str, Any]:
+    """An `assistant_thread_started` event: the person opened a new assistant thread."""
+    ts = new_ts()
+    return {"type": "assistant_thread_started", "event_ts": ts,
+            "assistant_thread": {"user_id": user, "channel_id": channel, "thread_ts": ts,
+                                 "context": {"channel_id": None, "team_id": None, "enterprise_id": None}}}
+
+
+def block_actions(action: dict[str, Any], *, user: str = "U2", message: dict[str, Any] | None = None,
+                  channel: str | None = None, view: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A `block_actions` payload: `user` clicked `action` on a message (or on the Home tab `view`)."""
+    payload: dict[str, Any] = {
+        "type": "block_actions", "api_app_id": "A1", "token": "unused", "trigger_id": "1.2.3",
+        "team": {"id": TEAM_ID, "domain": "fake"}, "enterprise": None, "is_enterprise_install": False,
+        "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": TEAM_ID},
+        "actions": [{"action_ts": new_ts(), **action}],
+    }
+    if message is not None:
+        payload["container"] = {"type": "message", "message_ts": message["ts"], "channel_id": channel,
+                                "is_ephemeral": False}
+        payload["channel"] = {"id": channel, "name": "directmessage" if channel.startswith("D") else "general"}
+        payload["message"] = message
+    if view is not None:
+        payload["container"] = {"type": "view", "view_id": "V1"}
+        payload["view"] = view
+    return payload
+
+
+def clicked(post: Call, rating: str) -> dict[str, Any]:
+    """The action a click on `post`'s feedback button for `rating` sends (from the blocks posted)."""
+    actions = next(b for b in json_blocks(post) if b["type"] == "context_actions")
+    buttons = actions["elements"][0]
+    button = buttons["positive_button" if rating == "good" else "negative_button"]
+    return {"type": "feedback_buttons", "action_id": buttons["action_id"], "block_id": actions.get("block_id", "b1"),
+            "value": button["value"], "text": button["text"]}
+
+
+def json_blocks(post: Call) -> list[dict[str, Any]]:
+    blocks = post.params.get("blocks") or []
+    return json.loads(blocks) if isinstance(blocks, str) else blocks
+
+
+def message_of(post: Call) -> dict[str, Any]:
+    """The message a `chat.postMessage` call created, as Slack puts it in a payload."""
+    message = {"type": "message", "user": BOT_USER_ID, "bot_id": BOT_ID, "text": post.params["text"],
+               "ts": post.response_ts, "blocks": json_blocks(post)}
+    if post.params.get("thread_ts"):
+        message["thread_ts"] = post.params["thread_ts"]
+    return message
+
+
+def form_body(payload: dict[str, Any]) -> str:
+    """How Slack POSTs an interaction in HTTP mode: form-encoded, the JSON in `payload`."""
+    return urlencode({"payload": json.dumps(payload)})
+
+
+def signed_headers(secret: str, body: str, *, timestamp: str | None = None,
+                   content_type: str = "application/json") -> dict[str, str]:
     """Headers Slack would send with `body`, signed the way slack_sdk verifies them."""
     timestamp = timestamp if timestamp is not None else str(int(time.time()))
     signature = SignatureVerifier(secret).generate_signature(timestamp=timestamp, body=body)
     return {"X-Slack-Request-Timestamp": timestamp, "X-Slack-Signature": signature or "",
-            "Content-Type": "application/json"}
+            "Content-Type": content_type}
 
 
 async def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:

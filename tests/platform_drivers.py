@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 from fake_discord import BOT_ID, DM_CHANNEL_ID, OTHER_CHANNEL_ID, OTHER_USER_ID, USER_ID, FakeDiscord
-from fake_slack import FakeSlack, dm, event_body, mention, new_ts, wait_for
+from fake_slack import FakeSlack, dm, event_body, json_blocks, mention, new_ts, wait_for
 from model_doubles import GatedModel
 from test_discord import MENTION, answer_to
 from test_slack import Bot as SlackBot
@@ -153,10 +153,9 @@ class SlackDriver:
                 if p.params["channel"] == channel and p.params.get("thread_ts") == thread]
 
     async def reply(self, sent: tuple[str, str | None, str, int]) -> str:
-        """The first reply to `sent`, once every progress reaction is gone again."""
+        """The first reply to `sent`, once every sign of thinking (status, hourglass) is gone again."""
         replies = await wait_for(lambda: self.replies(sent), what="a reply")
-        await wait_for(lambda: len(self.fake.calls_to("reactions.remove")) >= len(self.fake.calls_to("reactions.add")),
-                       what="progress reactions removed")
+        await wait_for(lambda: not self.fake.thinking, what="the thinking status or hourglass cleared")
         return replies[0]
 
     async def settle(self, user: str = "second") -> None:
@@ -171,6 +170,9 @@ class SlackDriver:
         for post in self.fake.posts:
             assert post.params.get("link_names") in (None, False, "false", "0", 0), post.params
             assert not SLACK_LIVE.search(post.params["text"]), post.params["text"]
+            for block in json_blocks(post):  # the section that carries a reply with its feedback buttons
+                if block["type"] == "section":
+                    assert not SLACK_LIVE.search(block["text"]["text"]), block
 
 
 class WebDriver:

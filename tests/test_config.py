@@ -192,3 +192,15 @@ def test_env_example_lists_every_setting_and_loads_cleanly(tmp_path):
     assert read == set(example)
     values = {k: v for k, v in example.items() if v and k != "BLENDERBOT_MODEL"}
     load_settings(values)  # the example's values are all valid
+
+
+def test_slack_suggested_prompts_are_split_on_bars_and_checked():
+    from bot.config import DEFAULT_SLACK_PROMPTS
+
+    assert load_settings({}).slack_suggested_prompts == DEFAULT_SLACK_PROMPTS
+    assert load_settings({"SLACK_SUGGESTED_PROMPTS": "Hi, how are you? | Tell me a joke"}).slack_suggested_prompts == (
+        "Hi, how are you?", "Tell me a joke")
+    assert load_settings({"SLACK_SUGGESTED_PROMPTS": "off"}).slack_suggested_prompts == ()
+    for bad in ("a|b|c|d|e", "a||b", "x" * 201):
+        with pytest.raises(ConfigError, match="SLACK_SUGGESTED_PROMPTS"):
+            load_settings({"SLACK_SUGGESTED_PROMPTS": bad})

@@ -121,8 +121,8 @@ async def test_mention_gets_exactly_one_reply_referencing_it(fake, bot):
     assert not sent["allowed_mentions"].get("replied_user")
     assert bot.model_saw()[0] == "hello there, how are you?"
     assert bot.adapter.connected
-    # Non-privileged intents only: guilds, guild messages, DMs.
-    assert fake.identifies[0]["intents"] == (1 << 0) | (1 << 9) | (1 << 12)
+    # Non-privileged intents only: guilds, guild messages, guild reactions, DMs, DM reactions.
+    assert fake.identifies[0]["intents"] == (1 << 0) | (1 << 9) | (1 << 10) | (1 << 12) | (1 << 13)
     assert not fake.identifies[0]["intents"] & MESSAGE_CONTENT_INTENT
 
 
@@ -243,7 +243,7 @@ async def test_reset_by_mention_forgets_the_channel(fake, bot, word):
 
 
 async def test_slash_reset_forgets_and_confirms(fake, bot):
-    assert {command["name"] for command in fake.commands} == {"reset", "help"}
+    assert {command["name"] for command in fake.commands} == {"reset", "help", "Ask BlenderBot"}
     await answer_to(fake, f"{MENTION} remember that I like tea", mentions=(BOT_ID,))
 
     interaction = await fake.slash_command("reset")
@@ -381,7 +381,7 @@ async def test_sharded_client_identifies_its_shard_and_answers(fake, start_bot):
     bot = await start_bot(discord_shard_count=2, discord_shard_ids=(0,))
     await answer_to(fake, f"{MENTION} hello, shard", mentions=(BOT_ID,))
     assert [identify["shard"] for identify in fake.identifies] == [[0, 2]]
-    assert {command["name"] for command in fake.commands} == {"reset", "help"}  # shard 0 registers them
+    assert {command["name"] for command in fake.commands} == {"reset", "help", "Ask BlenderBot"}  # shard 0 does
     assert bot.adapter.connected
 
 

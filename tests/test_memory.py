@@ -1,16 +1,19 @@
 """Every memory backend passes the same suite (Redis on a key prefix of each
-test); SQLite and Redis survive reopening; SQLite never stores half an exchange."""
+test); SQLite and Redis survive reopening; SQLite never stores half an exchange;
+ratings of replies live and die with their conversation."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from redis_servers import delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
 
-from bot.memory import open_store
+from bot.memory import ExchangeRef, Feedback, open_store
 
 BACKENDS = ["memory", "sqlite", "redis"]
 
@@ -133,3 +136,95 @@ async def test_sqlite_failed_write_stores_no_part_of_the_exchange(tmp_path):
     await store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT user_text FROM exchanges").fetchall() == [("first",)]
+
+
+# -- feedback on replies -------------------------------------------------------
+
+
+def rating(exchange, rating: str = "good", *, user: str = "U1", platform: str = "slack", at: float | None = None):
+    return Feedback(ExchangeRef(exchange[0], exchange[1].at), rating, user, platform, at or time.time())
+
+
+async def test_append_returns_the_stored_exchange(store):
+    stored = await store.append_exchange("c", "hello", " hi")
+    assert (await store.history("c")) == [stored]
+
+
+async def test_feedback_is_recorded_against_its_exchange_and_replaced_by_the_same_user(store):
+    first = await store.append_exchange("c", "hello", " hi")
+    second = await store.append_exchange("c", "and you?", " fine")
+    assert await store.add_feedback(rating(("c", first), "good", user="U1"))
+    assert await store.add_feedback(rating(("c", second), "bad", user="U1"))
+    assert await store.add_feedback(rating(("c", second), "good", user="U2"))
+    assert await store.add_feedback(rating(("c", second), "good", user="U1"))  # changed their mind
+    rows = await store.list_feedback()
+    assert sorted((row.exchange.at, row.user, row.rating) for row in rows) == sorted(
+        [(first.at, "U1", "good"), (second.at, "U2", "good"), (second.at, "U1", "good")]
+    )
+    assert all(row.exchange.conversation == "c" for row in rows)
+
+
+async def test_feedback_on_an_exchange_that_is_not_stored_is_refused(store):
+    kept = await store.append_exchange("c", "hello", " hi")
+    assert not await store.add_feedback(rating(("c", replace(kept, at=kept.at + 1))))  # no such exchange
+    assert not await store.add_feedback(rating(("other", kept)))  # no such conversation
+    assert await store.list_feedback() == []
+
+
+async def test_feedback_is_listed_newest_first_by_window_platform_and_limit(store):
+    exchange = await store.append_exchange("c", "hello", " hi")
+    now = time.time()
+    for index, platform in enumerate(["web", "slack", "web", "discord"]):
+        await store.add_feedback(rating(("c", exchange), user=f"U{index}", platform=platform, at=now - 100 + index))
+    assert [row.user for row in await store.list_feedback()] == ["U3", "U2", "U1", "U0"]
+    assert [row.user for row in await store.list_feedback(since=now - 98.5)] == ["U3", "U2"]
+    assert [row.user for row in await store.list_feedback(platform="web")] == ["U2", "U0"]
+    assert [row.user for row in await store.list_feedback(platform="web", limit=1)] == ["U2"]
+
+
+async def test_reset_deletes_the_conversations_feedback_only(store):
+    mine = await store.append_exchange("mine", "hello", " hi")
+    theirs = await store.append_exchange("theirs", "hello", " hi")
+    await store.add_feedback(rating(("mine", mine)))
+    await store.add_feedback(rating(("theirs", theirs)))
+    assert await store.reset("mine")
+    assert [row.exchange.conversation for row in await store.list_feedback()] == ["theirs"]
+    # The same conversation started again has no ratings from before.
+    await store.append_exchange("mine", "hello again", " hi")
+    assert [row.exchange.conversation for row in await store.list_feedback()] == ["theirs"]
+
+
+async def test_idle_sweep_and_expiry_delete_feedback_with_the_conversation(backend, make_store):
+    store = await make_store(ttl=0.6)
+    idle = await store.append_exchange("idle", "old", "old")
+    assert await store.add_feedback(rating(("idle", idle), "bad"))
+    await asyncio.sleep(0.8)
+    active = await store.append_exchange("active", "new", "new")
+    assert await store.add_feedback(rating(("active", active), "good"))
+    await store.sweep(0.6)
+    assert [(row.exchange.conversation, row.rating) for row in await store.list_feedback()] == [("active", "good")]
+
+
+@pytest.mark.parametrize("backend", ["redis"])
+async def test_redis_feedback_expires_when_its_conversation_does(make_store):
+    """A rating given long after the last exchange still goes when the conversation goes."""
+    store = await make_store(ttl=1.0)
+    exchange = await store.append_exchange("c", "hello", " hi")
+    await asyncio.sleep(0.5)
+    assert await store.add_feedback(rating(("c", exchange)))
+    conversation_ttl = await store._redis.pttl(store._key("c"))
+    feedback_ttl = await store._redis.pttl(store._feedback_key("c"))
+    assert 0 < feedback_ttl <= conversation_ttl + 5
+    await store.append_exchange("c", "still here", " yes")  # a new exchange keeps both alive
+    assert await store._redis.pttl(store._feedback_key("c")) > conversation_ttl
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_feedback_survives_reopening_the_store(make_store):
+    first = await make_store(max_turns=10)
+    exchange = await first.append_exchange("c", "remember me", " I will")
+    await first.add_feedback(rating(("c", exchange), "bad", user="U7", platform="web"))
+    await first.close()
+    second = await make_store(max_turns=10)
+    [row] = await second.list_feedback()
+    assert (row.exchange, row.rating, row.user, row.platform) == (ExchangeRef("c", exchange.at), "bad", "U7", "web")

@@ -32,7 +32,8 @@ from fake_slack import (
 )
 
 from adapters.dedupe import InProcessDedupe
-from adapters.slack import PROGRESS_REACTION, RESET_DONE, SlackAdapter, SlackStartError
+from adapters.slack import RESET_DONE, SlackAdapter, SlackStartError
+from adapters.slack_surface import PROGRESS_REACTION
 from bot.engine import ReplyEngine
 from bot.memory.inprocess import InProcessStore
 
@@ -120,10 +121,9 @@ async def start_bot(fake, tiny_model, make_settings):
 
 
 async def answered(fake: FakeSlack, count: int = 1) -> list:
-    """Wait until `count` replies were posted and every progress reaction is gone."""
+    """Wait until `count` replies were posted and every sign of thinking (status, hourglass) is gone."""
     await wait_for(lambda: len(fake.posts) >= count, what=f"{count} chat.postMessage")
-    await wait_for(lambda: len(fake.calls_to("reactions.remove")) >= len(fake.calls_to("reactions.add")),
-                   what="progress reactions removed")
+    await wait_for(lambda: not fake.thinking, what="the thinking status or hourglass cleared")
     return fake.posts
 
 
@@ -152,8 +152,9 @@ async def test_http_acks_at_once_while_the_model_is_slow_then_answers_in_the_thr
     assert post.token == "xoxb-test"
 
 
-async def test_http_progress_reaction_is_added_to_the_message_and_removed(start_bot, fake):
-    bot = await start_bot()
+async def test_http_progress_reaction_is_added_to_a_channel_message_answered_in_the_channel(start_bot, fake):
+    # No thread to show Slack's status in: the hourglass (adapters/slack_surface.py; tests/test_slack_surface.py).
+    bot = await start_bot(slack_reply_in_thread=False)
     event = mention("hello")
     await bot.send(event_body(event))
     await answered(fake)
@@ -162,6 +163,7 @@ async def test_http_progress_reaction_is_added_to_the_message_and_removed(start_
         assert (call.params["channel"], call.params["timestamp"], call.params["name"]) == (
             "C1", event["ts"], PROGRESS_REACTION)
     assert fake.calls.index(added) < fake.calls.index(fake.posts[0]) < fake.calls.index(removed)
+    assert fake.status_calls() == []  # never both
 
 
 async def test_http_retried_event_is_answered_once(start_bot, fake):
@@ -295,10 +297,10 @@ async def test_http_long_answers_are_split_in_order(start_bot, fake):
     bot = await start_bot(reply=long_answer)
     event = mention("tell me everything")
     await bot.send(event_body(event))
-    await wait_for(lambda: len(fake.calls_to("reactions.remove")) == 1, what="the whole answer")
+    await wait_for(lambda: fake.posts and not fake.thinking, what="the whole answer")
     posts = fake.posts
     assert len(posts) >= 3
-    assert all(len(p.params["text"]) <= 4000 for p in posts)
+    assert all(len(p.params["text"]) <= 3000 for p in posts)  # the last one fits a section block
     assert all(p.params["thread_ts"] == event["ts"] for p in posts)
     assert " ".join(p.params["text"] for p in posts).replace("&amp;", "&").split() == words
 
@@ -319,7 +321,8 @@ async def test_http_replies_keep_the_order_of_messages_while_rate_limited(start_
         await bot.send(event_body(dm(text)))
     posts = await answered(fake, 3)
     assert [p.params["text"] for p in posts] == ["re: first", "re: second", "re: third"]
-    assert len(fake.calls_to("reactions.add")) == 3
+    thinking = [c.params["status"] for c in fake.status_calls("D1")]
+    assert thinking.count("is thinking...") == 3 and thinking[-1] == ""  # one status per message, cleared
     assert len(bot.adapter._in_order) == 0  # no lock left behind
 
 

@@ -2,8 +2,10 @@
 
 A backend stores whole exchanges (a user message and the bot's reply): an
 exchange is written in one step, so a crash never leaves half of one, and each
-conversation keeps at most `max_turns` exchanges. `open_store(url)` picks the
-backend from `MEMORY_URL`; a new backend is one new module here.
+conversation keeps at most `max_turns` exchanges. People's ratings of replies
+(feedback) are kept with the conversation they belong to and deleted with it
+(reset, idle sweep, expiry). `open_store(url)` picks the backend from
+`MEMORY_URL`; a new backend is one new module here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,31 @@ class Exchange:
     at: float  # when it was stored, seconds since the epoch
 
 
+GOOD = "good"
+BAD = "bad"
+RATINGS = (GOOD, BAD)
+
+
+@dataclass(frozen=True)
+class ExchangeRef:
+    """Which stored exchange a reply was: its conversation and its `Exchange.at`,
+    unique within a conversation (its exchanges are stored one at a time)."""
+
+    conversation: str
+    at: float
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """One person's rating of one reply. No message text: the exchange holds that."""
+
+    exchange: ExchangeRef
+    rating: str  # GOOD or BAD
+    user: str  # who rated, as the platform names them
+    platform: str  # "slack", "discord", "web", "terminal"
+    at: float  # when it was rated, seconds since the epoch
+
+
 class StoreUnavailable(RuntimeError):
     """The store could not be reached or written."""
 
@@ -31,14 +58,24 @@ class ConversationStore(Protocol):
     async def history(self, conversation: str) -> list[Exchange]:
         """The stored exchanges, oldest first."""
 
-    async def append_exchange(self, conversation: str, user_text: str, bot_text: str) -> None:
-        """Store one whole exchange atomically, dropping the oldest beyond the limit."""
+    async def append_exchange(self, conversation: str, user_text: str, bot_text: str) -> Exchange:
+        """Store one whole exchange atomically, dropping the oldest beyond the limit; the stored exchange."""
 
     async def reset(self, conversation: str) -> bool:
-        """Forget a conversation; True if there was anything to forget."""
+        """Forget a conversation and its feedback; True if there was anything to forget."""
 
     async def sweep(self, idle_seconds: float) -> int:
-        """Delete conversations idle longer than `idle_seconds`; returns how many."""
+        """Delete conversations idle longer than `idle_seconds`, with their feedback; returns how many."""
+
+    async def add_feedback(self, feedback: Feedback) -> bool:
+        """Record a rating (replacing that user's earlier rating of the same exchange),
+        atomically with the check that the conversation still holds that exchange;
+        False (nothing stored) if it does not: forgotten, expired or trimmed away."""
+
+    async def list_feedback(
+        self, *, since: float = 0.0, platform: str | None = None, limit: int | None = None
+    ) -> list[Feedback]:
+        """Ratings given at or after `since` (of one platform, if given), newest first."""
 
     async def ping(self) -> None:
         """Raise if the store cannot be used right now (for readiness checks)."""

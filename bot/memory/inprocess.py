@@ -5,13 +5,15 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from bot.memory import Exchange
+from bot.memory import Exchange, Feedback
 
 
 class InProcessStore:
     def __init__(self, *, max_turns: int) -> None:
         self._max_turns = max_turns
         self._conversations: dict[str, deque[Exchange]] = {}
+        # conversation -> (exchange at, user) -> rating; dropped with the conversation
+        self._feedback: dict[str, dict[tuple[float, str], Feedback]] = {}
 
     async def open(self) -> None:
         pass
@@ -25,11 +27,14 @@ class InProcessStore:
     async def history(self, conversation: str) -> list[Exchange]:
         return list(self._conversations.get(conversation, ()))
 
-    async def append_exchange(self, conversation: str, user_text: str, bot_text: str) -> None:
+    async def append_exchange(self, conversation: str, user_text: str, bot_text: str) -> Exchange:
         exchanges = self._conversations.setdefault(conversation, deque(maxlen=self._max_turns))
-        exchanges.append(Exchange(user_text, bot_text, time.time()))
+        exchange = Exchange(user_text, bot_text, time.time())
+        exchanges.append(exchange)
+        return exchange
 
     async def reset(self, conversation: str) -> bool:
+        self._feedback.pop(conversation, None)
         return self._conversations.pop(conversation, None) is not None
 
     async def sweep(self, idle_seconds: float) -> int:
@@ -37,4 +42,24 @@ class InProcessStore:
         idle = [key for key, exchanges in self._conversations.items() if exchanges and exchanges[-1].at < cutoff]
         for key in idle:
             del self._conversations[key]
+            self._feedback.pop(key, None)
         return len(idle)
+
+    async def add_feedback(self, feedback: Feedback) -> bool:
+        conversation, at = feedback.exchange.conversation, feedback.exchange.at
+        if not any(exchange.at == at for exchange in self._conversations.get(conversation, ())):
+            return False
+        self._feedback.setdefault(conversation, {})[(at, feedback.user)] = feedback
+        return True
+
+    async def list_feedback(
+        self, *, since: float = 0.0, platform: str | None = None, limit: int | None = None
+    ) -> list[Feedback]:
+        rows = [
+            feedback
+            for ratings in self._feedback.values()
+            for feedback in ratings.values()
+            if feedback.at >= since and (platform is None or feedback.platform == platform)
+        ]
+        rows.sort(key=lambda feedback: feedback.at, reverse=True)
+        return rows[:limit] if limit is not None else rows

@@ -7,6 +7,10 @@ trim to `max_turns` and the key's expiry go in one MULTI/EXEC transaction.
 Idle conversations are forgotten by Redis itself: every stored exchange sets the
 key to expire `ttl` seconds later, so `sweep` has nothing left to do (it returns
 0) and no replica has to scan the keyspace. `ttl=0` keeps conversations forever.
+
+Ratings of replies live in one hash per conversation (`<prefix>fb:<conversation>`,
+a field per exchange and user) that expires with the conversation's list and is
+deleted with it; listing them scans those hashes (an operator's query, not the hot path).
 """
 
 from __future__ import annotations
@@ -18,10 +22,36 @@ import time
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bot.memory import Exchange, StoreUnavailable
+from bot.memory import Exchange, ExchangeRef, Feedback, StoreUnavailable
 from bot.shared import connect, split_prefix
 
 log = logging.getLogger(__name__)
+
+# Store a rating only while the conversation still holds the rated exchange, and
+# make the rating expire exactly when the conversation does.
+# KEYS: the conversation's list, its feedback hash; ARGV: the exchange's `at`, field, value.
+_ADD_FEEDBACK = """
+local at = tonumber(ARGV[1])
+local found = false
+for _, element in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  local ok, data = pcall(cjson.decode, element)
+  if ok and type(data) == 'table' and tonumber(data['at']) == at then
+    found = true
+    break
+  end
+end
+if not found then
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[2], ttl)
+else
+  redis.call('PERSIST', KEYS[2])
+end
+return 1
+"""
 
 
 class RedisStore:
@@ -55,6 +85,9 @@ class RedisStore:
     def _key(self, conversation: str) -> str:
         return f"{self.prefix}conv:{conversation}"
 
+    def _feedback_key(self, conversation: str) -> str:
+        return f"{self.prefix}fb:{conversation}"
+
     async def ping(self) -> None:
         try:
             await self._redis.ping()
@@ -76,30 +109,90 @@ class RedisStore:
                 log.warning("Skipping a malformed exchange in conversation %s", conversation)
         return exchanges
 
-    async def append_exchange(self, conversation: str, user_text: str, bot_text: str) -> None:
-        key = self._key(conversation)
-        element = json.dumps({"user": user_text, "bot": bot_text, "at": time.time()}, ensure_ascii=False)
+    async def append_exchange(self, conversation: str, user_text: str, bot_text: str) -> Exchange:
+        key, feedback_key = self._key(conversation), self._feedback_key(conversation)
+        exchange = Exchange(user_text, bot_text, time.time())
+        element = json.dumps({"user": user_text, "bot": bot_text, "at": exchange.at}, ensure_ascii=False)
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.rpush(key, element)
                 pipe.ltrim(key, -self._max_turns, -1)
                 if self._ttl_ms:
                     pipe.pexpire(key, self._ttl_ms)
+                    pipe.pexpire(feedback_key, self._ttl_ms)  # the ratings live as long as the conversation
                 else:
                     pipe.persist(key)
+                    pipe.persist(feedback_key)
                 # A connection lost after EXEC was sent but before its answer is retried
                 # like any command, so such an exchange can, rarely, be stored twice.
                 await pipe.execute()
         except RedisError as error:
             raise StoreUnavailable(f"could not write to Redis: {error}") from error
+        return exchange
 
     async def reset(self, conversation: str) -> bool:
         try:
-            return await self._redis.delete(self._key(conversation)) > 0
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._key(conversation))
+                pipe.delete(self._feedback_key(conversation))
+                deleted, _ = await pipe.execute()
         except RedisError as error:
             raise StoreUnavailable(f"could not write to Redis: {error}") from error
+        return deleted > 0
 
     async def sweep(self, idle_seconds: float) -> int:
         """Nothing to do: Redis expires a conversation `ttl` seconds after its last
         exchange (the store's `ttl`, MEMORY_TTL, stands in for `idle_seconds`)."""
         return 0
+
+    async def add_feedback(self, feedback: Feedback) -> bool:
+        exchange = feedback.exchange
+        value = json.dumps(
+            {"at": exchange.at, "rating": feedback.rating, "user": feedback.user, "platform": feedback.platform,
+             "rated_at": feedback.at}
+        )
+        keys = (self._key(exchange.conversation), self._feedback_key(exchange.conversation))
+        try:
+            stored = await self._redis.eval(_ADD_FEEDBACK, 2, *keys, repr(exchange.at), _field(feedback), value)
+        except RedisError as error:
+            raise StoreUnavailable(f"could not write to Redis: {error}") from error
+        return bool(stored)
+
+    async def list_feedback(
+        self, *, since: float = 0.0, platform: str | None = None, limit: int | None = None
+    ) -> list[Feedback]:
+        start = len(self._feedback_key(""))
+        rows = []
+        try:
+            async for key in self._redis.scan_iter(match=_glob_escape(self._feedback_key("")) + "*", count=500):
+                conversation = (key.decode() if isinstance(key, bytes) else key)[start:]
+                for value in (await self._redis.hgetall(key)).values():
+                    row = _feedback_row(conversation, value)
+                    if row is not None and row.at >= since and (platform is None or row.platform == platform):
+                        rows.append(row)
+        except RedisError as error:
+            raise StoreUnavailable(f"could not read from Redis: {error}") from error
+        rows.sort(key=lambda row: row.at, reverse=True)
+        return rows[:limit] if limit is not None else rows
+
+
+def _field(feedback: Feedback) -> str:
+    """One field per exchange and user: rating again replaces the earlier rating."""
+    return f"{feedback.exchange.at!r}|{feedback.user}"
+
+
+def _feedback_row(conversation: str, value: bytes | str) -> Feedback | None:
+    try:
+        data = json.loads(value)
+        return Feedback(
+            ExchangeRef(conversation, float(data["at"])), data["rating"], data["user"], data["platform"],
+            float(data["rated_at"]),
+        )
+    except (ValueError, KeyError, TypeError):
+        log.warning("Skipping a malformed rating in conversation %s", conversation)
+        return None
+
+
+def _glob_escape(text: str) -> str:
+    """`text` matched literally by SCAN's MATCH pattern."""
+    return "".join("\\" + char if char in "*?[]\\" else char for char in text)

@@ -2,7 +2,8 @@
 
 One row per exchange, so a user message is never stored without its reply;
 the insert, the conversation's timestamp and the trimming to `max_turns` are
-one transaction.
+one transaction. Ratings of replies sit in `feedback`, deleted in the same
+transaction as their conversation.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from bot.memory import Exchange, StoreUnavailable
+from bot.memory import Exchange, ExchangeRef, Feedback, StoreUnavailable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS exchanges (
@@ -30,6 +31,16 @@ CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS feedback (
+    conversation TEXT NOT NULL,
+    exchange_at REAL NOT NULL,
+    user TEXT NOT NULL,
+    platform TEXT NOT NULL,
+    rating TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (conversation, exchange_at, user)
+);
+CREATE INDEX IF NOT EXISTS feedback_by_time ON feedback (created_at);
 """
 
 
@@ -91,7 +102,7 @@ class SQLiteStore:
         ) as cursor:
             return [Exchange(user, bot, at) for user, bot, at in await cursor.fetchall()]
 
-    async def append_exchange(self, conversation: str, user_text: str, bot_text: str) -> None:
+    async def append_exchange(self, conversation: str, user_text: str, bot_text: str) -> Exchange:
         now = time.time()
         async with self._transaction() as db:
             await db.execute(
@@ -108,10 +119,12 @@ class SQLiteStore:
                 "(SELECT id FROM exchanges WHERE conversation = ? ORDER BY id DESC LIMIT ?)",
                 (conversation, conversation, self._max_turns),
             )
+        return Exchange(user_text, bot_text, now)
 
     async def reset(self, conversation: str) -> bool:
         async with self._transaction() as db:
             cursor = await db.execute("DELETE FROM exchanges WHERE conversation = ?", (conversation,))
+            await db.execute("DELETE FROM feedback WHERE conversation = ?", (conversation,))
             await db.execute("DELETE FROM conversations WHERE id = ?", (conversation,))
         return cursor.rowcount > 0
 
@@ -122,5 +135,40 @@ class SQLiteStore:
                 "DELETE FROM exchanges WHERE conversation IN (SELECT id FROM conversations WHERE updated_at < ?)",
                 (cutoff,),
             )
+            await db.execute(
+                "DELETE FROM feedback WHERE conversation IN (SELECT id FROM conversations WHERE updated_at < ?)",
+                (cutoff,),
+            )
             cursor = await db.execute("DELETE FROM conversations WHERE updated_at < ?", (cutoff,))
         return cursor.rowcount
+
+    async def add_feedback(self, feedback: Feedback) -> bool:
+        exchange = feedback.exchange
+        async with self._transaction() as db:
+            # One statement: the rating is stored only while its exchange is.
+            cursor = await db.execute(
+                "INSERT OR REPLACE INTO feedback (conversation, exchange_at, user, platform, rating, created_at) "
+                "SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS "
+                "(SELECT 1 FROM exchanges WHERE conversation = ? AND created_at = ?)",
+                (exchange.conversation, exchange.at, feedback.user, feedback.platform, feedback.rating, feedback.at,
+                 exchange.conversation, exchange.at),
+            )
+        return cursor.rowcount > 0
+
+    async def list_feedback(
+        self, *, since: float = 0.0, platform: str | None = None, limit: int | None = None
+    ) -> list[Feedback]:
+        query = "SELECT conversation, exchange_at, rating, user, platform, created_at FROM feedback WHERE created_at >= ?"
+        params: list[object] = [since]
+        if platform is not None:
+            query += " AND platform = ?"
+            params.append(platform)
+        query += " ORDER BY created_at DESC"
+        if limit is not None:
+            query += " LIMIT ?"
+            params.append(limit)
+        async with self._lock, self._conn.execute(query, params) as cursor:
+            return [
+                Feedback(ExchangeRef(conversation, exchange_at), rating, user, platform_, at)
+                for conversation, exchange_at, rating, user, platform_, at in await cursor.fetchall()
+            ]

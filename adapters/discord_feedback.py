@@ -1,0 +1,54 @@
+"""👍 / 👎 reactions on the bot's replies on Discord, as ratings of the exchange.
+
+A reply this process sent is remembered by message id (bounded). Any other reply
+of the bot (sent before a restart, or by another replica) is fetched and matched
+by its text against the conversation's stored exchanges: the bot may read its own
+messages without the privileged Message Content intent.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from adapters.base import split_message
+from bot.engine import shown_text
+from bot.memory import BAD, GOOD, Exchange, ExchangeRef
+
+MAX_REMEMBERED = 20_000  # message ids of recent replies, each a few hundred bytes
+_SKIN_TONES = "".join(chr(code) for code in range(0x1F3FB, 0x1F400))
+_RATINGS = {"\N{THUMBS UP SIGN}": GOOD, "\N{THUMBS DOWN SIGN}": BAD}
+
+
+def rating_for(emoji: str) -> str | None:
+    """GOOD for 👍, BAD for 👎 (in any skin tone); None for any other reaction."""
+    return _RATINGS.get(emoji.rstrip("\ufe0f").rstrip(_SKIN_TONES))
+
+
+class RepliesSent:
+    """Which exchange each recent reply message is (its chunks all name the same one)."""
+
+    def __init__(self, limit: int = MAX_REMEMBERED) -> None:
+        self._limit = limit
+        self._exchanges: OrderedDict[int, ExchangeRef] = OrderedDict()
+
+    def remember(self, message_ids: Iterable[int], exchange: ExchangeRef) -> None:
+        for message_id in message_ids:
+            self._exchanges[message_id] = exchange
+            self._exchanges.move_to_end(message_id)
+        while len(self._exchanges) > self._limit:
+            self._exchanges.popitem(last=False)
+
+    def get(self, message_id: int) -> ExchangeRef | None:
+        return self._exchanges.get(message_id)
+
+    def __len__(self) -> int:
+        return len(self._exchanges)
+
+
+def exchange_sent_as(content: str, conversation: str, history: list[Exchange], limit: int) -> ExchangeRef | None:
+    """The newest stored exchange whose reply, as it was sent in chunks of `limit`, has `content` as a chunk."""
+    for exchange in reversed(history):
+        if content in split_message(shown_text(exchange.bot), limit):
+            return ExchangeRef(conversation, exchange.at)
+    return None

@@ -1,0 +1,209 @@
+"""Ratings of replies outside Slack and Discord: the engine's `respond`/`rate`, the
+web API (`POST /api/feedback` to rate, `GET /api/feedback` for the operator) over
+real HTTP, the metrics, and `/good` / `/bad` in the terminal chat."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from conftest import subprocess_env
+from prometheus_client.parser import text_string_to_metric_families
+
+from bot.config import Settings
+from bot.engine import ReplyEngine
+from bot.memory import ExchangeRef, open_store
+from bot.web import STATE, build_app
+
+
+def counted(engine: ReplyEngine, platform: str, rating: str) -> float:
+    for family in text_string_to_metric_families(engine.metrics.render().decode()):
+        for sample in family.samples:
+            if sample.name == "blenderchat_feedback_total" and sample.labels == {"platform": platform,
+                                                                               "rating": rating}:
+                return sample.value
+    raise AssertionError(f"no blenderchat_feedback_total sample for {platform}/{rating}")
+
+
+@pytest.fixture
+async def serve(tiny_model, make_settings: Callable[..., Settings], tmp_path):
+    opened: list[TestClient] = []
+
+    async def start(**overrides) -> TestClient:
+        settings = make_settings(memory_url=f"sqlite:///{tmp_path}/memory.db", **overrides)
+        engine = ReplyEngine(tiny_model, open_store(settings.memory_url, max_turns=3), settings)
+        await engine.start()
+        client = TestClient(TestServer(build_app(engine, settings), host="127.0.0.1", port=0))
+        await client.start_server()
+        opened.append(client)
+        return client
+
+    yield start
+    for client in opened:
+        engine = client.server.app[STATE].engine
+        await client.close()
+        await engine.close(timeout=5)
+
+
+@pytest.fixture
+async def client(serve) -> TestClient:
+    return await serve()
+
+
+async def chat(client: TestClient, conversation: str, text: str, **extra) -> dict:
+    response = await client.post("/api/chat", json={"conversation": conversation, "text": text, **extra})
+    assert response.status == 200, await response.text()
+    return await response.json()
+
+
+async def test_engine_respond_names_the_stored_exchange_and_rate_counts_and_stores(tiny_model, make_settings):
+    settings = make_settings()
+    async with ReplyEngine(tiny_model, open_store("memory://", max_turns=3), settings) as engine:
+        reply = await engine.respond("c", "hello there", user="u", platform="slack")
+        [exchange] = await engine.history("c")
+        assert reply.exchange == ExchangeRef("c", exchange.at)
+        assert await engine.rate(reply.exchange, "bad", user="U2", platform="slack")
+        assert counted(engine, "slack", "bad") == 1 and counted(engine, "slack", "good") == 0
+        [row] = await engine.store.list_feedback()
+        assert (row.exchange, row.rating, row.user, row.platform) == (reply.exchange, "bad", "U2", "slack")
+        with pytest.raises(ValueError):
+            await engine.rate(reply.exchange, "meh", user="U2", platform="slack")
+        # A deflected message is not stored, so there is nothing to rate.
+        deflected = await engine.respond("c", "you are a fucking idiot", user="u", platform="slack")
+        assert deflected.text == settings.safety_deflection and deflected.exchange is None
+
+
+async def test_blocked_users_ratings_are_neither_stored_nor_counted(tiny_model, make_settings):
+    settings = make_settings(blocked_users=frozenset({"U9"}))
+    async with ReplyEngine(tiny_model, open_store("memory://", max_turns=3), settings) as engine:
+        reply = await engine.respond("c", "hello", user="u", platform="slack")
+        assert not await engine.rate(reply.exchange, "bad", user="U9", platform="slack")
+        assert counted(engine, "slack", "bad") == 0
+        assert await engine.store.list_feedback() == []
+
+
+async def test_web_reply_can_be_rated_and_the_operator_sees_counts_and_recent_web_exchanges(client):
+    first = await chat(client, "alpha", "what's your favourite colour?", user="alice")
+    second = await chat(client, "alpha", "and your favourite food?", user="alice")
+    other = await chat(client, "beta", "tell me a joke")
+    assert isinstance(first["at"], float)
+    for body in ({"conversation": "alpha", "at": first["at"], "rating": "good", "user": "alice"},
+                 {"conversation": "alpha", "at": second["at"], "rating": "bad", "user": "alice"},
+                 {"conversation": "beta", "at": other["at"], "rating": "bad"}):
+        response = await client.post("/api/feedback", json=body)
+        assert (response.status, await response.json()) == (200, {"recorded": True})
+    # A rating from Slack is counted but its text is not shown.
+    engine = client.server.app[STATE].engine
+    slack = await engine.respond("slack:T1:D1", "a private slack message", user="U2", platform="slack")
+    await engine.rate(slack.exchange, "good", user="U2", platform="slack")
+
+    response = await client.get("/api/feedback", params={"recent": "2"})
+    assert response.status == 200
+    report = await response.json()
+    assert report["counts"] == {"web": {"good": 1, "bad": 2}, "slack": {"good": 1, "bad": 0}}
+    assert report["total"] == 4 and report["bad_share"] == 0.5
+    assert [(r["conversation"], r["rating"], r["user"]) for r in report["recent"]] == [
+        ("beta", "bad", "beta"), ("alpha", "bad", "alice")]
+    assert report["recent"][1]["exchange"]["user"] == "and your favourite food?"
+    assert report["recent"][1]["exchange"]["bot"] == second["reply"]
+    assert "a private slack message" not in await response.text()
+    assert counted(engine, "web", "bad") == 2 and counted(engine, "web", "good") == 1
+
+
+async def test_rating_again_replaces_the_earlier_rating(client):
+    reply = await chat(client, "c", "hello", user="alice")
+    for rating in ("bad", "good"):
+        body = {"conversation": "c", "at": reply["at"], "rating": rating, "user": "alice"}
+        assert (await client.post("/api/feedback", json=body)).status == 200
+    report = await (await client.get("/api/feedback")).json()
+    assert report["counts"] == {"web": {"good": 1, "bad": 0}}
+
+
+async def test_feedback_window_counts_only_recent_ratings(client):
+    engine = client.server.app[STATE].engine
+    reply = await engine.respond("web:c", "hello", platform="web")
+    await engine.rate(reply.exchange, "bad", user="web:c", platform="web")
+    await asyncio.sleep(1.2)  # the window is measured on the wall clock
+    report = await (await client.get("/api/feedback", params={"window": "1s"})).json()
+    assert report["counts"] == {} and report["total"] == 0 and report["bad_share"] is None
+    assert len(report["recent"]) == 1  # recent ratings are listed whatever the window
+    assert (await (await client.get("/api/feedback", params={"window": "1h"})).json())["total"] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"conversation": "c", "rating": "good"}, 400, "bad_request"),
+        ({"conversation": "c", "at": "yesterday", "rating": "good"}, 400, "bad_request"),
+        ({"conversation": "c", "at": True, "rating": "good"}, 400, "bad_request"),
+        ({"conversation": "c", "at": 1.5, "rating": "meh"}, 400, "bad_request"),
+        ({"conversation": "c", "at": 1.5, "rating": "good", "user": "has space"}, 400, "bad_request"),
+        ({"at": 1.5, "rating": "good"}, 400, "bad_request"),
+        ({"conversation": "c", "at": 1.5, "rating": "good"}, 404, "not_found"),
+    ],
+)
+async def test_bad_ratings_get_a_clear_answer_and_store_nothing(client, body, status, code):
+    await chat(client, "c", "hello")
+    response = await client.post("/api/feedback", json=body)
+    data = await response.json()
+    assert (response.status, data["code"]) == (status, code)
+    assert data["error"].strip()
+    assert await client.server.app[STATE].engine.store.list_feedback() == []
+
+
+@pytest.mark.parametrize("query", [{"window": "soon"}, {"recent": "-1"}, {"recent": "1000"}])
+async def test_bad_feedback_queries_get_400(client, query):
+    response = await client.get("/api/feedback", params=query)
+    assert response.status == 400 and (await response.json())["code"] == "bad_request"
+
+
+async def test_forgotten_conversation_takes_its_ratings_with_it(client):
+    reply = await chat(client, "c", "hello")
+    assert (await client.post("/api/feedback", json={"conversation": "c", "at": reply["at"],
+                                                     "rating": "bad"})).status == 200
+    assert (await client.post("/api/reset", json={"conversation": "c"})).status == 200
+    report = await (await client.get("/api/feedback")).json()
+    assert report["total"] == 0 and report["recent"] == []
+    again = await client.post("/api/feedback", json={"conversation": "c", "at": reply["at"], "rating": "bad"})
+    assert again.status == 404
+
+
+async def test_feedback_endpoints_need_the_token_like_the_rest_of_the_api(serve):
+    client = await serve(http_host="0.0.0.0", web_api_token="tok")
+    auth = {"Authorization": "Bearer tok"}
+    assert (await client.get("/api/feedback")).status == 401
+    assert (await client.post("/api/feedback", json={"conversation": "c", "at": 1, "rating": "good"})).status == 401
+    assert (await client.get("/api/feedback", headers=auth)).status == 200
+    reply = await (await client.post("/api/chat", json={"conversation": "c", "text": "hi"}, headers=auth)).json()
+    body = {"conversation": "c", "at": reply["at"], "rating": "good"}
+    assert (await client.post("/api/feedback", json=body, headers=auth)).status == 200
+
+
+def test_terminal_good_and_bad_rate_the_previous_reply(tmp_path, blenderbot_dir):
+    env = subprocess_env(
+        BLENDERBOT_MODEL=str(blenderbot_dir), BLENDERBOT_MAX_NEW_TOKENS="6", BLENDERBOT_NUM_BEAMS="1",
+        MEMORY_URL=f"sqlite:///{tmp_path}/memory.db", LOG_LEVEL="WARNING",
+    )
+
+    def run(stdin: str) -> list[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "bot", "chat", "--conversation", "mine"],
+            input=stdin, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return [line.split("bot> ", 1)[1] for line in result.stdout.splitlines() if "bot> " in line]
+
+    assert run("/good\n") == ["(no reply to rate yet)"]
+    answers = run("Hello bot!\nHow are you?\n/bad\n/quit\n")
+    assert answers[2] == "(thanks: last reply rated bad)"
+    assert run("/good\n") == ["(thanks: last reply rated good)"]  # resumed: the last reply remembered
+    with sqlite3.connect(tmp_path / "memory.db") as db:
+        rows = db.execute("SELECT f.rating, f.platform, e.user_text FROM feedback f JOIN exchanges e "
+                          "ON e.conversation = f.conversation AND e.created_at = f.exchange_at").fetchall()
+    assert rows == [("good", "terminal", "How are you?")]  # the same user rated it again
+    assert run("/reset\n/bad\n") == ["(conversation forgotten)", "(no reply to rate yet)"]
