@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from conftest import subprocess_env
 from prometheus_client.parser import text_string_to_metric_families
 
+from bot.chat import HELP
 from bot.config import Settings
 from bot.engine import ReplyEngine
 from bot.memory import ExchangeRef, open_store
@@ -196,7 +197,9 @@ def test_terminal_good_and_bad_rate_the_previous_reply(tmp_path, blenderbot_dir)
             input=stdin, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
-        return [line.split("bot> ", 1)[1] for line in result.stdout.splitlines() if "bot> " in line]
+        # What the bot says in this session: after the help line (a resumed conversation is shown before it).
+        session = result.stdout.split(HELP, 1)[1]
+        return [line.split("bot> ", 1)[1] for line in session.splitlines() if "bot> " in line]
 
     assert run("/good\n") == ["(no reply to rate yet)"]
     answers = run("Hello bot!\nHow are you?\n/bad\n/quit\n")
