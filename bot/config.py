@@ -52,6 +52,7 @@ class Settings:
     batch_max_rows: int = 80  # conversations x beams per generate call (benchmarks/README.md)
     batch_wait_ms: int = 20
     queue_size: int = 256
+    conversation_queue_size: int = 8  # messages of one conversation in line (answered or waiting)
     reply_timeout: float = 120.0
     max_input_chars: int = 2000
 
@@ -136,6 +137,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
         batch_max_rows=env.integer("BATCH_MAX_ROWS", 80, minimum=1),
         batch_wait_ms=env.integer("BATCH_WAIT_MS", 20, minimum=0),
         queue_size=env.integer("QUEUE_SIZE", 256, minimum=1),
+        conversation_queue_size=env.integer("CONVERSATION_QUEUE_SIZE", 8, minimum=1),
         reply_timeout=env.duration("REPLY_TIMEOUT", 120.0, minimum=1.0),
         max_input_chars=env.integer("MAX_INPUT_CHARS", 2000, minimum=1),
         memory_url=memory_url,

@@ -4,12 +4,19 @@
 queues it for the model and stores the finished exchange. One inference thread
 runs the model; while it works, everything queued meanwhile waits, and the next
 `generate` call takes all of it at once (dynamic batching), so many
-conversations cost little more than one. Messages of one conversation are
-answered one at a time, in order, each seeing the exchange before it.
+conversations cost little more than one.
 
-Around that: per-user rate limits, the safety filter on the message and on the
-reply (an unsafe one is never sent nor stored), mentions defused in every
-answer, and a periodic sweep that deletes conversations idle past `MEMORY_TTL`.
+Messages of one conversation are answered one at a time, in the order they
+arrived, each seeing the exchange before it. The order is the order of
+`engine.take_ticket(conversation)` calls, which adapters make first thing in
+their event handlers, before any await; `reply(..., ticket=ticket)` waits for
+that ticket's turn (bot/locks.py says how, and who releases what).
+
+Around that: per-user rate limits (checked in line, so a slow limiter cannot
+reorder messages), a cap on the messages waiting in one conversation, the
+safety filter on the message and on the reply (an unsafe one is never sent nor
+stored), mentions defused in every answer, and a periodic sweep that deletes
+conversations idle past `MEMORY_TTL`.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +32,7 @@ from typing import Protocol
 
 from bot.config import Settings
 from bot.errors import (
+    ConversationBusy,
     EmptyMessage,
     EngineBusy,
     EngineClosed,
@@ -33,7 +42,7 @@ from bot.errors import (
     ReplyTimeout,
 )
 from bot.inflight import InFlight
-from bot.locks import ConversationLock, ConversationLocks, LayeredLocks, LocalLocks
+from bot.locks import ConversationLines, ConversationLock, ConversationLocks, Ticket
 from bot.memory import ConversationStore, Exchange, StoreUnavailable
 from bot.metrics import Metrics
 from bot.model import Generated
@@ -48,6 +57,12 @@ NO_ANSWER = "Hmm, I'm not sure what to say to that."
 
 # How often idle conversations are swept (more often when MEMORY_TTL is shorter).
 SWEEP_INTERVAL = 3600.0
+
+# Weight of the newest reply in the running estimate of how long one reply takes.
+TURN_TIME_WEIGHT = 0.3
+
+# Said instead of waiting for an answer that cannot come within REPLY_TIMEOUT.
+TOO_SLOW = "I'm answering slowly right now and couldn't get to this in time. Please try again in a minute."
 
 
 class Generator(Protocol):
@@ -84,10 +99,10 @@ class ReplyEngine:
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._executor: ThreadPoolExecutor | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._lines = ConversationLines()  # each conversation's messages, in arrival order
         # `shared_lock` (bot.locks.RedisLocks) keeps other replicas out of a conversation too.
-        self._locks: ConversationLocks = LocalLocks()
-        if shared_lock is not None:
-            self._locks = LayeredLocks(self._locks, shared_lock)
+        self._shared_lock = shared_lock
+        self._turn_seconds = 0.0  # running estimate of one reply's time in line; 0 until measured
         self._sweeper: asyncio.Task[None] | None = None
         self._pending = InFlight()  # replies accepted and not yet finished
         self._preparing = 0  # replies holding their conversation's lock, not yet queued for the model
@@ -140,32 +155,67 @@ class ReplyEngine:
 
     # -- the public API --------------------------------------------------
 
-    async def reply(self, conversation: str, text: str, *, user: str | None = None, platform: str = "api") -> str:
+    def take_ticket(self, conversation: str) -> Ticket:
+        """A place in `conversation`'s line, taken now, synchronously: call it before
+        any await when a message arrives, pass it to `reply` (or `reset`), and
+        release it when done with the message, whatever happens (bot/locks.py)."""
+        return self._lines.take(conversation)
+
+    async def reply(
+        self,
+        conversation: str,
+        text: str,
+        *,
+        user: str | None = None,
+        platform: str = "api",
+        ticket: Ticket | None = None,
+        exchange_id: str | None = None,
+    ) -> str:
         """The bot's answer to `text` in `conversation`; raises `ReplyError` subclasses
         for answers the user should get instead (busy, too long, timeout...).
-        `user` is who the rate limit counts; without one, the conversation."""
+
+        `user` is who the rate limit counts; without one, the conversation.
+        `ticket` (from `take_ticket`) is the message's place in line; without one
+        a place is taken now and released on return. `exchange_id` names the
+        stored exchange (default: a new id); storing the same id twice is a no-op,
+        so a message answered again after a crash is remembered once."""
         started = time.monotonic()
+        own_ticket = ticket is None
+        if ticket is None:
+            ticket = self.take_ticket(conversation)
+        elif ticket.conversation != conversation:
+            raise ValueError(f"a ticket of {ticket.conversation} cannot answer in {conversation}")
         try:
-            await self.limiter.acquire(user or conversation)
-            answer = await self._reply(conversation, text)
+            answer = await self._reply(ticket, text, user or conversation, exchange_id or uuid.uuid4().hex)
         except ReplyError as error:
             self.metrics.replies.labels(platform, error.outcome).inc()
             raise
+        finally:
+            if own_ticket:
+                ticket.release()
         self.metrics.replies.labels(platform, "ok").inc()
         self.metrics.reply_latency.labels(platform).observe(time.monotonic() - started)
         return neutralize_mentions(answer)
 
-    async def reset(self, conversation: str) -> bool:
-        """Forget a conversation; waits for a reply in flight in it to finish first."""
-        async with self._conversation_lock(conversation):
-            return await self.store.reset(conversation)
+    async def reset(self, conversation: str, *, ticket: Ticket | None = None) -> bool:
+        """Forget a conversation, in line: after the messages that came before, before those after."""
+        own_ticket = ticket is None
+        if ticket is None:
+            ticket = self.take_ticket(conversation)
+        try:
+            await ticket.turn()
+            async with self._conversation_lock(conversation):
+                return await self.store.reset(conversation)
+        finally:
+            if own_ticket:
+                ticket.release()
 
     async def history(self, conversation: str) -> list[Exchange]:
         return await self.store.history(conversation)
 
     # -- internals -------------------------------------------------------
 
-    async def _reply(self, conversation: str, text: str) -> str:
+    async def _reply(self, ticket: Ticket, text: str, user: str, exchange_id: str) -> str:
         text = clean_text(text)
         if not text:
             raise EmptyMessage()
@@ -175,21 +225,42 @@ class ReplyEngine:
             raise EngineClosed()
         if self._pending.count >= self.settings.queue_size:
             raise EngineBusy()
+        self._refuse_a_long_wait(ticket)
         self.metrics.queue_depth.inc()
         try:
             with self._pending:
-                return await self._reply_in_order(conversation, text)
+                return await self._reply_in_order(ticket, text, user, exchange_id)
         finally:
             self.metrics.queue_depth.dec()
 
-    async def _reply_in_order(self, conversation: str, text: str) -> str:
+    def _refuse_a_long_wait(self, ticket: Ticket) -> None:
+        """Fail fast rather than hold a message that cannot be answered in time:
+        a conversation with CONVERSATION_QUEUE_SIZE messages ahead, or whose
+        expected wait (the messages ahead and this one, at the recent time per
+        reply) is past REPLY_TIMEOUT."""
+        ahead = ticket.ahead
+        expected = (ahead + 1) * self._turn_seconds
+        if ahead >= self.settings.conversation_queue_size:
+            notify = self._lines.refuse(ticket)
+            raise ConversationBusy(max(expected, 1.0), notify=notify)
+        if expected > self.settings.reply_timeout:
+            notify = self._lines.refuse(ticket)
+            raise EngineBusy(TOO_SLOW, retry_after=expected, notify=notify)
+        self._lines.accept(ticket)
+
+    async def _reply_in_order(self, ticket: Ticket, text: str, user: str, exchange_id: str) -> str:
+        conversation = ticket.conversation
         deadline = asyncio.get_running_loop().time() + self.settings.reply_timeout
         lock = self._conversation_lock(conversation)
         try:
             async with asyncio.timeout_at(deadline):
+                await ticket.turn()
+                # In line, not before: a limiter that takes a while (a Redis round trip) would let messages overtake.
+                await self.limiter.acquire(user)
                 await lock.acquire()
         except TimeoutError:
             raise ReplyTimeout() from None
+        held = time.monotonic()
         try:
             self._preparing += 1
             try:
@@ -207,10 +278,17 @@ class ReplyEngine:
             if generated is None:
                 return self.settings.safety_deflection
             # The answer exists now: it is stored and returned whatever the deadline says.
-            await self._store_exchange(conversation, text, generated.text)
+            await self._store_exchange(conversation, text, generated.text, exchange_id)
         finally:
             await lock.release()
+        self._measure_turn(time.monotonic() - held)
         return clean_text(generated.text) or NO_ANSWER
+
+    def _measure_turn(self, seconds: float) -> None:
+        if self._turn_seconds == 0.0:
+            self._turn_seconds = seconds
+        else:
+            self._turn_seconds += TURN_TIME_WEIGHT * (seconds - self._turn_seconds)
 
     async def _load_history(self, conversation: str) -> list[Exchange]:
         try:
@@ -238,9 +316,9 @@ class ReplyEngine:
         log.info("Safety filter blocked an %s message in conversation %s", direction, conversation)
         return True
 
-    async def _store_exchange(self, conversation: str, text: str, answer: str) -> None:
+    async def _store_exchange(self, conversation: str, text: str, answer: str, exchange_id: str) -> None:
         try:
-            await self.store.append_exchange(conversation, text, answer)
+            await self.store.append_exchange(conversation, text, answer, exchange_id=exchange_id)
         except Exception as error:
             # The user still gets the answer; the conversation just does not remember it.
             _log_store_error("Could not store an exchange of conversation %s", conversation, error)
@@ -268,7 +346,10 @@ class ReplyEngine:
             await asyncio.sleep(min(SWEEP_INTERVAL, ttl))
 
     def _conversation_lock(self, conversation: str) -> ConversationLock:
-        return self._locks.lock(conversation)
+        """The lock other replicas respect; nothing to take without one (the ticket orders this process)."""
+        if self._shared_lock is None:
+            return _NO_LOCK
+        return self._shared_lock.lock(conversation)
 
     async def _batch_worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -312,6 +393,23 @@ class ReplyEngine:
             self.metrics.generated_tokens.inc(result.new_tokens)
             if not request.future.done():
                 request.future.set_result(result)
+
+
+class _NoLock:
+    async def acquire(self) -> None:
+        pass
+
+    async def release(self) -> None:
+        pass
+
+    async def __aenter__(self) -> None:
+        pass
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        pass
+
+
+_NO_LOCK = _NoLock()
 
 
 def _log_store_error(message: str, conversation: str, error: Exception) -> None:

@@ -21,7 +21,7 @@ from redis_servers import PrivateRedis, delete_prefix, redis_url, shared_prefix,
 from bot.config import Settings
 from bot.errors import RateLimited, UserBlocked
 from bot.engine import ReplyEngine
-from bot.locks import LayeredLocks, LocalLocks, RedisLocks
+from bot.locks import RedisLocks
 from bot.memory import StoreUnavailable, open_store
 from bot.memory.redis import RedisStore
 from bot.metrics import Metrics
@@ -244,12 +244,25 @@ async def test_a_wait_cut_short_leaves_no_lock_behind(client, prefix):
     await late.release()
 
 
-async def test_layered_locks_take_the_local_lock_first_and_forget_idle_conversations(client, prefix):
-    local = LocalLocks()
-    locks = LayeredLocks(local, RedisLocks(client, prefix=prefix))
-    async with locks.lock("c"):
-        assert len(local) == 1 and await client.exists(f"{prefix}lock:c") == 1
-    assert len(local) == 0 and await client.exists(f"{prefix}lock:c") == 0
+async def test_the_engine_asks_redis_only_on_its_turn_and_forgets_idle_conversations(
+    tiny_model, make_settings, client, prefix
+):
+    """This process's line first, then the shared lock: a message waiting behind
+    another of its conversation holds no Redis lock, and nothing stays behind."""
+    model = GatedModel(tiny_model)
+    engine = ReplyEngine(model, open_store("memory://", max_turns=5), make_settings(),
+                         shared_lock=RedisLocks(client, prefix=prefix))  # fmt: skip
+    async with engine:
+        model.gate.clear()
+        first = asyncio.create_task(engine.reply("c", "first"))
+        await asyncio.to_thread(model.wait_for_calls, 1)
+        second = asyncio.create_task(engine.reply("c", "second"))
+        await asyncio.sleep(0.2)
+        assert engine._lines.waiting("c") == 2 and len(await client.keys(f"{prefix}lock:*")) == 1
+        model.gate.set()
+        assert all(await asyncio.gather(first, second))
+        assert len(engine._lines) == 0 and await client.exists(f"{prefix}lock:c") == 0
+    assert [turns[-1] for batch in model.batches for turns in batch] == ["first", "second"]
 
 
 # -- rate limits ---------------------------------------------------------------

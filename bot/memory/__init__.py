@@ -2,12 +2,16 @@
 
 A backend stores whole exchanges (a user message and the bot's reply): an
 exchange is written in one step, so a crash never leaves half of one, and each
-conversation keeps at most `max_turns` exchanges. `open_store(url)` picks the
+conversation keeps at most `max_turns` exchanges. Every exchange has an id
+(`append_exchange(..., exchange_id=...)`, else a new one); appending an id the
+conversation already holds does nothing, so a retried or replayed append never
+stores an exchange twice. `open_store(url)` picks the
 backend from `MEMORY_URL`; a new backend is one new module here.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,6 +21,11 @@ class Exchange:
     user: str  # the user's message as the model saw it
     bot: str  # the reply exactly as decoded (may start with a space)
     at: float  # when it was stored, seconds since the epoch
+    id: str = ""  # unique per exchange; what feedback and replays refer to
+
+
+def new_exchange_id() -> str:
+    return uuid.uuid4().hex
 
 
 class StoreUnavailable(RuntimeError):
@@ -31,8 +40,11 @@ class ConversationStore(Protocol):
     async def history(self, conversation: str) -> list[Exchange]:
         """The stored exchanges, oldest first."""
 
-    async def append_exchange(self, conversation: str, user_text: str, bot_text: str) -> None:
-        """Store one whole exchange atomically, dropping the oldest beyond the limit."""
+    async def append_exchange(
+        self, conversation: str, user_text: str, bot_text: str, *, exchange_id: str | None = None
+    ) -> None:
+        """Store one whole exchange atomically, dropping the oldest beyond the limit;
+        nothing if the conversation already holds `exchange_id`."""
 
     async def reset(self, conversation: str) -> bool:
         """Forget a conversation; True if there was anything to forget."""

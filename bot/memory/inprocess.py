@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from bot.memory import Exchange
+from bot.memory import Exchange, new_exchange_id
 
 
 class InProcessStore:
@@ -25,9 +25,13 @@ class InProcessStore:
     async def history(self, conversation: str) -> list[Exchange]:
         return list(self._conversations.get(conversation, ()))
 
-    async def append_exchange(self, conversation: str, user_text: str, bot_text: str) -> None:
+    async def append_exchange(
+        self, conversation: str, user_text: str, bot_text: str, *, exchange_id: str | None = None
+    ) -> None:
         exchanges = self._conversations.setdefault(conversation, deque(maxlen=self._max_turns))
-        exchanges.append(Exchange(user_text, bot_text, time.time()))
+        if exchange_id is not None and any(exchange.id == exchange_id for exchange in exchanges):
+            return
+        exchanges.append(Exchange(user_text, bot_text, time.time(), exchange_id or new_exchange_id()))
 
     async def reset(self, conversation: str) -> bool:
         return self._conversations.pop(conversation, None) is not None

@@ -2,7 +2,9 @@
 
 One list per conversation (`<prefix>conv:<conversation>`), one JSON element per
 exchange, so a user message is never stored without its reply. The push, the
-trim to `max_turns` and the key's expiry go in one MULTI/EXEC transaction.
+trim to `max_turns` and the key's expiry are one Lua script, which first looks
+for the exchange's id in the list: a command resent after a lost answer (the
+client retries on a dropped connection) finds it there and stores nothing twice.
 
 Idle conversations are forgotten by Redis itself: every stored exchange sets the
 key to expire `ttl` seconds later, so `sweep` has nothing left to do (it returns
@@ -16,12 +18,33 @@ import logging
 import time
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from bot.memory import Exchange, StoreUnavailable
+from bot.memory import Exchange, StoreUnavailable, new_exchange_id
 from bot.shared import connect, split_prefix
 
 log = logging.getLogger(__name__)
+
+# KEYS[1]: the conversation's list. ARGV: the element (JSON), its exchange id,
+# max_turns, the expiry in ms (0: none). Returns 1 if stored, 0 if already there.
+APPEND_ONCE = """
+local elements = redis.call('LRANGE', KEYS[1], 0, -1)
+for i = #elements, 1, -1 do
+  local ok, stored = pcall(cjson.decode, elements[i])
+  if ok and type(stored) == 'table' and stored['id'] == ARGV[2] then
+    return 0
+  end
+end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
+if tonumber(ARGV[4]) > 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+else
+  redis.call('PERSIST', KEYS[1])
+end
+return 1
+"""
 
 
 class RedisStore:
@@ -31,9 +54,11 @@ class RedisStore:
         self._max_turns = max_turns
         self._ttl_ms = int(ttl * 1000)
         self._client: Redis | None = None
+        self._append_once: AsyncScript | None = None
 
     async def open(self) -> None:
         self._client = connect(self._url)
+        self._append_once = self._client.register_script(APPEND_ONCE)
         try:
             await self._client.ping()
         except RedisError as error:
@@ -70,26 +95,26 @@ class RedisStore:
         for element in elements:
             try:
                 data = json.loads(element)
-                exchanges.append(Exchange(data["user"], data["bot"], data["at"]))
+                exchanges.append(Exchange(data["user"], data["bot"], data["at"], str(data.get("id", ""))))
             except (ValueError, KeyError, TypeError):
                 # Written by something else under our prefix: skip it rather than lose the conversation.
                 log.warning("Skipping a malformed exchange in conversation %s", conversation)
         return exchanges
 
-    async def append_exchange(self, conversation: str, user_text: str, bot_text: str) -> None:
-        key = self._key(conversation)
-        element = json.dumps({"user": user_text, "bot": bot_text, "at": time.time()}, ensure_ascii=False)
+    async def append_exchange(
+        self, conversation: str, user_text: str, bot_text: str, *, exchange_id: str | None = None
+    ) -> None:
+        exchange_id = exchange_id or new_exchange_id()
+        element = json.dumps(
+            {"id": exchange_id, "user": user_text, "bot": bot_text, "at": time.time()}, ensure_ascii=False
+        )
+        client = self._redis
+        assert self._append_once is not None  # registered by open()
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.rpush(key, element)
-                pipe.ltrim(key, -self._max_turns, -1)
-                if self._ttl_ms:
-                    pipe.pexpire(key, self._ttl_ms)
-                else:
-                    pipe.persist(key)
-                # A connection lost after EXEC was sent but before its answer is retried
-                # like any command, so such an exchange can, rarely, be stored twice.
-                await pipe.execute()
+            await self._append_once(
+                keys=[self._key(conversation)], args=[element, exchange_id, self._max_turns, self._ttl_ms],
+                client=client,
+            )
         except RedisError as error:
             raise StoreUnavailable(f"could not write to Redis: {error}") from error
 

@@ -2,12 +2,15 @@
 
 One row per exchange, so a user message is never stored without its reply;
 the insert, the conversation's timestamp and the trimming to `max_turns` are
-one transaction.
+one transaction. A transaction that fails anywhere, BEGIN and COMMIT included,
+or is cancelled, is rolled back, so one failed write (a full disk) never leaves
+the connection inside a transaction that every later write would trip over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from bot.memory import Exchange, StoreUnavailable
+from bot.memory import Exchange, StoreUnavailable, new_exchange_id
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS exchanges (
@@ -31,6 +34,11 @@ CREATE TABLE IF NOT EXISTS conversations (
     updated_at REAL NOT NULL
 );
 """
+# Added after the first release: databases created before get the column on open.
+EXCHANGE_IDS = """
+ALTER TABLE exchanges ADD COLUMN exchange_id TEXT;
+"""
+EXCHANGE_ID_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS exchanges_by_exchange_id ON exchanges (exchange_id)"
 
 
 class SQLiteStore:
@@ -51,7 +59,13 @@ class SQLiteStore:
             await db.execute("PRAGMA busy_timeout=5000")
             # Forgotten and expired conversations are overwritten, not just unlinked (many builds default to this).
             await db.execute("PRAGMA secure_delete=ON")
+            # Off by default in SQLite: tables referring to exchanges or conversations get their constraints kept.
+            await db.execute("PRAGMA foreign_keys=ON")
             await db.executescript(SCHEMA)
+            columns = [row[1] for row in await db.execute_fetchall("PRAGMA table_info(exchanges)")]
+            if "exchange_id" not in columns:
+                await db.executescript(EXCHANGE_IDS)
+            await db.execute(EXCHANGE_ID_INDEX)
         except BaseException:
             await db.close()  # its thread would otherwise keep the process from exiting
             raise
@@ -72,13 +86,13 @@ class SQLiteStore:
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._lock:
             db = self._conn
-            await db.execute("BEGIN IMMEDIATE")
             try:
+                await db.execute("BEGIN IMMEDIATE")
                 yield db
+                await db.execute("COMMIT")
             except BaseException:
-                await db.execute("ROLLBACK")
+                await _roll_back(db)
                 raise
-            await db.execute("COMMIT")
 
     async def ping(self) -> None:
         async with self._lock:
@@ -86,18 +100,26 @@ class SQLiteStore:
 
     async def history(self, conversation: str) -> list[Exchange]:
         async with self._lock, self._conn.execute(
-            "SELECT user_text, bot_text, created_at FROM exchanges WHERE conversation = ? ORDER BY id",
+            "SELECT id, user_text, bot_text, created_at, exchange_id FROM exchanges WHERE conversation = ? ORDER BY id",
             (conversation,),
         ) as cursor:
-            return [Exchange(user, bot, at) for user, bot, at in await cursor.fetchall()]
+            return [
+                Exchange(user, bot, at, exchange_id or f"row-{row}")  # rows stored before exchange ids existed
+                for row, user, bot, at, exchange_id in await cursor.fetchall()
+            ]
 
-    async def append_exchange(self, conversation: str, user_text: str, bot_text: str) -> None:
+    async def append_exchange(
+        self, conversation: str, user_text: str, bot_text: str, *, exchange_id: str | None = None
+    ) -> None:
         now = time.time()
         async with self._transaction() as db:
-            await db.execute(
-                "INSERT INTO exchanges (conversation, user_text, bot_text, created_at) VALUES (?, ?, ?, ?)",
-                (conversation, user_text, bot_text, now),
+            cursor = await db.execute(
+                "INSERT INTO exchanges (conversation, user_text, bot_text, created_at, exchange_id) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (exchange_id) DO NOTHING",
+                (conversation, user_text, bot_text, now, exchange_id or new_exchange_id()),
             )
+            if cursor.rowcount == 0:
+                return  # stored already: a repeated append is a no-op
             await db.execute(
                 "INSERT INTO conversations (id, updated_at) VALUES (?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET updated_at = excluded.updated_at",
@@ -124,3 +146,13 @@ class SQLiteStore:
             )
             cursor = await db.execute("DELETE FROM conversations WHERE updated_at < ?", (cutoff,))
         return cursor.rowcount
+
+
+async def _roll_back(db: aiosqlite.Connection) -> None:
+    """End the transaction a failed or cancelled step left open. Statements run in
+    order on the connection's thread, so this also undoes a BEGIN whose await was
+    cancelled but which runs after all; with no transaction open it is a no-op."""
+    try:
+        await asyncio.shield(db.execute("ROLLBACK"))
+    except (sqlite3.OperationalError, ValueError):
+        pass  # "no transaction is active" (the failure came before BEGIN took effect), or the store is closed
