@@ -1,8 +1,11 @@
 """The Discord adapter: discord.py events in, `engine.reply` answers out.
 
-Answers messages that mention the bot, replies to its own messages and DMs;
-`/reset` and `/help` are slash commands. Needs only Discord's default
-(non-privileged) intents: mentions, replies and DMs carry their content.
+Answers messages that mention the bot, replies to its own messages (not
+forwards of them) and DMs; `/reset` and `/help` are slash commands. Needs only
+Discord's default (non-privileged) intents: mentions, replies and DMs carry
+their content. Each message takes its place in its channel's line as it
+arrives (before the typing indicator, which runs alongside the reply), so a
+channel's messages are answered and sent in the order they were written.
 """
 
 from __future__ import annotations
@@ -11,8 +14,6 @@ import asyncio
 import contextvars
 import logging
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -20,15 +21,15 @@ import discord
 import yarl
 from discord import app_commands
 
-from adapters.base import AdapterStartError, IncomingMessage, ReplyTasks, answer, forget, split_message
+from adapters.base import AdapterStartError, IncomingMessage, ReplyTasks, answer, forget, is_reset, split_message
 from bot.config import Settings
 from bot.engine import ReplyEngine
 from bot.errors import EngineClosed
+from bot.locks import Ticket
 
 log = logging.getLogger(__name__)
 
 MESSAGE_LIMIT = 2000  # characters per Discord message; longer ones are refused with 400
-RESET_WORDS = frozenset({"reset", "forget"})
 RESET_DONE = "Done: I've forgotten our conversation in this channel. Let's start fresh!"
 NOT_HERE = "I'm not enabled here."
 # Without the Message Content intent Discord blanks replies that do not @mention the bot.
@@ -69,6 +70,8 @@ class DiscordAdapter:
         self._replies = ReplyTasks()
         self._ready = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
+        self._failure: str | None = None
+        self._closing = False
         self._client = self._build_client()
         self._tree = self._build_commands(self._client)
 
@@ -110,6 +113,12 @@ class DiscordAdapter:
             return all(not shard.is_closed() for shard in client.shards.values())
         return client.ws is not None and client.ws.open
 
+    @property
+    def failure(self) -> str | None:
+        """Why the client stopped for good after start-up (a reset token, a fatal
+        close code), for /healthz; None while it runs or reconnects."""
+        return self._failure
+
     def stop_accepting(self) -> None:
         self._replies.stop()
 
@@ -118,6 +127,7 @@ class DiscordAdapter:
 
     async def close(self) -> None:
         self._replies.stop()
+        self._closing = True
         await self._client.close()
         if self._runner is not None and not self._runner.done():
             # connect() returns once the client is closed; do not wait forever if it does not.
@@ -134,13 +144,13 @@ class DiscordAdapter:
         await client.connect(reconnect=True)
 
     def _runner_ended(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
+        """discord.py reconnects by itself and gives up only for good (a fatal close
+        code such as 4004 after a token reset): one line, and /healthz fails from now on."""
+        if task.cancelled() or self._closing:
             return
         error = task.exception()
-        if error is not None:
-            log.error("The Discord connection ended: %s", _start_error(error, self.settings))
-        elif not self._client.is_closed():
-            log.error("The Discord connection ended unexpectedly")
+        self._failure = str(_start_error(error, self.settings)) if error else "the Discord client stopped by itself"
+        log.error("Discord stopped for good: %s; /healthz fails from now on, so the bot gets restarted", self._failure)
 
     # -- building the client ----------------------------------------------
 
@@ -176,7 +186,8 @@ class DiscordAdapter:
         tree = app_commands.CommandTree(client)
 
         async def reset(interaction: discord.Interaction) -> None:
-            await self._command(interaction, self._reset_command(interaction))
+            ticket = self.engine.take_ticket(f"discord:{interaction.channel_id}")  # after the messages before it
+            await self._command(interaction, self._reset_command(interaction, ticket), ticket)
 
         async def help_command(interaction: discord.Interaction) -> None:
             await self._command(interaction, interaction.response.send_message(HELP_TEXT, ephemeral=True))
@@ -202,7 +213,10 @@ class DiscordAdapter:
             return
         text = self._text_to_answer(message)
         if text is not None:
-            self._replies.spawn(self._respond(message, text), name=f"discord-reply-{message.id}")
+            # Its place in the channel's line, now: gateway events arrive in order, and nothing has awaited yet.
+            ticket = self.engine.take_ticket(f"discord:{message.channel.id}")
+            reply = self._respond(message, text, ticket)
+            self._replies.spawn(reply, name=f"discord-reply-{message.id}", ticket=ticket)
 
     def _text_to_answer(self, message: discord.Message) -> str | None:
         """What the model should see, or None when the bot should stay silent."""
@@ -212,8 +226,8 @@ class DiscordAdapter:
             return None
         if str(author.id) in self.settings.blocked_users:
             return None  # silence, not even typing; and no `forget` of a channel others talk in
-        if message.type not in _ANSWERED_TYPES:
-            return None
+        if message.type not in _ANSWERED_TYPES or _is_forward(message):
+            return None  # a forward passes someone's message along: it is not said to the bot
         if isinstance(message.channel, discord.DMChannel):
             if not self.settings.discord_dms:
                 return None
@@ -229,18 +243,24 @@ class DiscordAdapter:
         ids = {str(getattr(channel, "id", "")), str(getattr(channel, "parent_id", ""))}
         return not channels or bool(ids & channels)
 
-    async def _respond(self, message: discord.Message, text: str) -> None:
-        conversation = f"discord:{message.channel.id}"
+    async def _respond(self, message: discord.Message, text: str, ticket: Ticket) -> None:
+        """Answer `message` and send the answer, holding its place in line until sent."""
+        conversation = ticket.conversation
         in_dm = isinstance(message.channel, discord.DMChannel)
         if not message.content and not in_dm and not self.settings.discord_message_content:
             await self._send(message, [CANNOT_READ])
             return
-        if text.lower() in RESET_WORDS:
-            await self._send(message, [await forget(self.engine, conversation, RESET_DONE)])
+        if is_reset(text):
+            await self._send(message, [await forget(self.engine, conversation, RESET_DONE, ticket)])
             return
         incoming = IncomingMessage("discord", conversation, str(message.author.id), text)
-        async with _typing(message.channel):
-            reply = await answer(self.engine, incoming)
+        # Alongside the reply, not before it: a slow or rate-limited typing POST must not delay the answer.
+        typing = asyncio.create_task(_show_typing(message.channel), name=f"discord-typing-{message.id}")
+        try:
+            reply = await answer(self.engine, incoming, ticket)
+        finally:
+            typing.cancel()  # a typing POST still waiting would show "typing..." after the answer
+            await asyncio.gather(typing, return_exceptions=True)
         if reply:
             await self._send(message, split_message(reply, MESSAGE_LIMIT))
 
@@ -258,22 +278,24 @@ class DiscordAdapter:
 
     # -- slash commands ----------------------------------------------------
 
-    async def _command(self, interaction: discord.Interaction, work: Any) -> None:
+    async def _command(self, interaction: discord.Interaction, work: Any, ticket: Ticket | None = None) -> None:
         """Run a command's `work` as a tracked reply, or refuse it when not welcome."""
         if not self._interaction_allowed(interaction):
             work.close()
+            if ticket is not None:
+                ticket.release()
             await interaction.response.send_message(NOT_HERE, ephemeral=True)
             return
-        task = self._replies.spawn(work, name=f"discord-command-{interaction.id}")
+        task = self._replies.spawn(work, name=f"discord-command-{interaction.id}", ticket=ticket)
         if task is None:
             await interaction.response.send_message(EngineClosed.user_message, ephemeral=True)
             return
         await task
 
-    async def _reset_command(self, interaction: discord.Interaction) -> None:
+    async def _reset_command(self, interaction: discord.Interaction, ticket: Ticket) -> None:
         # Resetting waits for a reply in flight in the channel; Discord wants an answer within 3 s.
         await interaction.response.defer(thinking=True)
-        await interaction.followup.send(await forget(self.engine, f"discord:{interaction.channel_id}", RESET_DONE))
+        await interaction.followup.send(await forget(self.engine, ticket.conversation, RESET_DONE, ticket))
 
     def _interaction_allowed(self, interaction: discord.Interaction) -> bool:
         if str(interaction.user.id) in self.settings.blocked_users:
@@ -295,7 +317,7 @@ def _addressed_to(message: discord.Message, my_id: int) -> bool:
     if my_id in message.raw_mentions or any(user.id == my_id for user in message.mentions):
         return True
     reference = message.reference
-    if reference is None:
+    if reference is None or _is_forward(message):
         return False
     replied = reference.resolved or reference.cached_message
     return isinstance(replied, discord.Message) and replied.author.id == my_id
@@ -317,22 +339,19 @@ def _model_text(message: discord.Message, my_id: int) -> str:
     return re.sub(r"[ \t]{2,}", " ", text).strip()
 
 
-@asynccontextmanager
-async def _typing(channel: discord.abc.Messageable) -> AsyncIterator[None]:
-    """The typing indicator while the body runs. It is cosmetic: failing to show it
+def _is_forward(message: discord.Message) -> bool:
+    reference = message.reference
+    return reference is not None and reference.type is discord.MessageReferenceType.forward
+
+
+async def _show_typing(channel: discord.abc.Messageable) -> None:
+    """"Typing..." in `channel` until cancelled. It is cosmetic: failing to show it
     (no permission, a network hiccup) must not cost the user the answer."""
-    typing = channel.typing()
     try:
-        await typing.__aenter__()
-        shown = True
+        async with channel.typing():
+            await asyncio.get_running_loop().create_future()  # until the answer is ready
     except (discord.HTTPException, aiohttp.ClientError, OSError) as error:
         log.debug("Could not show the typing indicator: %s", error)
-        shown = False
-    try:
-        yield
-    finally:
-        if shown:
-            await typing.__aexit__(None, None, None)
 
 
 def _start_error(error: BaseException | None, settings: Settings) -> AdapterStartError:
