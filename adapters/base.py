@@ -59,7 +59,12 @@ class Adapter(Protocol):
 
     @property
     def connected(self) -> bool:
-        """True while connected to the platform (for /readyz)."""
+        """True while connected to the platform (for /readyz); False while reconnecting."""
+
+    @property
+    def failure(self) -> str | None:
+        """Why the platform stopped for good after start-up (a revoked token...), one
+        line for /healthz, which then fails so the process is restarted; else None."""
 
     def stop_accepting(self) -> None:
         """Ignore new messages from now on."""

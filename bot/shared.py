@@ -190,13 +190,14 @@ class RedisRateLimiter(BucketLimiter):
 @dataclass
 class SharedState:
     """The Redis pieces a replica uses besides its memory store: pass `dedupe` to
-    the Slack adapter, `locks` and `limiter` to the engine."""
+    the Slack adapter, `locks` and `limiter` to the engine, `web_limiter` to the web app."""
 
     client: Redis
     prefix: str
     dedupe: RedisDedupeStore
     locks: RedisLocks
     limiter: RedisRateLimiter
+    web_limiter: RedisRateLimiter  # per web API caller (WEB_RATE_LIMIT_PER_MINUTE), for bot.web
 
     @classmethod
     def from_settings(cls, settings: Settings, *, metrics: Metrics | None = None) -> SharedState | None:
@@ -212,6 +213,13 @@ class SharedState:
             dedupe=RedisDedupeStore(client, prefix=prefix, metrics=metrics),
             locks=RedisLocks(client, prefix=prefix, metrics=metrics),
             limiter=RedisRateLimiter.from_settings(settings, client, prefix=prefix, metrics=metrics),
+            web_limiter=RedisRateLimiter(
+                client,
+                burst=max(1, settings.web_rate_limit_per_minute),
+                per_minute=settings.web_rate_limit_per_minute,
+                prefix=prefix,
+                metrics=metrics,
+            ),
         )
 
     async def ping(self) -> None:
