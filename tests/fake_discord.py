@@ -92,6 +92,8 @@ class FakeDiscord:
         self._sessions: set[str] = set()
         self._rate_limits: list[tuple[str, str, float]] = []
         self._delays: list[tuple[str, str, float]] = []
+        self.held = 0  # requests being held by `delay` right now
+        self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -108,6 +110,7 @@ class FakeDiscord:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def stop(self) -> None:
+        self._stopping.set()  # lets held requests go
         for socket in list(self._sockets):
             await socket.ws.close()
         if self._runner is not None:
@@ -229,7 +232,7 @@ class FakeDiscord:
         self._rate_limits.append((method, path, retry_after))
 
     def delay(self, method: str, path: str, seconds: float) -> None:
-        """Hold the next `method path` request for `seconds` before answering it (a slow network)."""
+        """Hold the next `method path` request for `seconds` (or until the fake stops) before answering it."""
         self._delays.append((method, path, seconds))
 
     async def wait_for(self, predicate: Callable[[], Any], *, timeout: float = 30.0, what: str = "") -> Any:
@@ -281,7 +284,13 @@ class FakeDiscord:
         for delay in self._delays:
             if delay[0] == request.method and delay[1] == path:
                 self._delays.remove(delay)
-                await asyncio.sleep(delay[2])
+                self.held += 1
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), delay[2])
+                except TimeoutError:
+                    pass
+                finally:
+                    self.held -= 1
                 break
         for limit in self._rate_limits:
             if limit[0] == request.method and limit[1] == path:
