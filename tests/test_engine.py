@@ -366,3 +366,15 @@ async def test_a_message_that_cannot_be_answered_in_time_is_refused_at_once(mode
         assert [e.user for e in await engine.history("c")] == ["warm-up", "m0", "m1"]
         metrics = engine.metrics.render().decode()
     assert 'blenderchat_replies_total{outcome="busy",platform="web"} 4.0' in metrics
+
+
+async def test_an_exchange_is_stored_under_the_id_its_caller_gives(model, make_settings, tmp_path):
+    """What a replay after a crash relies on: the same message answered twice under its id is remembered once."""
+    settings = make_settings(memory_url=f"sqlite:///{tmp_path}/memory.db")
+    async with engine_for(model, settings) as engine:
+        assert await engine.reply("c", "hello", exchange_id="msg-1")
+        assert await engine.reply("c", "hello", exchange_id="msg-1")  # answered again: stored once
+        assert await engine.reply("c", "and you?")
+        history = await engine.history("c")
+    assert [e.user for e in history] == ["hello", "and you?"]
+    assert history[0].id == "msg-1" and history[1].id and history[1].id != "msg-1"

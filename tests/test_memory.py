@@ -133,3 +133,78 @@ async def test_sqlite_failed_write_stores_no_part_of_the_exchange(tmp_path):
     await store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT user_text FROM exchanges").fetchall() == [("first",)]
+
+
+# -- exchange ids, and writes that fail half-way (issue 12, items 7 and 8) ----------------
+
+
+async def test_an_exchange_appended_twice_with_its_id_is_stored_once(store):
+    """A retried or replayed append (a resent command, a message answered again after a crash) is a no-op."""
+    await store.append_exchange("c", "hello", " hi", exchange_id="ex-1")
+    await store.append_exchange("c", "hello", " hi", exchange_id="ex-1")
+    await store.append_exchange("c", "again", " yes", exchange_id="ex-2")
+    await store.append_exchange("c", "third", " no id given")
+    history = await store.history("c")
+    assert [(e.user, e.id) for e in history[:2]] == [("hello", "ex-1"), ("again", "ex-2")]
+    assert history[2].user == "third" and history[2].id and history[2].id not in ("ex-1", "ex-2")
+    await store.append_exchange("c", "hello", " hi", exchange_id="ex-1")
+    assert len(await store.history("c")) == 3
+
+
+async def test_sqlite_a_commit_that_fails_does_not_wedge_later_writes(tmp_path):
+    """COMMIT itself fails (here a deferred foreign key, as a full disk would):
+    the transaction is rolled back, and the next exchange is stored."""
+    path = tmp_path / "memory.db"
+    store = open_store(f"sqlite:///{path}", max_turns=10)
+    await store.open()
+    await store.append_exchange("c", "first", " kept")
+    with sqlite3.connect(path) as db:
+        db.executescript("""
+            CREATE TABLE audit_parent (id INTEGER PRIMARY KEY);
+            CREATE TABLE audit (parent INTEGER REFERENCES audit_parent (id) DEFERRABLE INITIALLY DEFERRED);
+            CREATE TRIGGER audit_exchange AFTER INSERT ON exchanges WHEN NEW.user_text = 'fails at commit'
+            BEGIN INSERT INTO audit VALUES (42); END;
+        """)
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.append_exchange("c", "fails at commit", " lost")
+    await store.append_exchange("c", "second", " kept too")
+    await store.reset("other")  # every kind of write works again
+    assert [e.user for e in await store.history("c")] == ["first", "second"]
+    await store.close()
+
+
+async def test_sqlite_a_write_cancelled_while_waiting_to_begin_leaves_no_transaction_open(tmp_path):
+    """Cancelled during BEGIN (the database was locked by another writer): the BEGIN
+    still runs on the connection's thread once the lock is free, and is undone."""
+    path = tmp_path / "memory.db"
+    store = open_store(f"sqlite:///{path}", max_turns=10)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the database
+    write = asyncio.create_task(store.append_exchange("c", "cancelled", " lost"))
+    await asyncio.sleep(0.3)  # waiting for the lock in BEGIN IMMEDIATE
+    write.cancel()  # e.g. the reply's task was cancelled at shutdown
+    other.execute("COMMIT")
+    other.close()
+    with pytest.raises(asyncio.CancelledError):
+        await write
+    await store.append_exchange("c", "after", " kept")
+    assert [e.user for e in await store.history("c")] == ["after"]
+    await store.close()
+
+
+async def test_sqlite_a_database_from_before_exchange_ids_gets_them(tmp_path):
+    path = tmp_path / "memory.db"
+    with sqlite3.connect(path) as db:  # the first release's schema
+        db.executescript("""
+            CREATE TABLE exchanges (id INTEGER PRIMARY KEY AUTOINCREMENT, conversation TEXT NOT NULL,
+                                    user_text TEXT NOT NULL, bot_text TEXT NOT NULL, created_at REAL NOT NULL);
+            CREATE TABLE conversations (id TEXT PRIMARY KEY, updated_at REAL NOT NULL);
+            INSERT INTO exchanges (conversation, user_text, bot_text, created_at) VALUES ('c', 'old', ' one', 1.0);
+        """)
+    store = open_store(f"sqlite:///{path}", max_turns=10)
+    await store.open()
+    await store.append_exchange("c", "new", " two", exchange_id="ex-new")
+    await store.append_exchange("c", "new", " two", exchange_id="ex-new")
+    assert [(e.user, e.id) for e in await store.history("c")] == [("old", "row-1"), ("new", "ex-new")]
+    await store.close()

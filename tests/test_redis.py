@@ -17,6 +17,7 @@ import pytest
 from conftest import REPO, subprocess_env
 from model_doubles import GatedModel
 from redis_servers import PrivateRedis, delete_prefix, redis_url, shared_prefix, unique_prefix  # noqa: F401 (fixtures)
+from tcp_proxy import TcpProxy
 
 from bot.config import Settings
 from bot.errors import RateLimited, UserBlocked
@@ -454,3 +455,21 @@ async def test_a_store_opened_while_redis_is_down_works_once_it_is_up(tmp_path):
     finally:
         await store.close()
         server.stop()
+
+
+async def test_an_append_resent_after_its_answer_was_lost_is_stored_once(redis_url, prefix):
+    """The connection drops after Redis ran the append but before its answer came
+    back; redis-py resends it on a new connection. The exchange is stored once."""
+    host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
+    proxy = await TcpProxy(host, int(port)).start()
+    store = RedisStore(proxy.url(), max_turns=10, prefix=prefix)
+    await store.open()
+    try:
+        await store.append_exchange("c", "first", " one")
+        proxy.drop_next_reply(b"second")  # the command carrying the exchange's text
+        await store.append_exchange("c", "second", " two")
+        assert proxy.count(b"second") == 2  # sent, lost, sent again
+        assert [e.user for e in await store.history("c")] == ["first", "second"]
+    finally:
+        await store.close()
+        await proxy.close()
