@@ -211,10 +211,8 @@ class SlackAdapter:
                 ticket.release()
 
     async def _is_new(self, body: dict[str, Any], turn: _Turn) -> bool:
-        """False for what must not be answered (again): a follow-up in a thread the bot
-        is not in, an event Slack retried, a message also delivered as another event."""
-        if turn.followup and not await self._in_thread(turn):
-            return False
+        """False for what was answered already: an event Slack retried, a message also
+        delivered as another event."""
         # One reply per user message: Slack retries an event with the same event_id,
         # and a mention can also arrive as a `message` event with the same channel and ts.
         event_id = body.get("event_id")
@@ -226,9 +224,12 @@ class SlackAdapter:
             return False
         return True
 
-    async def _in_thread(self, turn: _Turn) -> bool:
+    async def _in_thread(self, turn: _Turn, ticket: Ticket) -> bool:
         """The bot answered in this thread if it remembers the thread's conversation: the
-        memory is shared by replicas and survives restarts (and a `reset` ends following)."""
+        memory is shared by replicas and survives restarts (and a `reset` ends following).
+        Asked in line, once the thread's earlier messages are answered and stored, so a
+        follow-up sent while the bot is still answering the mention counts too."""
+        await ticket.turn()
         try:
             return bool(await self.engine.history(turn.conversation))
         except Exception as error:  # the store is down: stay quiet rather than answer every thread message
@@ -277,6 +278,8 @@ class SlackAdapter:
     # -- answering -------------------------------------------------------
 
     async def _reply(self, turn: _Turn, ticket: Ticket) -> None:
+        if turn.followup and not await self._in_thread(turn, ticket):
+            return  # chatter in a thread the bot is not in: not even the hourglass
         # The hint goes up at once, even while an earlier message of the conversation is being answered.
         hint = asyncio.create_task(self._react("reactions_add", turn))
         try:

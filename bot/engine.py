@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from bot.errors import (
 )
 from bot.inflight import InFlight
 from bot.locks import ConversationLines, ConversationLock, ConversationLocks, Ticket
-from bot.memory import ConversationStore, Exchange, StoreUnavailable
+from bot.memory import ConversationStore, Exchange, StoreUnavailable, new_exchange_id
 from bot.metrics import Metrics
 from bot.model import Generated
 from bot.ratelimit import RateLimiter, TokenBucketLimiter
@@ -186,7 +185,7 @@ class ReplyEngine:
         elif ticket.conversation != conversation:
             raise ValueError(f"a ticket of {ticket.conversation} cannot answer in {conversation}")
         try:
-            answer = await self._reply(ticket, text, user or conversation, exchange_id or uuid.uuid4().hex)
+            answer = await self._reply(ticket, text, user or conversation, exchange_id or new_exchange_id())
         except ReplyError as error:
             self.metrics.replies.labels(platform, error.outcome).inc()
             raise

@@ -13,8 +13,12 @@ The order is fixed at intake, synchronously, before anything can await:
 conversation in this process. A ticket's turn comes when every ticket taken
 before it in that conversation was released; releasing is idempotent, so a
 `finally:` (or `with ticket:`) always frees the place and the conversation can
-never wedge. Whoever takes a ticket releases it: the engine does for a
-`reply()` called without one (the web API, the terminal chat).
+never wedge. Whoever takes a ticket releases it: an adapter hands it to
+`ReplyTasks.spawn(..., ticket=ticket)`, which releases it however the task ends;
+the web API holds it for its request; `reply()` called without one takes and
+releases its own (the terminal chat). Holding the ticket until the answer is
+sent keeps the answers in order too. Messages replayed later (after a restart)
+keep their order by taking their tickets in arrival order, then answering.
 
 With several replicas, `RedisLocks` also keeps other replicas out of the
 conversation while its reply is read, generated and stored. The engine layers

@@ -641,6 +641,17 @@ async def test_thread_followups_survive_a_restart(start_bot, fake, tmp_path):
     assert [e.user for e in history] == ["start a thread", "and another thing"]
 
 
+async def test_a_followup_sent_while_the_mention_is_being_answered_counts(start_bot, fake):
+    bot = await start_bot(delay=1.0, echo=True, slack_thread_followups=True)
+    top = mention("start a thread")
+    await bot.send(event_body(top))
+    await wait_for(lambda: bot.model.inputs, what="the model to start on the mention")
+    await bot.send(event_body(in_thread("and one more thing", top["ts"])))  # before the answer is there
+    posts = await answered(fake, 2)
+    assert [p.params["text"] for p in posts] == ["re: start a thread", "re: and one more thing"]
+    assert fake.calls_to("reactions.add")[1].params["timestamp"] != top["ts"]
+
+
 async def test_a_broken_connection_while_posting_still_sends_the_whole_answer(start_bot, fake):
     words = [f"word{i}" for i in range(1300)]
     bot = await start_bot(reply=" ".join(words))

@@ -30,6 +30,7 @@ def is_subsequence(needle: str, haystack: str) -> bool:
     return all(char in remaining for char in needle)
 
 
+@pytest.mark.timeout(300, method="thread")  # a split that never ends would hang here: fail the run loudly
 @settings(max_examples=400, deadline=None)
 @given(text=TEXTS, limit=st.integers(min_value=16, max_value=120))
 @example(text="```" + "a" * 3000, limit=2000)  # looped forever before: a fence line longer than the limit
