@@ -1,6 +1,11 @@
 """What every platform adapter shares: the neutral message, the lifecycle the
-runtime drives, the tracking of replies in flight, error-to-answer mapping and
-the one place that splits long replies.
+runtime drives, the tracking of replies in flight, error-to-answer mapping, the
+reset words and the one place that splits long replies.
+
+An adapter's event handler takes the message's place in its conversation's
+line first thing, synchronously (`engine.take_ticket`, see bot/locks.py), and
+hands the ticket to `ReplyTasks.spawn`, which releases it however the reply
+task ends (or at once if the task is refused), so a conversation never wedges.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.engine import Reply, ReplyEngine
 from bot.errors import ReplyError
+from bot.locks import Ticket
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -22,6 +28,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 APOLOGY = "Sorry, something went wrong on my side. Please try again."
+# A message that is only one of these (any case, trailing "." or "!") forgets the conversation.
+RESET_WORDS = frozenset({"reset", "forget"})
+
+
+def is_reset(text: str) -> bool:
+    return text.strip().strip(".!").strip().lower() in RESET_WORDS
 
 
 @dataclass(frozen=True)
@@ -53,7 +65,12 @@ class Adapter(Protocol):
 
     @property
     def connected(self) -> bool:
-        """True while connected to the platform (for /readyz)."""
+        """True while connected to the platform (for /readyz); False while reconnecting."""
+
+    @property
+    def failure(self) -> str | None:
+        """Why the platform stopped for good after start-up (a revoked token...), one
+        line for /healthz, which then fails so the process is restarted; else None."""
 
     def stop_accepting(self) -> None:
         """Ignore new messages from now on."""
@@ -76,13 +93,22 @@ class ReplyTasks:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.accepting = True
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str | None = None) -> asyncio.Task[Any] | None:
+    def spawn(
+        self, coro: Coroutine[Any, Any, Any], *, name: str | None = None, ticket: Ticket | None = None
+    ) -> asyncio.Task[Any] | None:
+        """Run `coro` as a tracked task; None (and `coro` closed) once stopped.
+        `ticket` is released when the task ends, however it ends, or at once if refused."""
         if not self.accepting:
             coro.close()
+            if ticket is not None:
+                ticket.release()
             return None
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        if ticket is not None:
+            # Also when cancelled before its first step, where no `finally` inside it would run.
+            task.add_done_callback(lambda _: ticket.release())
         return task
 
     def _done(self, task: asyncio.Task[Any]) -> None:
@@ -107,22 +133,25 @@ class ReplyTasks:
         return len(self._tasks)
 
 
-async def answer(engine: ReplyEngine, message: IncomingMessage) -> str | None:
+async def answer(engine: ReplyEngine, message: IncomingMessage, ticket: Ticket | None = None) -> str | None:
     """The text to send back for `message`, or None for a deliberate silence (see `respond`)."""
-    reply = await respond(engine, message)
+    reply = await respond(engine, message, ticket)
     return None if reply is None else reply.text
 
 
-async def respond(engine: ReplyEngine, message: IncomingMessage) -> Reply | None:
+async def respond(engine: ReplyEngine, message: IncomingMessage, ticket: Ticket | None = None) -> Reply | None:
     """What to send back for `message` and the stored exchange it is (to rate it),
     or None for a deliberate silence.
 
-    Expected failures (busy, too long, timeout...) become their short message;
-    anything else is a bug: logged with its traceback, and the user gets an
-    apology, never exception text. Neither is an exchange to rate.
+    `ticket` is the message's place in line, taken at intake. Expected failures
+    (busy, too long, timeout...) become their short message; anything else is a
+    bug: logged with its traceback, and the user gets an apology, never
+    exception text. Neither is an exchange to rate.
     """
     try:
-        return await engine.respond(message.conversation, message.text, user=message.user, platform=message.platform)
+        return await engine.respond(
+            message.conversation, message.text, user=message.user, platform=message.platform, ticket=ticket
+        )
     except ReplyError as error:
         if getattr(error, "notify", True) is False:
             return None
@@ -132,10 +161,10 @@ async def respond(engine: ReplyEngine, message: IncomingMessage) -> Reply | None
         return Reply(APOLOGY)
 
 
-async def forget(engine: ReplyEngine, conversation: str, confirmation: str) -> str:
-    """Forget a conversation (`reset`/`forget`/`/reset`); the text to send back."""
+async def forget(engine: ReplyEngine, conversation: str, confirmation: str, ticket: Ticket | None = None) -> str:
+    """Forget a conversation (`reset`/`forget`/`/reset`), in line; the text to send back."""
     try:
-        await engine.reset(conversation)
+        await engine.reset(conversation, ticket=ticket)
     except Exception:
         log.exception("Could not reset conversation %s", conversation)
         return APOLOGY
@@ -147,7 +176,9 @@ def split_message(text: str, limit: int) -> list[str]:
 
     Prefers paragraph, then line, then sentence, then word boundaries; avoids
     cutting inside a ``` code block (a chunk that must cut one closes the fence
-    and the next reopens it); never splits a surrogate pair or a character.
+    and the next reopens it); avoids splitting a character from its combining
+    marks. Always ends: every round takes at least one character of the text,
+    with a hard cut when nothing else fits. Only whitespace at the cuts is lost.
     """
     if limit < 16:
         raise ValueError("limit too small to split sensibly")
@@ -155,17 +186,19 @@ def split_message(text: str, limit: int) -> list[str]:
     rest = text.strip()
     reopen = ""  # fence to reopen at the start of the next chunk
     while rest:
-        rest = reopen + rest
-        if len(rest) <= limit:
-            chunks.append(rest)
+        piece = reopen + rest
+        if len(piece) <= limit:
+            chunks.append(piece)
             break
-        cut = _best_cut(rest, limit - 4)  # room to close a fence
-        chunk, rest = rest[:cut].rstrip(), rest[cut:].lstrip()
+        # Past the reopened fence, so each round consumes some of `rest` (reopen is short, see below).
+        cut = max(_best_cut(piece, limit - 4), len(reopen) + 1)  # room to close a fence
+        chunk, rest = piece[:cut].rstrip(), piece[cut:].lstrip()
         reopen = ""
         fence = _open_fence(chunk)
         if fence is not None:
             chunk += "\n```"
-            reopen = fence + "\n"
+            # A fence line too long to repeat (its "language" is text) is reopened bare.
+            reopen = (fence if len(fence) <= limit // 4 else "```") + "\n"
         if chunk.strip():
             chunks.append(chunk)
     return chunks
@@ -196,12 +229,25 @@ def _best_cut(text: str, limit: int) -> int:
     return _grapheme_safe(text, limit)
 
 
+# Longest run of combining marks and joiners a cut steps back over; past it (a
+# "zalgo" text) the cut is made where it falls.
+MAX_CLUSTER = 32
+
+
 def _grapheme_safe(text: str, cut: int) -> int:
     """Move a cut left so it does not separate a character from its combining
     marks, variation selectors or zero-width joiners (emoji sequences)."""
-    while cut > 1 and (
-        unicodedata.combining(text[cut]) or text[cut] in "\u200d\ufe0e\ufe0f" or text[cut - 1] == "\u200d"
-        or "\U0001f3fb" <= text[cut] <= "\U0001f3ff"
-    ):
-        cut -= 1
-    return cut
+    floor = max(1, cut - MAX_CLUSTER)
+    moved = cut
+    while moved > floor and _joins_previous(text, moved):
+        moved -= 1
+    return cut if _joins_previous(text, moved) else moved
+
+
+def _joins_previous(text: str, cut: int) -> bool:
+    """True if `text[cut]` belongs to the same character as `text[cut - 1]`."""
+    char = text[cut]
+    return bool(
+        unicodedata.combining(char) or char in "\u200d\ufe0e\ufe0f" or text[cut - 1] == "\u200d"
+        or "\U0001f3fb" <= char <= "\U0001f3ff"
+    )

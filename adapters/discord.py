@@ -1,11 +1,14 @@
 """The Discord adapter: discord.py events in, `engine.reply` answers out.
 
-Answers messages that mention the bot, replies to its own messages and DMs;
-`/reset` and `/help` are slash commands and "Ask BlenderBot" a message context
-menu, all usable wherever the app is installed (a server, or a user's account).
-👍 / 👎 reactions on its replies are ratings (adapters/discord_feedback.py).
-Needs only Discord's default (non-privileged) intents: mentions, replies and
-DMs carry their content, and so do the bot's own messages.
+Answers messages that mention the bot, replies to its own messages (not
+forwards of them) and DMs; `/reset` and `/help` are slash commands and "Ask
+BlenderBot" a message context menu, all usable wherever the app is installed (a
+server, or a user's account). 👍 / 👎 reactions on its replies are ratings
+(adapters/discord_feedback.py). Needs only Discord's default (non-privileged)
+intents: mentions, replies and DMs carry their content, and so do the bot's own
+messages. Each message takes its place in its channel's line as it arrives
+(before the typing indicator, which runs alongside the reply), so a channel's
+messages are answered and sent in the order they were written.
 """
 
 from __future__ import annotations
@@ -14,8 +17,6 @@ import asyncio
 import contextvars
 import logging
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -24,17 +25,17 @@ import yarl
 from aiohttp import web
 from discord import app_commands
 
-from adapters.base import AdapterStartError, IncomingMessage, ReplyTasks, forget, respond, split_message
+from adapters.base import AdapterStartError, IncomingMessage, ReplyTasks, forget, is_reset, respond, split_message
 from adapters.discord_feedback import RepliesSent, exchange_sent_as, rating_for
 from bot.config import Settings
 from bot.engine import ReplyEngine
 from bot.errors import EngineClosed
+from bot.locks import Ticket
 from bot.memory import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 MESSAGE_LIMIT = 2000  # characters per Discord message; longer ones are refused with 400
-RESET_WORDS = frozenset({"reset", "forget"})
 RESET_DONE = "Done: I've forgotten our conversation in this channel. Let's start fresh!"
 NOT_HERE = "I'm not enabled here."
 # Without the Message Content intent Discord blanks replies that do not @mention the bot.
@@ -81,6 +82,8 @@ class DiscordAdapter:
         self._ready = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._sent = RepliesSent()  # which exchange each recent reply message is, for reactions
+        self._failure: str | None = None
+        self._closing = False
         self._client = self._build_client()
         self._tree = self._build_commands(self._client)
 
@@ -125,6 +128,12 @@ class DiscordAdapter:
             return all(not shard.is_closed() for shard in client.shards.values())
         return client.ws is not None and client.ws.open
 
+    @property
+    def failure(self) -> str | None:
+        """Why the client stopped for good after start-up (a reset token, a fatal
+        close code), for /healthz; None while it runs or reconnects."""
+        return self._failure
+
     def stop_accepting(self) -> None:
         self._replies.stop()
 
@@ -133,6 +142,7 @@ class DiscordAdapter:
 
     async def close(self) -> None:
         self._replies.stop()
+        self._closing = True
         await self._client.close()
         if self._runner is not None and not self._runner.done():
             # connect() returns once the client is closed; do not wait forever if it does not.
@@ -149,13 +159,13 @@ class DiscordAdapter:
         await client.connect(reconnect=True)
 
     def _runner_ended(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
+        """discord.py reconnects by itself and gives up only for good (a fatal close
+        code such as 4004 after a token reset): one line, and /healthz fails from now on."""
+        if task.cancelled() or self._closing:
             return
         error = task.exception()
-        if error is not None:
-            log.error("The Discord connection ended: %s", _start_error(error, self.settings))
-        elif not self._client.is_closed():
-            log.error("The Discord connection ended unexpectedly")
+        self._failure = str(_start_error(error, self.settings)) if error else "the Discord client stopped by itself"
+        log.error("Discord stopped for good: %s; /healthz fails from now on, so the bot gets restarted", self._failure)
 
     # -- building the client ----------------------------------------------
 
@@ -205,7 +215,9 @@ class DiscordAdapter:
         )
 
         async def reset(interaction: discord.Interaction) -> None:
-            await self._command(interaction, self._reset_command(interaction))
+            # In line now, before any await: after the messages that came before it.
+            ticket = self.engine.take_ticket(_interaction_conversation(interaction))
+            await self._command(interaction, self._reset_command(interaction, ticket), ticket)
 
         async def help_command(interaction: discord.Interaction) -> None:
             await self._command(interaction, interaction.response.send_message(HELP_TEXT, ephemeral=True))
@@ -217,7 +229,8 @@ class DiscordAdapter:
             tree.add_command(app_commands.Command(name=name, description=description, callback=callback))
 
         async def ask(interaction: discord.Interaction, message: discord.Message) -> None:
-            await self._command(interaction, self._ask_command(interaction, message))
+            ticket = self.engine.take_ticket(_interaction_conversation(interaction))
+            await self._command(interaction, self._ask_command(interaction, message, ticket), ticket)
 
         tree.add_command(app_commands.ContextMenu(name=ASK_COMMAND, callback=ask))
         return tree
@@ -236,7 +249,10 @@ class DiscordAdapter:
             return
         text = self._text_to_answer(message)
         if text is not None:
-            self._replies.spawn(self._respond(message, text), name=f"discord-reply-{message.id}")
+            # Its place in the channel's line, now: gateway events arrive in order, and nothing has awaited yet.
+            ticket = self.engine.take_ticket(f"discord:{message.channel.id}")
+            reply = self._respond(message, text, ticket)
+            self._replies.spawn(reply, name=f"discord-reply-{message.id}", ticket=ticket)
 
     def _text_to_answer(self, message: discord.Message) -> str | None:
         """What the model should see, or None when the bot should stay silent."""
@@ -246,8 +262,8 @@ class DiscordAdapter:
             return None
         if str(author.id) in self.settings.blocked_users:
             return None  # silence, not even typing; and no `forget` of a channel others talk in
-        if message.type not in _ANSWERED_TYPES:
-            return None
+        if message.type not in _ANSWERED_TYPES or _is_forward(message):
+            return None  # a forward passes someone's message along: it is not said to the bot
         if isinstance(message.channel, discord.DMChannel):
             if not self.settings.discord_dms:
                 return None
@@ -263,18 +279,24 @@ class DiscordAdapter:
         ids = {str(getattr(channel, "id", "")), str(getattr(channel, "parent_id", ""))}
         return not channels or bool(ids & channels)
 
-    async def _respond(self, message: discord.Message, text: str) -> None:
-        conversation = f"discord:{message.channel.id}"
+    async def _respond(self, message: discord.Message, text: str, ticket: Ticket) -> None:
+        """Answer `message` and send the answer, holding its place in line until sent."""
+        conversation = ticket.conversation
         in_dm = isinstance(message.channel, discord.DMChannel)
         if not message.content and not in_dm and not self.settings.discord_message_content:
             await self._send(message, [CANNOT_READ])
             return
-        if text.lower() in RESET_WORDS:
-            await self._send(message, [await forget(self.engine, conversation, RESET_DONE)])
+        if is_reset(text):
+            await self._send(message, [await forget(self.engine, conversation, RESET_DONE, ticket)])
             return
         incoming = IncomingMessage("discord", conversation, str(message.author.id), text)
-        async with _typing(message.channel):
-            reply = await respond(self.engine, incoming)
+        # Alongside the reply, not before it: a slow or rate-limited typing POST must not delay the answer.
+        typing = asyncio.create_task(_show_typing(message.channel), name=f"discord-typing-{message.id}")
+        try:
+            reply = await respond(self.engine, incoming, ticket)
+        finally:
+            typing.cancel()  # a typing POST still waiting would show "typing..." after the answer
+            await asyncio.gather(typing, return_exceptions=True)
         if reply and reply.text:
             sent = await self._send(message, split_message(reply.text, MESSAGE_LIMIT))
             if reply.exchange is not None:
@@ -335,26 +357,28 @@ class DiscordAdapter:
 
     # -- slash commands ----------------------------------------------------
 
-    async def _command(self, interaction: discord.Interaction, work: Any) -> None:
+    async def _command(self, interaction: discord.Interaction, work: Any, ticket: Ticket | None = None) -> None:
         """Run a command's `work` as a tracked reply, or refuse it when not welcome."""
         if not self._interaction_allowed(interaction):
             work.close()
+            if ticket is not None:
+                ticket.release()
             await interaction.response.send_message(NOT_HERE, ephemeral=True)
             return
-        task = self._replies.spawn(work, name=f"discord-command-{interaction.id}")
+        task = self._replies.spawn(work, name=f"discord-command-{interaction.id}", ticket=ticket)
         if task is None:
             await interaction.response.send_message(EngineClosed.user_message, ephemeral=True)
             return
         await task
 
-    async def _reset_command(self, interaction: discord.Interaction) -> None:
+    async def _reset_command(self, interaction: discord.Interaction, ticket: Ticket) -> None:
         # Resetting waits for a reply in flight in the channel; Discord wants an answer within 3 s.
         private = not _bot_is_member(interaction)
         await interaction.response.defer(thinking=True, ephemeral=private)
-        confirmation = await forget(self.engine, _interaction_conversation(interaction), RESET_DONE)
+        confirmation = await forget(self.engine, ticket.conversation, RESET_DONE, ticket)
         await interaction.followup.send(confirmation, ephemeral=private)
 
-    async def _ask_command(self, interaction: discord.Interaction, message: discord.Message) -> None:
+    async def _ask_command(self, interaction: discord.Interaction, message: discord.Message, ticket: Ticket) -> None:
         """"Ask BlenderBot" on a message: answer its text. Only the asker sees the answer where
         the bot is no member (a user install in someone else's server, DM or group DM)."""
         private = not _bot_is_member(interaction)
@@ -365,8 +389,8 @@ class DiscordAdapter:
         if not text:
             await interaction.followup.send(NOTHING_TO_ASK, ephemeral=private)
             return
-        conversation = _interaction_conversation(interaction)
-        reply = await respond(self.engine, IncomingMessage("discord", conversation, str(interaction.user.id), text))
+        incoming = IncomingMessage("discord", ticket.conversation, str(interaction.user.id), text)
+        reply = await respond(self.engine, incoming, ticket)
         if reply is None or not reply.text:
             await interaction.delete_original_response()  # a deliberate silence: take "thinking..." away
             return
@@ -413,7 +437,7 @@ def _addressed_to(message: discord.Message, my_id: int) -> bool:
     if my_id in message.raw_mentions or any(user.id == my_id for user in message.mentions):
         return True
     reference = message.reference
-    if reference is None:
+    if reference is None or _is_forward(message):
         return False
     replied = reference.resolved or reference.cached_message
     return isinstance(replied, discord.Message) and replied.author.id == my_id
@@ -435,22 +459,19 @@ def _model_text(message: discord.Message, my_id: int) -> str:
     return re.sub(r"[ \t]{2,}", " ", text).strip()
 
 
-@asynccontextmanager
-async def _typing(channel: discord.abc.Messageable) -> AsyncIterator[None]:
-    """The typing indicator while the body runs. It is cosmetic: failing to show it
+def _is_forward(message: discord.Message) -> bool:
+    reference = message.reference
+    return reference is not None and reference.type is discord.MessageReferenceType.forward
+
+
+async def _show_typing(channel: discord.abc.Messageable) -> None:
+    """"Typing..." in `channel` until cancelled. It is cosmetic: failing to show it
     (no permission, a network hiccup) must not cost the user the answer."""
-    typing = channel.typing()
     try:
-        await typing.__aenter__()
-        shown = True
+        async with channel.typing():
+            await asyncio.get_running_loop().create_future()  # until the answer is ready
     except (discord.HTTPException, aiohttp.ClientError, OSError) as error:
         log.debug("Could not show the typing indicator: %s", error)
-        shown = False
-    try:
-        yield
-    finally:
-        if shown:
-            await typing.__aexit__(None, None, None)
 
 
 def _start_error(error: BaseException | None, settings: Settings) -> AdapterStartError:

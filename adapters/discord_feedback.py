@@ -26,7 +26,7 @@ def rating_for(emoji: str) -> str | None:
 
 
 class RepliesSent:
-    """Which exchange each recent reply message is (its chunks all name the same one)."""
+    """Which exchange (by its id) each recent reply message is (its chunks all name the same one)."""
 
     def __init__(self, limit: int = MAX_REMEMBERED) -> None:
         self._limit = limit
@@ -50,5 +50,6 @@ def exchange_sent_as(content: str, conversation: str, history: list[Exchange], l
     """The newest stored exchange whose reply, as it was sent in chunks of `limit`, has `content` as a chunk."""
     for exchange in reversed(history):
         if content in split_message(shown_text(exchange.bot), limit):
-            return ExchangeRef(conversation, exchange.at)
+            # An exchange stored before exchange ids existed (id "") cannot be rated.
+            return ExchangeRef(conversation, exchange.id) if exchange.id else None
     return None

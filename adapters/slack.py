@@ -1,37 +1,43 @@
 """The Slack adapter: slack_bolt's AsyncApp in Socket Mode or HTTP mode.
 
 Answers mentions in channels and messages in DMs (and, optionally, follow-ups
-in threads it already answered), once per user message, in a thread by
-default. Translation only: Slack event -> IncomingMessage -> engine -> text.
-The AI-app surface around it (thinking status, suggested prompts, Home tab,
-feedback buttons) is adapters/slack_surface.py.
+in threads it already answered, known from the thread's conversation memory,
+so every replica and a restarted bot know them too), once per user message, in
+a thread by default; a message with a file is answered for its text. Each
+event takes its place in its conversation's line first thing (before the
+de-duplication and name lookups await), and keeps it until its answer is
+posted, so a conversation's answers go out in the order its messages came.
+Translation only: Slack event -> IncomingMessage -> engine -> text. The AI-app
+surface around it (thinking status, suggested prompts, Home tab, feedback
+buttons) is adapters/slack_surface.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.context.set_status.async_set_status import AsyncSetStatus
 from slack_bolt.response import BoltResponse
-from slack_sdk.errors import SlackApiError, SlackClientError
+from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
-from adapters.base import IncomingMessage, ReplyTasks, forget, respond, split_message
+from adapters.base import IncomingMessage, ReplyTasks, forget, is_reset, respond, split_message
 from adapters.dedupe import DedupeStore, InProcessDedupe
-from adapters.slack_surface import SlackSurface
+from adapters.slack_surface import NETWORK_ERRORS, SlackSurface
 from adapters.slack_text import mentioned_users, to_model_text, to_slack_text
 from bot.config import Settings
 from bot.engine import Reply, ReplyEngine
+from bot.locks import Ticket
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +45,17 @@ EVENTS_PATH = "/slack/events"
 # Slack truncates at 40,000 and advises far less per message; a section block (the last
 # chunk, which carries the feedback buttons) holds 3,000.
 MAX_CHUNK = 3000
-RESET_WORDS = frozenset({"reset", "forget"})
 RESET_DONE = "Okay, I've forgotten our conversation here. Let's start over!"
+FILE_ONLY = "I can't look at files or images, I only read text. Tell me in words what it is about and I'll answer!"
 DEDUPE_TTL = 3600.0  # Slack retries for about 5 minutes; keep keys well past that
 NAME_TTL = 3600.0
 MAX_NAMES = 5_000
-MAX_THREADS = 10_000
 CONNECT_TIMEOUT = 30.0
+# Message subtypes that are a user talking: a message with a file, a thread reply also sent to the channel.
+# The rest (edits, deletions, joins, bot messages...) are not answered.
+ANSWERED_SUBTYPES = frozenset({"file_share", "thread_broadcast"})
+# Web API errors that mean our token is gone for good: the app was uninstalled or the token revoked.
+TOKEN_GONE = frozenset({"invalid_auth", "token_revoked", "token_expired", "account_inactive", "not_authed"})
 
 
 class SlackStartError(RuntimeError):
@@ -62,6 +72,8 @@ class _Turn:
     channel: str
     ts: str  # the user's message, for the progress reaction
     thread_ts: str | None  # where to reply; None: in the channel itself
+    has_files: bool = False  # the message carries files (their content is not read)
+    followup: bool = False  # a channel message in a thread: answered only if the bot is in that thread
     in_dm: bool = False
 
 
@@ -98,10 +110,9 @@ class SlackAdapter:
         self._bot_user_id: str | None = None
         self._names: OrderedDict[str, tuple[str, float]] = OrderedDict()  # user -> (name, expiry)
         self._lookups: dict[str, asyncio.Future[str | None]] = {}  # users.info calls in flight
-        self._threads: OrderedDict[tuple[str, str], None] = OrderedDict()  # threads we answered in
-        self._in_order = _KeyedLocks()
         self._started = False
         self._closed = False
+        self._failure: str | None = None
 
     # -- lifecycle -------------------------------------------------------
 
@@ -118,7 +129,7 @@ class SlackAdapter:
             auth = await self.client.auth_test()
         except SlackApiError as error:
             raise SlackStartError(f"Slack refused SLACK_BOT_TOKEN: {error.response.get('error')}") from None
-        except (SlackClientError, OSError) as error:
+        except NETWORK_ERRORS as error:
             raise SlackStartError(f"Cannot reach Slack at {self.settings.slack_api_url}: {error}") from None
         self._bot_user_id = auth.get("user_id")
         if self.socket_mode:
@@ -129,7 +140,7 @@ class SlackAdapter:
                 opened = await self.client.apps_connections_open(app_token=self.settings.slack_app_token)
             except SlackApiError as error:
                 raise SlackStartError(f"Slack refused SLACK_APP_TOKEN: {error.response.get('error')}") from None
-            except (SlackClientError, OSError) as error:
+            except NETWORK_ERRORS as error:
                 raise SlackStartError(f"Cannot reach Slack at {self.settings.slack_api_url}: {error}") from None
             self._socket = AsyncSocketModeHandler(self.app, self.settings.slack_app_token, web_client=self.client)
             self._socket.client.wss_uri = opened["url"]
@@ -153,6 +164,11 @@ class SlackAdapter:
             return True  # HTTP mode: Slack calls us, reachable once started
         session = self._socket.client.current_session
         return session is not None and not session.closed
+
+    @property
+    def failure(self) -> str | None:
+        """Why Slack is unusable for good (our token was revoked), for /healthz; else None."""
+        return self._failure
 
     def stop_accepting(self) -> None:
         self._tasks.stop()
@@ -192,20 +208,47 @@ class SlackAdapter:
         turn = self._turn_for(body, event)
         if turn is None:
             return
+        # Its place in the conversation's line before anything here awaits, so the checks
+        # below, however long each takes, cannot let a later message of it overtake this one.
+        ticket = self.engine.take_ticket(turn.conversation)
+        # Bolt's set_status points at the message's thread (or the message): the status shows
+        # where the answer goes, in a DM or a thread; a reply in the channel itself gets the hourglass.
+        if set_status is not None and not (turn.in_dm or set_status.thread_ts == turn.thread_ts):
+            set_status = None
+        task = None
+        try:
+            if await self._is_new(body, turn):
+                reply = self._reply(turn, ticket, set_status)
+                task = self._tasks.spawn(reply, name=f"slack-reply-{turn.channel}-{turn.ts}", ticket=ticket)
+        finally:
+            if task is None:
+                ticket.release()
+
+    async def _is_new(self, body: dict[str, Any], turn: _Turn) -> bool:
+        """False for what was answered already: an event Slack retried, a message also
+        delivered as another event."""
         # One reply per user message: Slack retries an event with the same event_id,
         # and a mention can also arrive as a `message` event with the same channel and ts.
         event_id = body.get("event_id")
         if event_id and not await self._first_time(f"slack:event:{event_id}"):
             log.debug("Ignoring a repeated Slack event %s", event_id)
-            return
+            return False
         if not await self._first_time(f"slack:message:{turn.channel}:{turn.ts}"):
             log.debug("Ignoring a second event for message %s in %s", turn.ts, turn.channel)
-            return
-        # Bolt's set_status points at the message's thread (or the message): the status shows
-        # where the answer goes, in a DM or a thread; a reply in the channel itself gets the hourglass.
-        if set_status is not None and not (turn.in_dm or set_status.thread_ts == turn.thread_ts):
-            set_status = None
-        self._tasks.spawn(self._reply(turn, set_status), name=f"slack-reply-{turn.channel}-{turn.ts}")
+            return False
+        return True
+
+    async def _in_thread(self, turn: _Turn, ticket: Ticket) -> bool:
+        """The bot answered in this thread if it remembers the thread's conversation: the
+        memory is shared by replicas and survives restarts (and a `reset` ends following).
+        Asked in line, once the thread's earlier messages are answered and stored, so a
+        follow-up sent while the bot is still answering the mention counts too."""
+        await ticket.turn()
+        try:
+            return bool(await self.engine.history(turn.conversation))
+        except Exception as error:  # the store is down: stay quiet rather than answer every thread message
+            log.warning("Could not tell whether the bot is in thread %s of %s: %s", turn.thread_ts, turn.channel, error)
+            return False
 
     async def _first_time(self, key: str) -> bool:
         try:
@@ -220,8 +263,9 @@ class SlackAdapter:
         user, channel, ts = event.get("user"), event.get("channel"), event.get("ts")
         if not (user and channel and ts):
             return None
-        # Edits, deletions, bot posts, broadcasts, joins...: only plain user messages are answered.
-        if event.get("subtype") or event.get("bot_id") or user == self._bot_user_id:
+        # Edits, deletions, bot posts, joins...: only what users say is answered.
+        subtype = event.get("subtype")
+        if (subtype and subtype not in ANSWERED_SUBTYPES) or event.get("bot_id") or user == self._bot_user_id:
             return None
         if user in self.settings.blocked_users:
             return None  # silence, not even the progress reaction; and no `forget` of a shared thread
@@ -232,10 +276,9 @@ class SlackAdapter:
         if not is_dm and self.settings.slack_channel_ids and channel not in self.settings.slack_channel_ids:
             return None
         thread = event.get("thread_ts")
-        if event.get("type") == "message" and not is_dm:
-            # Channel messages reach us only as thread follow-ups (message.channels scope).
-            if not (self.settings.slack_thread_followups and thread and (channel, thread) in self._threads):
-                return None
+        followup = event.get("type") == "message" and not is_dm
+        if followup and not (self.settings.slack_thread_followups and thread):
+            return None  # channel messages reach us only as thread follow-ups (message.channels scope)
         if is_dm:
             conversation, reply_to = f"slack:{team}:{channel}", thread
         elif self.settings.slack_reply_in_thread:
@@ -243,49 +286,69 @@ class SlackAdapter:
             conversation = f"slack:{team}:{channel}:{reply_to}"
         else:
             conversation, reply_to = f"slack:{team}:{channel}", thread
-        return _Turn(conversation, user, event.get("text") or "", channel, ts, reply_to, in_dm=is_dm)
+        has_files = subtype == "file_share" or bool(event.get("files"))
+        return _Turn(
+            conversation, user, event.get("text") or "", channel, ts, reply_to,
+            has_files=has_files, followup=followup, in_dm=is_dm,
+        )
 
     # -- answering -------------------------------------------------------
 
-    async def _reply(self, turn: _Turn, set_status: AsyncSetStatus | None = None) -> None:
+    async def _reply(self, turn: _Turn, ticket: Ticket, set_status: AsyncSetStatus | None = None) -> None:
+        if turn.followup and not await self._in_thread(turn, ticket):
+            return  # chatter in a thread the bot is not in: not even the thinking status
         # The hint goes up at once, even while an earlier message of the conversation is being answered.
         hint = asyncio.create_task(self.surface.thinking.show(turn.channel, turn.ts, set_status))
         try:
-            # Entered before the first await, so replies of one conversation go out in the order the
-            # messages came, even when posting an earlier answer waits out a rate limit.
-            async with self._in_order.hold(turn.conversation):
-                names = await self._names_for(mentioned_users(turn.raw_text))
-                model_text = to_model_text(turn.raw_text, bot_user_id=self._bot_user_id, names=names)
-                if model_text.strip(" .!").lower() in RESET_WORDS:
-                    reply: Reply | None = Reply(await forget(self.engine, turn.conversation, RESET_DONE))
-                else:
-                    message = IncomingMessage("slack", turn.conversation, turn.user, model_text)
-                    reply = await respond(self.engine, message)
+            # The ticket is held until the answer is posted: answers go out in the order the
+            # messages came, even when posting an earlier one waits out a rate limit.
+            with ticket:
+                reply = await self._answer(turn, ticket)
                 if reply and reply.text:
                     await self._post(turn, reply)
         finally:
             await self.surface.thinking.clear(await hint)
 
+    async def _answer(self, turn: _Turn, ticket: Ticket) -> Reply | None:
+        names = await self._names_for(mentioned_users(turn.raw_text))
+        model_text = to_model_text(turn.raw_text, bot_user_id=self._bot_user_id, names=names)
+        if is_reset(model_text):
+            return Reply(await forget(self.engine, turn.conversation, RESET_DONE, ticket))
+        if turn.has_files and not model_text.strip():
+            return Reply(FILE_ONLY)  # nothing but a file (or a mention and a file): say why there is no answer
+        message = IncomingMessage("slack", turn.conversation, turn.user, model_text)
+        return await respond(self.engine, message, ticket)
+
     async def _post(self, turn: _Turn, reply: Reply) -> None:
+        """Post the answer's chunks in order, the last with the feedback buttons of a stored
+        exchange. A connection lost before Slack answered is tried once more; a reply that
+        arrived broken means Slack had the message: go on."""
         chunks = _chunks(reply.text)
         for index, chunk in enumerate(chunks):
-            # The last chunk carries the feedback buttons of a stored exchange.
             blocks = self.surface.reply_blocks(chunk, reply.exchange) if index == len(chunks) - 1 else None
-            try:
-                await self.client.chat_postMessage(
-                    channel=turn.channel, thread_ts=turn.thread_ts, text=chunk, blocks=blocks, link_names=False
-                )
-            except (SlackClientError, OSError):
-                log.exception("Could not post a reply in %s", turn.channel)
-                return
-        if turn.thread_ts and self.settings.slack_thread_followups:
-            self._remember_thread(turn.channel, turn.thread_ts)
+            for attempt in (1, 2):
+                try:
+                    await self.client.chat_postMessage(
+                        channel=turn.channel, thread_ts=turn.thread_ts, text=chunk, blocks=blocks, link_names=False
+                    )
+                except SlackApiError as error:
+                    self._note_api_error(error)
+                    log.warning("Could not post a reply in %s: %s", turn.channel, error.response.get("error"))
+                    return
+                except aiohttp.ClientPayloadError as error:
+                    log.warning("Slack's answer to a reply in %s came broken (%s); going on", turn.channel, error)
+                except NETWORK_ERRORS as error:
+                    if attempt == 1:
+                        continue
+                    log.warning("Could not post a reply in %s: %s: %s", turn.channel, type(error).__name__, error)
+                    return
+                break
 
-    def _remember_thread(self, channel: str, thread_ts: str) -> None:
-        self._threads[(channel, thread_ts)] = None
-        self._threads.move_to_end((channel, thread_ts))
-        while len(self._threads) > MAX_THREADS:
-            self._threads.popitem(last=False)
+    def _note_api_error(self, error: SlackApiError) -> None:
+        code = error.response.get("error")
+        if code in TOKEN_GONE and self._failure is None:
+            self._failure = f"Slack refused SLACK_BOT_TOKEN after start-up ({code}): reinstall the app or replace it"
+            log.error("%s; /healthz fails from now on, so the bot gets restarted", self._failure)
 
     async def _names_for(self, users: set[str]) -> dict[str, str]:
         users.discard(self._bot_user_id or "")
@@ -308,7 +371,7 @@ class SlackAdapter:
     async def _look_up_name(self, user: str) -> str | None:
         try:
             response = await self.client.users_info(user=user)
-        except (SlackClientError, OSError) as error:
+        except NETWORK_ERRORS as error:
             log.debug("users.info failed for %s: %s", user, error)
             return None
         info = response.get("user") or {}
@@ -321,31 +384,6 @@ class SlackAdapter:
         while len(self._names) > MAX_NAMES:
             self._names.popitem(last=False)
         return name
-
-
-class _KeyedLocks:
-    """A FIFO lock per key, dropped once nobody holds or waits for it: as many as replies in flight."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (None, 0))
-        lock = lock or asyncio.Lock()
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
-
-    def __len__(self) -> int:
-        return len(self._locks)
 
 
 def _bolt_logger() -> logging.Logger:

@@ -17,6 +17,7 @@ the workspace has not granted is logged once (`Niceties`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -25,6 +26,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.context.set_status.async_set_status import AsyncSetStatus
 from slack_sdk.errors import SlackApiError, SlackClientError
@@ -67,6 +69,10 @@ FORGET_FAILED = ":warning: Sorry, I could not forget our conversation just now. 
 SCOPE_RECHECK = 3600.0  # a missing scope is tried again after this long (it may have been granted)
 GREETED_TTL = 365 * 86400.0
 _DM_CONVERSATION = re.compile(r"slack:[A-Z0-9]+:D[A-Z0-9]+")
+_EXCHANGE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+# What a Web API call can fail with besides Slack's own answer: the connection (aiohttp
+# raises ServerDisconnectedError, ClientPayloadError... which are neither SlackClientError nor OSError).
+NETWORK_ERRORS = (SlackClientError, aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
 class Niceties:
@@ -103,7 +109,7 @@ class Niceties:
             else:
                 log.debug("%s failed: %s", method, code)
             return False
-        except (SlackClientError, OSError) as error:
+        except NETWORK_ERRORS as error:
             log.debug("%s failed: %s", method, error)
             return False
         return True
@@ -204,7 +210,7 @@ class SlackSurface:
         for answers that are no stored exchange (errors, confirmations, deflections)."""
         if exchange is None:
             return None
-        value = f"{exchange.at!r}|{exchange.conversation}"
+        value = f"{exchange.id}|{exchange.conversation}"
         buttons = FeedbackButtonsElement(
             action_id=FEEDBACK_ACTION,
             positive_button=FeedbackButtonObject(
@@ -367,18 +373,14 @@ def home_view(settings: Settings, conversation: str | None, notice: str | None =
 
 
 def _parse_feedback(value: Any) -> tuple[str, ExchangeRef] | None:
-    """`good|<exchange at>|<conversation>` as `reply_blocks` wrote it, or None."""
+    """`good|<exchange id>|<conversation>` as `reply_blocks` wrote it, or None."""
     if not isinstance(value, str):
         return None
     rating, _, rest = value.partition("|")
-    at_text, _, conversation = rest.partition("|")
-    try:
-        at = float(at_text)
-    except ValueError:
+    exchange_id, _, conversation = rest.partition("|")
+    if rating not in THANKS or not _EXCHANGE_ID.fullmatch(exchange_id) or not conversation:
         return None
-    if rating not in THANKS or not conversation:
-        return None
-    return rating, ExchangeRef(conversation, at)
+    return rating, ExchangeRef(conversation, exchange_id)
 
 
 def _team(body: dict[str, Any], event: dict[str, Any]) -> str:

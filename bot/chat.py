@@ -26,7 +26,7 @@ async def chat(engine: ReplyEngine, conversation: str) -> None:
     _show_resumed(conversation, history)
     print(HELP)
     # The reply /good and /bad rate: on resuming, the last one remembered.
-    last = ExchangeRef(conversation, history[-1].at) if history else None
+    last = ExchangeRef(conversation, history[-1].id) if history else None
     while True:
         print("you> ", end="", flush=True)
         line = await lines.get()

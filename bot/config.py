@@ -64,6 +64,7 @@ class Settings:
     batch_max_rows: int = 80  # conversations x beams per generate call (benchmarks/README.md)
     batch_wait_ms: int = 20
     queue_size: int = 256
+    conversation_queue_size: int = 8  # messages of one conversation in line (answered or waiting)
     reply_timeout: float = 120.0
     max_input_chars: int = 2000
 
@@ -77,6 +78,9 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     web_api_token: str | None = None
+    web_allowed_hosts: frozenset[str] = frozenset()  # besides this server's own names and loopback
+    web_rate_limit_per_minute: int = 60  # per web API caller (its token, else its address); 0: off
+    web_queue_percent: int = 50  # most of QUEUE_SIZE the web API may fill
     shutdown_grace: float = 8.0
 
     # Discord
@@ -149,6 +153,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
         batch_max_rows=env.integer("BATCH_MAX_ROWS", 80, minimum=1),
         batch_wait_ms=env.integer("BATCH_WAIT_MS", 20, minimum=0),
         queue_size=env.integer("QUEUE_SIZE", 256, minimum=1),
+        conversation_queue_size=env.integer("CONVERSATION_QUEUE_SIZE", 8, minimum=1),
         reply_timeout=env.duration("REPLY_TIMEOUT", 120.0, minimum=1.0),
         max_input_chars=env.integer("MAX_INPUT_CHARS", 2000, minimum=1),
         memory_url=memory_url,
@@ -158,6 +163,9 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
         http_host=env.text("HTTP_HOST", "127.0.0.1"),
         http_port=env.integer("HTTP_PORT", 8080, minimum=0, maximum=65535),
         web_api_token=env.optional("WEB_API_TOKEN"),
+        web_allowed_hosts=env.hosts("WEB_ALLOWED_HOSTS"),
+        web_rate_limit_per_minute=env.integer("WEB_RATE_LIMIT_PER_MINUTE", 60, minimum=0),
+        web_queue_percent=env.integer("WEB_QUEUE_PERCENT", 50, minimum=1, maximum=100),
         shutdown_grace=env.duration("SHUTDOWN_GRACE", 8.0, minimum=0.0),
         discord_token=env.optional("DISCORD_TOKEN"),
         discord_api_url=env.url("DISCORD_API_URL", DISCORD_API_DEFAULT, ("http", "https")),
@@ -284,6 +292,17 @@ class _Reader:
         if not all(re.fullmatch(pattern, item) for item in items):
             kind = "numeric ids" if digits else "ids"
             raise ConfigError(name, raw, f"use {kind} separated by commas")
+        return frozenset(items)
+
+    def hosts(self, name: str) -> frozenset[str]:
+        """Host names or addresses, comma-separated: `bot.example.com`, `.example.com`
+        (the domain and its subdomains), `10.0.0.5`, `::1`, or `*` for any."""
+        raw = self._raw(name)
+        if raw is None:
+            return frozenset()
+        items = [item.lower().strip("[]") for item in re.split(r"[,\s]+", raw) if item]
+        if not all(item == "*" or re.fullmatch(r"\.?[a-z0-9_.:-]+", item) for item in items):
+            raise ConfigError(name, raw, "use host names or addresses separated by commas (.example.com for subdomains)")
         return frozenset(items)
 
     def readable_file(self, name: str) -> Path | None:
@@ -424,6 +443,12 @@ def _check_combinations(settings: Settings) -> None:
             "SLACK_SIGNING_SECRET",
             None,
             "SLACK_BOT_TOKEN is set, so set SLACK_SIGNING_SECRET (HTTP mode) or SLACK_APP_TOKEN (Socket Mode)",
+        )
+    if settings.slack_thread_followups and not settings.slack_reply_in_thread:
+        raise ConfigError(
+            "SLACK_THREAD_FOLLOWUPS",
+            "on",
+            "it needs SLACK_REPLY_IN_THREAD=on (the bot knows the threads it is in by each thread's own memory)",
         )
     if settings.discord_shard_ids and settings.discord_shard_count is None:
         raise ConfigError(

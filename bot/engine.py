@@ -4,14 +4,22 @@
 queues it for the model and stores the finished exchange. One inference thread
 runs the model; while it works, everything queued meanwhile waits, and the next
 `generate` call takes all of it at once (dynamic batching), so many
-conversations cost little more than one. Messages of one conversation are
-answered one at a time, in order, each seeing the exchange before it.
+conversations cost little more than one.
 
-Around that: per-user rate limits, the safety filter on the message and on the
-reply (an unsafe one is never sent nor stored), mentions defused in every
-answer, and a periodic sweep that deletes conversations idle past `MEMORY_TTL`.
-`respond()` also says which stored exchange the answer is, so that people can
-rate it (`rate()`: kept with the conversation, counted in the metrics).
+Messages of one conversation are answered one at a time, in the order they
+arrived, each seeing the exchange before it. The order is the order of
+`engine.take_ticket(conversation)` calls, which adapters make first thing in
+their event handlers, before any await; `reply(..., ticket=ticket)` waits for
+that ticket's turn (bot/locks.py says how, and who releases what).
+
+Around that: per-user rate limits (checked in line, so a slow limiter cannot
+reorder messages), a cap on the messages waiting in one conversation, the
+safety filter on the message and on the reply (an unsafe one is never sent nor
+stored), mentions defused in every answer, and a periodic sweep that deletes
+conversations idle past `MEMORY_TTL`.
+
+`respond()` also says which stored exchange the answer is (its id), so that
+people can rate it (`rate()`: kept with the conversation, counted in the metrics).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Protocol
 
 from bot.config import Settings
 from bot.errors import (
+    ConversationBusy,
     EmptyMessage,
     EngineBusy,
     EngineClosed,
@@ -35,8 +44,8 @@ from bot.errors import (
     ReplyTimeout,
 )
 from bot.inflight import InFlight
-from bot.locks import ConversationLock, ConversationLocks, LayeredLocks, LocalLocks
-from bot.memory import RATINGS, ConversationStore, Exchange, ExchangeRef, Feedback, StoreUnavailable
+from bot.locks import ConversationLines, ConversationLock, ConversationLocks, Ticket
+from bot.memory import RATINGS, ConversationStore, Exchange, ExchangeRef, Feedback, StoreUnavailable, new_exchange_id
 from bot.metrics import Metrics
 from bot.model import Generated
 from bot.ratelimit import RateLimiter, TokenBucketLimiter
@@ -51,6 +60,12 @@ NO_ANSWER = "Hmm, I'm not sure what to say to that."
 # How often idle conversations are swept (more often when MEMORY_TTL is shorter).
 SWEEP_INTERVAL = 3600.0
 
+# Weight of the newest reply in the running estimate of how long one reply takes.
+TURN_TIME_WEIGHT = 0.3
+
+# Said instead of waiting for an answer that cannot come within REPLY_TIMEOUT.
+TOO_SLOW = "I'm answering slowly right now and couldn't get to this in time. Please try again in a minute."
+
 
 class Generator(Protocol):
     """What the engine needs of a model: `bot.model.ChatModel` is one."""
@@ -61,10 +76,12 @@ class Generator(Protocol):
 @dataclass(frozen=True)
 class Reply:
     """An answer, and the stored exchange it is (None when nothing was stored: a
-    deflection, or the memory was down): what a rating of the answer refers to."""
+    deflection, or the memory was down): what a rating of the answer refers to.
+    `at` is when that exchange was stored."""
 
     text: str
     exchange: ExchangeRef | None = None
+    at: float | None = None
 
 
 def shown_text(bot_text: str) -> str:
@@ -100,10 +117,10 @@ class ReplyEngine:
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._executor: ThreadPoolExecutor | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._lines = ConversationLines()  # each conversation's messages, in arrival order
         # `shared_lock` (bot.locks.RedisLocks) keeps other replicas out of a conversation too.
-        self._locks: ConversationLocks = LocalLocks()
-        if shared_lock is not None:
-            self._locks = LayeredLocks(self._locks, shared_lock)
+        self._shared_lock = shared_lock
+        self._turn_seconds = 0.0  # running estimate of one reply's time in line; 0 until measured
         self._sweeper: asyncio.Task[None] | None = None
         self._pending = InFlight()  # replies accepted and not yet finished
         self._preparing = 0  # replies holding their conversation's lock, not yet queued for the model
@@ -156,24 +173,65 @@ class ReplyEngine:
 
     # -- the public API --------------------------------------------------
 
-    async def reply(self, conversation: str, text: str, *, user: str | None = None, platform: str = "api") -> str:
+    def take_ticket(self, conversation: str) -> Ticket:
+        """A place in `conversation`'s line, taken now, synchronously: call it before
+        any await when a message arrives, pass it to `reply` (or `reset`), and
+        release it when done with the message, whatever happens (bot/locks.py)."""
+        return self._lines.take(conversation)
+
+    async def reply(
+        self,
+        conversation: str,
+        text: str,
+        *,
+        user: str | None = None,
+        platform: str = "api",
+        ticket: Ticket | None = None,
+        exchange_id: str | None = None,
+    ) -> str:
         """The bot's answer to `text` in `conversation`; raises `ReplyError` subclasses
         for answers the user should get instead (busy, too long, timeout...).
-        `user` is who the rate limit counts; without one, the conversation."""
-        return (await self.respond(conversation, text, user=user, platform=platform)).text
 
-    async def respond(self, conversation: str, text: str, *, user: str | None = None, platform: str = "api") -> Reply:
+        `user` is who the rate limit counts; without one, the conversation.
+        `ticket` (from `take_ticket`) is the message's place in line; without one
+        a place is taken now and released on return. `exchange_id` names the
+        stored exchange (default: a new id); storing the same id twice is a no-op,
+        so a message answered again after a crash is remembered once."""
+        reply = await self.respond(
+            conversation, text, user=user, platform=platform, ticket=ticket, exchange_id=exchange_id
+        )
+        return reply.text
+
+    async def respond(
+        self,
+        conversation: str,
+        text: str,
+        *,
+        user: str | None = None,
+        platform: str = "api",
+        ticket: Ticket | None = None,
+        exchange_id: str | None = None,
+    ) -> Reply:
         """`reply()`, with the stored exchange the answer is (for ratings)."""
         started = time.monotonic()
+        own_ticket = ticket is None
+        if ticket is None:
+            ticket = self.take_ticket(conversation)
+        elif ticket.conversation != conversation:
+            raise ValueError(f"a ticket of {ticket.conversation} cannot answer in {conversation}")
         try:
-            await self.limiter.acquire(user or conversation)
-            answer, exchange = await self._reply(conversation, text)
+            answer, stored = await self._reply(ticket, text, user or conversation, exchange_id or new_exchange_id())
         except ReplyError as error:
             self.metrics.replies.labels(platform, error.outcome).inc()
             raise
+        finally:
+            if own_ticket:
+                ticket.release()
         self.metrics.replies.labels(platform, "ok").inc()
         self.metrics.reply_latency.labels(platform).observe(time.monotonic() - started)
-        return Reply(neutralize_mentions(answer), exchange)
+        if stored is None:
+            return Reply(neutralize_mentions(answer))
+        return Reply(neutralize_mentions(answer), ExchangeRef(conversation, stored.id), stored.at)
 
     async def rate(self, exchange: ExchangeRef, rating: str, *, user: str, platform: str) -> bool:
         """Record `user`'s rating (GOOD or BAD) of a reply; True if stored, False if
@@ -194,17 +252,25 @@ class ReplyEngine:
         log.info("A reply in conversation %s was rated %s (%s)", exchange.conversation, rating, platform)
         return stored
 
-    async def reset(self, conversation: str) -> bool:
-        """Forget a conversation; waits for a reply in flight in it to finish first."""
-        async with self._conversation_lock(conversation):
-            return await self.store.reset(conversation)
+    async def reset(self, conversation: str, *, ticket: Ticket | None = None) -> bool:
+        """Forget a conversation, in line: after the messages that came before, before those after."""
+        own_ticket = ticket is None
+        if ticket is None:
+            ticket = self.take_ticket(conversation)
+        try:
+            await ticket.turn()
+            async with self._conversation_lock(conversation):
+                return await self.store.reset(conversation)
+        finally:
+            if own_ticket:
+                ticket.release()
 
     async def history(self, conversation: str) -> list[Exchange]:
         return await self.store.history(conversation)
 
     # -- internals -------------------------------------------------------
 
-    async def _reply(self, conversation: str, text: str) -> tuple[str, ExchangeRef | None]:
+    async def _reply(self, ticket: Ticket, text: str, user: str, exchange_id: str) -> tuple[str, Exchange | None]:
         text = clean_text(text)
         if not text:
             raise EmptyMessage()
@@ -214,21 +280,45 @@ class ReplyEngine:
             raise EngineClosed()
         if self._pending.count >= self.settings.queue_size:
             raise EngineBusy()
+        self._refuse_a_long_wait(ticket)
         self.metrics.queue_depth.inc()
         try:
             with self._pending:
-                return await self._reply_in_order(conversation, text)
+                return await self._reply_in_order(ticket, text, user, exchange_id)
         finally:
             self.metrics.queue_depth.dec()
 
-    async def _reply_in_order(self, conversation: str, text: str) -> tuple[str, ExchangeRef | None]:
+    def _refuse_a_long_wait(self, ticket: Ticket) -> None:
+        """Fail fast rather than hold a message that cannot be answered in time:
+        a conversation with CONVERSATION_QUEUE_SIZE messages ahead, or whose
+        expected wait (the messages ahead and this one, at the recent time per
+        reply) is past REPLY_TIMEOUT."""
+        ahead = ticket.ahead
+        expected = (ahead + 1) * self._turn_seconds
+        if ahead >= self.settings.conversation_queue_size:
+            notify = self._lines.refuse(ticket)
+            raise ConversationBusy(max(expected, 1.0), notify=notify)
+        if expected > self.settings.reply_timeout:
+            notify = self._lines.refuse(ticket)
+            raise EngineBusy(TOO_SLOW, retry_after=expected, notify=notify)
+        self._lines.accept(ticket)
+
+    async def _reply_in_order(
+        self, ticket: Ticket, text: str, user: str, exchange_id: str
+    ) -> tuple[str, Exchange | None]:
+        """The answer and the exchange stored for it (None if nothing was stored)."""
+        conversation = ticket.conversation
         deadline = asyncio.get_running_loop().time() + self.settings.reply_timeout
         lock = self._conversation_lock(conversation)
         try:
             async with asyncio.timeout_at(deadline):
+                await ticket.turn()
+                # In line, not before: a limiter that takes a while (a Redis round trip) would let messages overtake.
+                await self.limiter.acquire(user)
                 await lock.acquire()
         except TimeoutError:
             raise ReplyTimeout() from None
+        held = time.monotonic()
         try:
             self._preparing += 1
             try:
@@ -246,10 +336,17 @@ class ReplyEngine:
             if generated is None:
                 return self.settings.safety_deflection, None
             # The answer exists now: it is stored and returned whatever the deadline says.
-            stored = await self._store_exchange(conversation, text, generated.text)
+            stored = await self._store_exchange(conversation, text, generated.text, exchange_id)
         finally:
             await lock.release()
+        self._measure_turn(time.monotonic() - held)
         return clean_text(generated.text) or NO_ANSWER, stored
+
+    def _measure_turn(self, seconds: float) -> None:
+        if self._turn_seconds == 0.0:
+            self._turn_seconds = seconds
+        else:
+            self._turn_seconds += TURN_TIME_WEIGHT * (seconds - self._turn_seconds)
 
     async def _load_history(self, conversation: str) -> list[Exchange]:
         try:
@@ -277,15 +374,14 @@ class ReplyEngine:
         log.info("Safety filter blocked an %s message in conversation %s", direction, conversation)
         return True
 
-    async def _store_exchange(self, conversation: str, text: str, answer: str) -> ExchangeRef | None:
+    async def _store_exchange(self, conversation: str, text: str, answer: str, exchange_id: str) -> Exchange | None:
         try:
-            exchange = await self.store.append_exchange(conversation, text, answer)
+            return await self.store.append_exchange(conversation, text, answer, exchange_id=exchange_id)
         except Exception as error:
             # The user still gets the answer; the conversation just does not remember it.
             _log_store_error("Could not store an exchange of conversation %s", conversation, error)
             self.metrics.errors.labels("memory_write").inc()
             return None
-        return ExchangeRef(conversation, exchange.at)
 
     async def _generate(self, turns: list[str], *, sample: bool = False) -> Generated:
         if self._worker is None:
@@ -309,7 +405,10 @@ class ReplyEngine:
             await asyncio.sleep(min(SWEEP_INTERVAL, ttl))
 
     def _conversation_lock(self, conversation: str) -> ConversationLock:
-        return self._locks.lock(conversation)
+        """The lock other replicas respect; nothing to take without one (the ticket orders this process)."""
+        if self._shared_lock is None:
+            return _NO_LOCK
+        return self._shared_lock.lock(conversation)
 
     async def _batch_worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -353,6 +452,23 @@ class ReplyEngine:
             self.metrics.generated_tokens.inc(result.new_tokens)
             if not request.future.done():
                 request.future.set_result(result)
+
+
+class _NoLock:
+    async def acquire(self) -> None:
+        pass
+
+    async def release(self) -> None:
+        pass
+
+    async def __aenter__(self) -> None:
+        pass
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        pass
+
+
+_NO_LOCK = _NoLock()
 
 
 def _log_store_error(message: str, conversation: str, error: Exception) -> None:

@@ -39,7 +39,31 @@ class MessageTooLong(ReplyError):
 class EngineBusy(ReplyError):
     user_message = "I'm busy with a lot of conversations right now. Please try again shortly."
     outcome = "busy"
-    retry_after = 5
+    retry_after: float = 5
+    notify = True
+
+    def __init__(
+        self, user_message: str | None = None, *, retry_after: float | None = None, notify: bool = True
+    ) -> None:
+        super().__init__(user_message)
+        if retry_after is not None:
+            self.retry_after = retry_after
+        self.notify = notify  # False: adapters stay silent (a flood already got its notice)
+
+
+class ConversationBusy(ReplyError):
+    """Too many messages of this conversation are already waiting for their answer
+    (CONVERSATION_QUEUE_SIZE): one busy channel must not take the whole queue."""
+
+    user_message = (
+        "I'm still answering the earlier messages here. Please wait for my answers, then ask again."
+    )
+    outcome = "conversation_busy"
+
+    def __init__(self, retry_after: float, *, notify: bool = True) -> None:
+        super().__init__()
+        self.retry_after = retry_after
+        self.notify = notify  # False after the first refusal of a flood: adapters stay silent
 
 
 class EngineClosed(EngineBusy):

@@ -38,12 +38,14 @@ async def feedback_report(store: ConversationStore, *, since: float, recent: int
 async def _with_exchange(store: ConversationStore, row: Feedback) -> dict[str, Any]:
     conversation = row.exchange.conversation
     history = await store.history(conversation)
-    exchange = next((e for e in history if e.at == row.exchange.at), None)
+    exchange = next((e for e in history if e.id == row.exchange.id), None)
     return {
         "conversation": conversation.removeprefix(WEB_PREFIX),
+        "exchange_id": row.exchange.id,
         "rating": row.rating,
         "user": row.user.removeprefix(WEB_PREFIX),
         "rated_at": row.at,
-        "exchange": None if exchange is None else {"at": exchange.at, "user": exchange.user,
+        # None once the exchange is no longer stored (trimmed away): the rating still counts.
+        "exchange": None if exchange is None else {"id": exchange.id, "at": exchange.at, "user": exchange.user,
                                                    "bot": shown_text(exchange.bot)},
     }

@@ -1,11 +1,30 @@
-"""Per-conversation locks: the messages of one conversation are answered one at
-a time, each seeing the exchange before it.
+"""Per-conversation order: the messages of one conversation are answered one
+at a time, in the order they arrived, each seeing the exchange before it.
 
-`LocalLocks` orders them within this process (first come, first served).
-`RedisLocks` also keeps other replicas out of the conversation while a reply is
-read, generated and stored. `LayeredLocks(local, shared)` takes the local lock
-first, so a replica asks Redis for at most one lock per conversation at a time
-and its own messages keep their arrival order.
+The order is fixed at intake, synchronously, before anything can await:
+
+    ticket = engine.take_ticket(conversation)   # in the platform's event handler, first thing
+    ...dedupe, typing, name lookups: anything slow, in any order...
+    answer = await engine.reply(conversation, text, ticket=ticket)   # waits for the ticket's turn
+    ...post the answer...
+    ticket.release()                            # on every path: done, duplicate, error, cancelled
+
+`ConversationLines` keeps one first-come-first-served line of `Ticket`s per
+conversation in this process. A ticket's turn comes when every ticket taken
+before it in that conversation was released; releasing is idempotent, so a
+`finally:` (or `with ticket:`) always frees the place and the conversation can
+never wedge. Whoever takes a ticket releases it: an adapter hands it to
+`ReplyTasks.spawn(..., ticket=ticket)`, which releases it however the task ends;
+the web API holds it for its request; `reply()` called without one takes and
+releases its own (the terminal chat). Holding the ticket until the answer is
+sent keeps the answers in order too. Messages replayed later (after a restart)
+keep their order by taking their tickets in arrival order, then answering.
+
+With several replicas, `RedisLocks` also keeps other replicas out of the
+conversation while its reply is read, generated and stored. The engine layers
+them: the ticket's turn in this process first, then the shared lock, so a
+replica asks Redis for at most one lock per conversation at a time and its own
+messages keep their arrival order.
 """
 
 from __future__ import annotations
@@ -13,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 from redis.asyncio.lock import Lock as RedisLock
@@ -58,46 +78,94 @@ class _Held:
         await self.release()
 
 
-class LocalLocks:
-    """A FIFO lock per conversation, removed once nobody holds or waits for it,
-    so the table stays as small as the set of active conversations."""
+class Ticket:
+    """A message's place in its conversation's line (see the module docstring).
+    `with ticket:` releases it at the end of the block."""
+
+    def __init__(self, lines: ConversationLines, conversation: str) -> None:
+        self.conversation = conversation
+        self._lines = lines
+        self._called = asyncio.Event()
+        self.released = False
+
+    @property
+    def ahead(self) -> int:
+        """How many messages of the conversation are in line before this one (0: its turn)."""
+        return self._lines._ahead(self)
+
+    async def turn(self) -> None:
+        """Return once every ticket taken before this one was released."""
+        if self.released:
+            raise RuntimeError(f"a released ticket of conversation {self.conversation} has no turn")
+        await self._called.wait()
+
+    def release(self) -> None:
+        """Leave the line, letting the next ticket have its turn; later calls do nothing."""
+        if not self.released:
+            self.released = True
+            self._lines._leave(self)
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+class _Line(deque[Ticket]):
+    refusing = False  # a message was turned away since the line last took one (see `refuse`)
+
+
+class ConversationLines:
+    """A first-come-first-served line of tickets per conversation, removed once
+    empty, so the table stays as small as the set of active conversations."""
 
     def __init__(self) -> None:
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._users: dict[str, int] = {}
+        self._lines: dict[str, _Line] = {}
+
+    def take(self, conversation: str) -> Ticket:
+        """A place at the end of `conversation`'s line; synchronous, so the order is the order of calls."""
+        line = self._lines.setdefault(conversation, _Line())
+        ticket = Ticket(self, conversation)
+        line.append(ticket)
+        if len(line) == 1:
+            ticket._called.set()
+        return ticket
+
+    def waiting(self, conversation: str) -> int:
+        """Tickets in `conversation`'s line, the one whose turn it is included."""
+        return len(self._lines.get(conversation, ()))
+
+    def refuse(self, ticket: Ticket) -> bool:
+        """Note that `ticket`'s message is turned away (its line is too long); True
+        for the first one since the line last accepted a message, so a flood gets
+        one notice, not one per message."""
+        line = self._lines[ticket.conversation]
+        first, line.refusing = not line.refusing, True
+        return first
+
+    def accept(self, ticket: Ticket) -> None:
+        """Note that `ticket`'s message is taken: the next refusal is noticed again."""
+        self._lines[ticket.conversation].refusing = False
 
     def __len__(self) -> int:
-        return len(self._locks)
+        """Conversations with somebody in line."""
+        return len(self._lines)
 
-    def lock(self, conversation: str) -> ConversationLock:
-        return _LocalLock(self, conversation)
+    def _ahead(self, ticket: Ticket) -> int:
+        line = self._lines.get(ticket.conversation)
+        if ticket.released or line is None:
+            return 0
+        return line.index(ticket)
 
-
-class _LocalLock(_Held):
-    def __init__(self, locks: LocalLocks, conversation: str) -> None:
-        self._table = locks
-        self._key = conversation
-
-    async def acquire(self) -> None:
-        table = self._table
-        lock = table._locks.setdefault(self._key, asyncio.Lock())
-        table._users[self._key] = table._users.get(self._key, 0) + 1
-        try:
-            await lock.acquire()
-        except BaseException:
-            self._forget()
-            raise
-
-    async def release(self) -> None:
-        self._table._locks[self._key].release()
-        self._forget()
-
-    def _forget(self) -> None:
-        table = self._table
-        table._users[self._key] -= 1
-        if table._users[self._key] == 0:
-            del table._users[self._key]
-            del table._locks[self._key]
+    def _leave(self, ticket: Ticket) -> None:
+        line = self._lines[ticket.conversation]
+        first = line[0] is ticket
+        line.remove(ticket)
+        if not line:
+            del self._lines[ticket.conversation]
+        elif first:
+            line[0]._called.set()
 
 
 class RedisLocks:
@@ -207,34 +275,3 @@ async def _delete_if_ours(lock: RedisLock, token: str) -> None:
         await lock.do_release(token.encode())
     except (LockError, RedisError):
         pass  # not ours, or Redis is away: either way it expires within a lease
-
-
-class LayeredLocks:
-    """This process's lock, then the shared one; released in reverse order."""
-
-    def __init__(self, local: ConversationLocks, shared: ConversationLocks) -> None:
-        self.local = local
-        self.shared = shared
-
-    def lock(self, conversation: str) -> ConversationLock:
-        return _LayeredLock(self.local.lock(conversation), self.shared.lock(conversation))
-
-
-class _LayeredLock(_Held):
-    def __init__(self, outer: ConversationLock, inner: ConversationLock) -> None:
-        self._outer = outer
-        self._inner = inner
-
-    async def acquire(self) -> None:
-        await self._outer.acquire()
-        try:
-            await self._inner.acquire()
-        except BaseException:
-            await self._outer.release()
-            raise
-
-    async def release(self) -> None:
-        try:
-            await self._inner.release()
-        finally:
-            await self._outer.release()

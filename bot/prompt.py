@@ -4,8 +4,14 @@ BlenderBot checkpoints carry no chat template. We use the format of
 transformers' own BlenderBot examples, whose published outputs show the real
 checkpoints answering well with it: turns joined by the family's end and start
 tokens (`</s> <s>` for BlenderBot, `__end__ __start__` for BlenderBot-small).
-The separators are the model's own special tokens, so a turn boundary can never
-be confused with text a user typed.
+
+Only the separators are special tokens. Each turn is tokenized on its own with
+`split_special_tokens=True`, so a user who types `</s> <s>` (or `__end__
+__start__`) gets those characters as ordinary text, never a turn boundary: one
+person in a shared channel cannot plant fake bot turns that every later prompt
+would see. Should a tokenizer still produce a special token from typed text (a
+BPE merge that rebuilds `__end__`), it is dropped from the turn. For ordinary
+text the ids are exactly those of tokenizing the joined string.
 
 Long conversations are truncated from the left at token level: the oldest
 tokens go first, the newest message always stays, and the input never exceeds
@@ -32,19 +38,28 @@ FAMILIES = {
 }
 
 
-def format_turns(family: Family, turns: Sequence[str]) -> str:
-    """Join the turns, oldest first, the newest user message last."""
-    return family.separator.join(turn.strip() for turn in turns)
-
-
 def encode_turns(tokenizer, family: Family, turns: Sequence[str], max_tokens: int) -> list[int]:
-    """Input ids for one conversation, at most `max_tokens` long, truncated from the left."""
-    ids = tokenizer(format_turns(family, turns), add_special_tokens=False)["input_ids"]
+    """Input ids for one conversation (turns oldest first, the newest user message
+    last), at most `max_tokens` long, truncated from the left."""
+    separator = separator_ids(tokenizer, family)
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    texts = [turn.strip() for turn in turns]
+    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else []
+    ids: list[int] = []
+    for index, turn_ids in enumerate(encoded):
+        if index:
+            ids += separator
+        ids += [token for token in turn_ids if token not in special]
     suffix = [tokenizer.eos_token_id] if family.append_eos else []
     keep = max_tokens - len(suffix)
     if len(ids) > keep:
         ids = ids[len(ids) - keep :]
     return ids + suffix
+
+
+def separator_ids(tokenizer, family: Family) -> list[int]:
+    """The ids between two turns: the family's separator, its special tokens as such."""
+    return tokenizer(family.separator, add_special_tokens=False, split_special_tokens=False)["input_ids"]
 
 
 def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:

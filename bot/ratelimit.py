@@ -5,7 +5,8 @@ limit the first message gets `RateLimited(notify=True)` (one short notice),
 later ones `RateLimited(notify=False)` (silence) until a token is back, so a
 flood of messages never becomes a flood of notices. `RateLimiter` is the
 interface: this in-process limiter can be swapped for one whose buckets live in
-Redis, shared by several replicas.
+Redis, shared by several replicas (`bot.shared.RedisRateLimiter`); both share
+`BucketLimiter`'s handling of blocked users, a limit of 0 and the notices.
 """
 
 from __future__ import annotations
@@ -39,7 +40,37 @@ class _Bucket:
     notified: bool = False  # the over-limit notice was sent since the bucket last had a token
 
 
-class TokenBucketLimiter:
+class BucketLimiter:
+    """What every token-bucket limiter does around its buckets: blocked users are
+    refused, `per_minute=0` turns limiting off, and over the limit the first
+    message is told once (`RateLimited(notify=True)`), later ones are silent.
+    Subclasses keep the buckets (`_take`): here in this process, or in Redis."""
+
+    def __init__(self, *, burst: int, per_minute: float, blocked: Iterable[str] = ()) -> None:
+        self._burst = float(burst)
+        self._rate = per_minute / 60.0  # tokens a second
+        self._blocked = frozenset(blocked)
+
+    async def acquire(self, user: str) -> None:
+        if user in self._blocked:
+            raise UserBlocked()
+        if self._rate <= 0:
+            return
+        refused = await self._take(user)
+        if refused is None:
+            return
+        retry_after, notify = refused
+        if notify:  # once a flood, not once a message
+            log.info("User %s is over the rate limit; silent for %.0fs", user, retry_after)
+        raise RateLimited(retry_after, notify=notify)
+
+    async def _take(self, user: str) -> tuple[float, bool] | None:
+        """Take a token of `user`'s bucket: None if there was one, else
+        (seconds until there is one, whether this is the first refusal since)."""
+        raise NotImplementedError
+
+
+class TokenBucketLimiter(BucketLimiter):
     """`burst` messages at once, then `per_minute` a minute; `per_minute=0` turns limiting off."""
 
     def __init__(
@@ -51,9 +82,7 @@ class TokenBucketLimiter:
         max_buckets: int = MAX_BUCKETS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._burst = float(burst)
-        self._rate = per_minute / 60.0  # tokens a second
-        self._blocked = frozenset(blocked)
+        super().__init__(burst=burst, per_minute=per_minute, blocked=blocked)
         self._max_buckets = max_buckets
         self._clock = clock
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()  # least recently used first
@@ -66,23 +95,16 @@ class TokenBucketLimiter:
             blocked=settings.blocked_users,
         )
 
-    async def acquire(self, user: str) -> None:
-        if user in self._blocked:
-            raise UserBlocked()
-        if self._rate <= 0:
-            return
+    async def _take(self, user: str) -> tuple[float, bool] | None:
         now = self._clock()
         bucket = self._refilled(user, now)
         if bucket.tokens >= 1:
             bucket.tokens -= 1
             bucket.notified = False
-            return
-        retry_after = (1 - bucket.tokens) / self._rate
+            return None
         notify = not bucket.notified
-        if notify:  # once a flood, not once a message
-            log.info("User %s is over the rate limit; silent for %.0fs", user, retry_after)
         bucket.notified = True
-        raise RateLimited(retry_after, notify=notify)
+        return (1 - bucket.tokens) / self._rate, notify
 
     def __len__(self) -> int:
         """Buckets held (for tests and metrics)."""

@@ -92,7 +92,9 @@ async def _serve_engine(
     runner: web.AppRunner | None = None
     try:
         adapters = build_adapters(settings, engine, shared)
-        app = build_app(engine, settings, adapters, shared=shared)
+        app = build_app(
+            engine, settings, adapters, shared=shared, caller_limiter=shared.web_limiter if shared else None
+        )
         for adapter in adapters:
             adapter.mount(app)  # Slack in HTTP mode receives its events on our server
         # The drain below has already waited for handlers; cleanup only needs a moment.

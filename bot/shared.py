@@ -24,10 +24,10 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bot.config import Settings
-from bot.errors import RateLimited, UserBlocked
 from bot.locks import RedisLocks
 from bot.memory import StoreUnavailable
 from bot.metrics import Metrics
+from bot.ratelimit import BucketLimiter
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ return {allowed, tostring((1 - tokens) / rate), notify}
 """
 
 
-class RedisRateLimiter:
+class RedisRateLimiter(BucketLimiter):
     """The per-user token bucket of `bot.ratelimit` (`burst` messages at once, then
     `per_minute` a minute; the first message over the limit gets a notice, later
     ones silence), with the buckets in Redis so every replica counts the same
@@ -154,10 +154,8 @@ class RedisRateLimiter:
         prefix: str = DEFAULT_PREFIX,
         metrics: Metrics | None = None,
     ) -> None:
+        super().__init__(burst=burst, per_minute=per_minute, blocked=blocked)
         self._script = client.register_script(TOKEN_BUCKET)
-        self._burst = burst
-        self._rate = per_minute / 60.0  # tokens a second
-        self._blocked = blocked
         self._prefix = prefix
         self._metrics = metrics
 
@@ -174,11 +172,7 @@ class RedisRateLimiter:
             metrics=metrics,
         )
 
-    async def acquire(self, user: str) -> None:
-        if user in self._blocked:
-            raise UserBlocked()
-        if self._rate <= 0:
-            return
+    async def _take(self, user: str) -> tuple[float, bool] | None:
         try:
             allowed, retry_after, notify = await self._script(
                 keys=[f"{self._prefix}bucket:{user}"], args=[self._burst, self._rate]
@@ -187,21 +181,23 @@ class RedisRateLimiter:
             log.warning("Redis unreachable for rate limits, letting a message through: %s", error)
             if self._metrics is not None:
                 self._metrics.errors.labels("rate_limit").inc()
-            return
-        if not allowed:
-            raise RateLimited(float(retry_after), notify=bool(notify))
+            return None
+        if allowed:
+            return None
+        return float(retry_after), bool(notify)
 
 
 @dataclass
 class SharedState:
     """The Redis pieces a replica uses besides its memory store: pass `dedupe` to
-    the Slack adapter, `locks` and `limiter` to the engine."""
+    the Slack adapter, `locks` and `limiter` to the engine, `web_limiter` to the web app."""
 
     client: Redis
     prefix: str
     dedupe: RedisDedupeStore
     locks: RedisLocks
     limiter: RedisRateLimiter
+    web_limiter: RedisRateLimiter  # per web API caller (WEB_RATE_LIMIT_PER_MINUTE), for bot.web
 
     @classmethod
     def from_settings(cls, settings: Settings, *, metrics: Metrics | None = None) -> SharedState | None:
@@ -217,6 +213,13 @@ class SharedState:
             dedupe=RedisDedupeStore(client, prefix=prefix, metrics=metrics),
             locks=RedisLocks(client, prefix=prefix, metrics=metrics),
             limiter=RedisRateLimiter.from_settings(settings, client, prefix=prefix, metrics=metrics),
+            web_limiter=RedisRateLimiter(
+                client,
+                burst=max(1, settings.web_rate_limit_per_minute),
+                per_minute=settings.web_rate_limit_per_minute,
+                prefix=prefix,
+                metrics=metrics,
+            ),
         )
 
     async def ping(self) -> None:

@@ -3,14 +3,20 @@ the JSON chat API, the web chat page, and the mount point for Slack's events.
 
 `build_app(engine, settings, adapters)` returns the application; `WebState`
 is what the runtime flips on shutdown so new requests are answered 503 while
-the replies in flight finish.
+the replies in flight finish. Who may use the page and the API: the token rule
+here, the Host, Origin and Content-Type rules in bot/webaccess.py.
+
+/healthz fails once a platform has stopped for good (a reset token), so the
+process gets restarted; /readyz is about answering: a platform reconnecting
+makes it 503, a memory store or Redis that cannot be reached only "degraded"
+(the bot answers without them), reported in its body and in
+`blenderchat_dependency_up`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 import math
@@ -26,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from bot.config import Settings, parse_duration
 from bot.engine import NO_ANSWER, ReplyEngine
 from bot.errors import (
+    ConversationBusy,
     EmptyMessage,
     EngineBusy,
     MessageTooLong,
@@ -37,15 +44,15 @@ from bot.errors import (
 from bot.feedback import feedback_report
 from bot.inflight import InFlight
 from bot.memory import RATINGS, ExchangeRef, StoreUnavailable
+from bot.ratelimit import RateLimiter, TokenBucketLimiter
 from bot.text import clean_text
+from bot.webaccess import OPEN_PATHS, is_loopback, make_request_guard
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 # Web conversation and user ids: what a browser's crypto.randomUUID() or a script would use.
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
-# Paths served whatever the bind address: probes, scrapers and Slack's signed events.
-OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/slack/")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # How long /readyz waits for the memory store or Redis before calling it unavailable.
@@ -63,11 +70,17 @@ class Pingable(Protocol):
 
 class WebState:
     """What the handlers share with the runtime: the adapters and the shared
-    Redis state to report on, whether the process is shutting down, and the API
-    requests in flight."""
+    Redis state to report on, whether the process is shutting down, the API
+    requests in flight, and the web API's own limits: a rate per caller and a
+    share of the queue."""
 
     def __init__(
-        self, engine: ReplyEngine, settings: Settings, adapters: Sequence[Any] = (), shared: Pingable | None = None
+        self,
+        engine: ReplyEngine,
+        settings: Settings,
+        adapters: Sequence[Any] = (),
+        shared: Pingable | None = None,
+        caller_limiter: RateLimiter | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
@@ -75,6 +88,10 @@ class WebState:
         self.shared = shared
         self.closing = False
         self.requests = InFlight()  # API requests being answered
+        self.chats = InFlight()  # of those, /api/chat requests: at most `chat_budget`
+        self.chat_budget = max(1, settings.queue_size * settings.web_queue_percent // 100)
+        per_minute = settings.web_rate_limit_per_minute
+        self.caller_limiter = caller_limiter or TokenBucketLimiter(burst=max(1, per_minute), per_minute=per_minute)
 
     def stop_accepting(self) -> None:
         self.closing = True
@@ -87,26 +104,26 @@ class WebState:
 STATE = web.AppKey("state", WebState)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
-
-
 def build_app(
-    engine: ReplyEngine, settings: Settings, adapters: Sequence[Any] = (), *, shared: Pingable | None = None
+    engine: ReplyEngine,
+    settings: Settings,
+    adapters: Sequence[Any] = (),
+    *,
+    shared: Pingable | None = None,
+    caller_limiter: RateLimiter | None = None,
 ) -> web.Application:
     """The application; `app[STATE]` is its `WebState`. `shared` (Redis) is
-    checked by /readyz along with the memory store."""
-    state = WebState(engine, settings, adapters, shared)
+    checked by /readyz along with the memory store; `caller_limiter` counts
+    each web API caller's messages (default: in this process; with several
+    replicas, `SharedState.web_limiter`)."""
+    state = WebState(engine, settings, adapters, shared, caller_limiter)
     # aiohttp's 1 MiB, or more for a JSON body around the longest text allowed (an escape takes up
     # to 12 bytes a character); Slack's events, carrying text and blocks, can be large too.
     app = web.Application(
         client_max_size=max(1024 * 1024, settings.max_input_chars * 12 + 4096),
-        middlewares=[_json_errors, _make_access_guard(settings), _make_shutdown_guard(state)],
+        middlewares=[
+            _json_errors, make_request_guard(settings), _make_access_guard(settings), _make_shutdown_guard(state)
+        ],
     )
     app[STATE] = state
     app.router.add_get("/healthz", healthz)
@@ -144,9 +161,11 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
 
 
 def _make_access_guard(settings: Settings) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """On a non-loopback address the API needs `Authorization: Bearer $WEB_API_TOKEN`;
-    without a token it is off. The page itself holds no data: it is served
-    whenever the API is on, and asks the user for the token."""
+    """With WEB_API_TOKEN set the API always needs `Authorization: Bearer $WEB_API_TOKEN`,
+    on 127.0.0.1 too (a TLS proxy on the same host would otherwise open it to
+    everyone); without one it is open on a loopback address and off on any other.
+    The page itself holds no data: it is served whenever the API is on, and asks
+    the user for the token."""
     open_to_all = is_loopback(settings.http_host)
     token = settings.web_api_token
     if not open_to_all and not token:
@@ -160,7 +179,7 @@ def _make_access_guard(settings: Settings) -> Callable[..., Awaitable[web.Stream
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
-        if open_to_all or path.startswith(OPEN_PATHS):
+        if (open_to_all and not token) or path.startswith(OPEN_PATHS):
             return await handler(request)
         if not token:
             if path.startswith("/api/"):
@@ -201,10 +220,18 @@ def _make_shutdown_guard(state: WebState) -> Callable[..., Awaitable[web.StreamR
 
 async def healthz(request: web.Request) -> web.Response:
     # Answering at all proves the event loop is turning; a stalled loop times out the probe.
+    # A platform that stopped for good (a reset token) fails it, so the process is restarted.
+    failures = [f"{adapter.name}: {adapter.failure}" for adapter in request.app[STATE].adapters if adapter.failure]
+    if failures:
+        return web.json_response({"status": "failed", "reason": "; ".join(failures)}, status=503)
     return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready means able to answer: not shutting down, the engine running, every
+    platform connected. A memory store or Redis that cannot be reached does not
+    stop answers (they go on without history, locks, shared limits): it is
+    reported as `degraded`, and a load balancer keeps the replica."""
     state = request.app[STATE]
     reasons = []
     if state.closing:
@@ -214,15 +241,28 @@ async def readyz(request: web.Request) -> web.Response:
     for adapter in state.adapters:
         if not adapter.connected:
             reasons.append(f"{adapter.name} is not connected")
+    degraded = await _dependencies(state)
+    if reasons:
+        return web.json_response({"ready": False, "reason": "; ".join(reasons), "degraded": degraded}, status=503)
+    return web.json_response(
+        {"ready": True, "adapters": [adapter.name for adapter in state.adapters], "degraded": degraded}
+    )
+
+
+async def _dependencies(state: WebState) -> list[str]:
+    """Check the memory store and Redis now; what cannot be reached, and `dependency_up` set to match."""
     store_error, shared_error = await asyncio.gather(_ping(state.engine.store), _ping(state.shared))
+    gauge = state.engine.metrics.dependency_up
+    degraded = []
+    gauge.labels("memory").set(store_error is None)
     if store_error is not None:
         backend = state.settings.memory_url.partition(":")[0]  # redis, sqlite... never the URL itself
-        reasons.append(f"the memory store is unavailable ({backend}: {store_error})")
+        degraded.append(f"the memory store is unavailable ({backend}: {store_error}): answering without history")
+    if state.shared is not None:
+        gauge.labels("redis").set(shared_error is None)
     if shared_error is not None:
-        reasons.append(f"Redis for locks, rate limits and de-duplication is unavailable ({shared_error})")
-    if reasons:
-        return web.json_response({"ready": False, "reason": "; ".join(reasons)}, status=503)
-    return web.json_response({"ready": True, "adapters": [adapter.name for adapter in state.adapters]})
+        degraded.append(f"Redis for locks, rate limits and de-duplication is unavailable ({shared_error})")
+    return degraded
 
 
 async def _ping(target: Pingable | None) -> str | None:
@@ -238,7 +278,9 @@ async def _ping(target: Pingable | None) -> str | None:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[STATE].engine.metrics.render()
+    state = request.app[STATE]
+    await _dependencies(state)  # blenderchat_dependency_up as of this scrape
+    body = state.engine.metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -261,12 +303,17 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def _conversation(value: Any) -> str:
+def _conversation_id(value: Any) -> str:
+    """The id the caller gave; stored as `web:<id>`, apart from Discord's and Slack's conversations."""
     if value is None:
         raise BadRequest("Missing field: conversation.")
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
         raise BadRequest("conversation must be 1 to 100 letters, digits or _ . : -")
-    return f"web:{value}"
+    return value
+
+
+def _conversation(value: Any) -> str:
+    return f"web:{_conversation_id(value)}"
 
 
 def _user(value: Any) -> str | None:
@@ -290,6 +337,7 @@ _STATUS = {
     EmptyMessage: 400,
     MessageTooLong: 413,
     RateLimited: 429,
+    ConversationBusy: 429,
     UserBlocked: 403,
     ReplyTimeout: 504,
     EngineBusy: 503,  # EngineClosed too
@@ -310,19 +358,42 @@ def _reply_error(error: ReplyError) -> web.Response:
 async def api_chat(request: web.Request) -> web.Response:
     state = request.app[STATE]
     data = await _json_object(request)
-    conversation = _conversation(data.get("conversation"))
+    conversation_id = _conversation_id(data.get("conversation"))
     text = data.get("text")
     if text is None:
         raise BadRequest("Missing field: text.")
     if not isinstance(text, str):
         raise BadRequest("text must be a string.")
     user = _user(data.get("user"))
-    try:
-        reply = await state.engine.respond(conversation, text, user=f"web:{user or conversation}", platform="web")
-    except ReplyError as error:
-        return _reply_error(error)
-    # `at` names the stored exchange, for POST /api/feedback; null when nothing was stored (a deflection).
-    return web.json_response({"reply": reply.text, "at": reply.exchange.at if reply.exchange else None})
+    # The request's place in its conversation's line, before anything awaits.
+    with state.engine.take_ticket(f"web:{conversation_id}") as ticket, state.chats:
+        try:
+            if state.chats.count > state.chat_budget:
+                raise EngineBusy()  # the rest of the queue is kept for Discord and Slack
+            # Per caller as well as per user: a client sending a new `user` each time gains nothing.
+            await state.caller_limiter.acquire(_caller(request))
+        except ReplyError as error:
+            state.engine.metrics.replies.labels("web", error.outcome).inc()  # as the engine counts its own
+            return _reply_error(error)
+        try:
+            # The user is the `user` field, else the conversation: `web:<id>`, as BLOCKED_USERS names them.
+            reply = await state.engine.respond(
+                ticket.conversation, text, user=f"web:{user or conversation_id}", platform="web", ticket=ticket
+            )
+        except ReplyError as error:
+            return _reply_error(error)
+    # `exchange_id` names the stored exchange, for POST /api/feedback; `at` is when it was
+    # stored. Both null when nothing was stored (a deflection, or the memory was down).
+    exchange_id = reply.exchange.id if reply.exchange else None
+    return web.json_response({"reply": reply.text, "exchange_id": exchange_id, "at": reply.at})
+
+
+def _caller(request: web.Request) -> str:
+    """Who sent a web API request, for its rate limit: the bearer token when one is
+    configured (every request carries it; the key never holds the token), else the client address."""
+    if request.app[STATE].settings.web_api_token:
+        return "web-caller:token"
+    return f"web-caller:{request.remote or 'unknown'}"
 
 
 @_bad_request
@@ -333,7 +404,8 @@ async def api_history(request: web.Request) -> web.Response:
         {
             "exchanges": [
                 # The reply as it was shown: decoded text starts with a space and may hold control characters.
-                {"user": exchange.user, "bot": clean_text(exchange.bot) or NO_ANSWER, "at": exchange.at}
+                {"id": exchange.id, "user": exchange.user, "bot": clean_text(exchange.bot) or NO_ANSWER,
+                 "at": exchange.at}
                 for exchange in exchanges
             ]
         }
@@ -350,12 +422,12 @@ async def api_reset(request: web.Request) -> web.Response:
 
 @_bad_request
 async def api_rate(request: web.Request) -> web.Response:
-    """Rate a reply: `{"conversation": "abc", "at": <its exchange's at>, "rating": "good" | "bad"}`."""
+    """Rate a reply: `{"conversation": "abc", "exchange_id": <its id>, "rating": "good" | "bad"}`."""
     data = await _json_object(request)
     conversation = _conversation(data.get("conversation"))
-    at = data.get("at")
-    if isinstance(at, bool) or not isinstance(at, (int, float)):
-        raise BadRequest("at must be the number /api/chat or /api/history gave for that reply.")
+    exchange_id = data.get("exchange_id")
+    if not isinstance(exchange_id, str) or not ID_PATTERN.fullmatch(exchange_id):
+        raise BadRequest("exchange_id must be the id /api/chat or /api/history gave for that reply.")
     rating = data.get("rating")
     if rating not in RATINGS:
         raise BadRequest("rating must be \"good\" or \"bad\".")
@@ -364,7 +436,7 @@ async def api_rate(request: web.Request) -> web.Response:
     if rater in request.app[STATE].settings.blocked_users:
         return _error(403, UserBlocked.outcome, UserBlocked.user_message or "You cannot use this bot.")
     try:
-        stored = await request.app[STATE].engine.rate(ExchangeRef(conversation, float(at)), rating, user=rater,
+        stored = await request.app[STATE].engine.rate(ExchangeRef(conversation, exchange_id), rating, user=rater,
                                                       platform="web")
     except StoreUnavailable:
         return _error(503, "memory_unavailable", "Ratings cannot be stored right now. Please try again later.",

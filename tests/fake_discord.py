@@ -5,10 +5,11 @@ One aiohttp server on 127.0.0.1 (port 0): REST under `/api/v10`, the gateway
 websocket at `/gateway`. It knows one guild with two text channels and a
 thread, a DM channel, a few users; it records every REST call, echoes the
 bot's own messages back on the gateway as Discord does, and can answer 429,
-reject the token (401), refuse intents (4014) or drop the gateway (4000).
-It also dispatches reactions and interactions (slash commands, the message
-context menu) from a server install or from a user's install in places the
-bot is no member of, and answers their callbacks and followups.
+hold a request for a while, reject the token (401), refuse intents (4014) or
+drop the gateway (4000; 4004 ends a session for good). It also dispatches
+reactions and interactions (slash commands, the message context menu) from a
+server install or from a user's install in places the bot is no member of, and
+answers their callbacks and followups.
 """
 
 from __future__ import annotations
@@ -97,6 +98,9 @@ class FakeDiscord:
         self._sockets: list[_Socket] = []
         self._sessions: set[str] = set()
         self._rate_limits: list[tuple[str, str, float]] = []
+        self._delays: list[tuple[str, str, float]] = []
+        self.held = 0  # requests being held by `delay` right now
+        self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -113,6 +117,7 @@ class FakeDiscord:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def stop(self) -> None:
+        self._stopping.set()  # lets held requests go
         for socket in list(self._sockets):
             await socket.ws.close()
         if self._runner is not None:
@@ -139,9 +144,11 @@ class FakeDiscord:
         mention_roles: tuple[int, ...] = (),
         webhook: bool = False,
         reply_to: int | None = None,
+        forward_of: int | None = None,
         message_type: int | None = None,
     ) -> int:
-        """Dispatch a MESSAGE_CREATE as if a user wrote `content`; returns its id."""
+        """Dispatch a MESSAGE_CREATE as if a user wrote `content` (or forwarded the
+        message `forward_of`: empty content, a reference of type 1 and a snapshot); returns its id."""
         in_guild = channel_id != DM_CHANNEL_ID
         data: dict[str, Any] = {
             "id": str(next(self._ids)),
@@ -171,6 +178,15 @@ class FakeDiscord:
             data["type"] = 19
             data["message_reference"] = {"message_id": str(reply_to), "channel_id": replied["channel_id"], "type": 0}
             data["referenced_message"] = replied
+        if forward_of is not None:
+            forwarded = self.messages[forward_of]
+            data["message_reference"] = {
+                "type": 1, "message_id": str(forward_of), "channel_id": forwarded["channel_id"],
+                **({"guild_id": forwarded["guild_id"]} if "guild_id" in forwarded else {}),
+            }
+            snapshot = {key: forwarded[key] for key in ("type", "content", "embeds", "attachments", "timestamp",
+                                                        "edited_timestamp", "flags", "mentions", "mention_roles")}
+            data["message_snapshots"] = [{"message": snapshot}]
         if message_type is not None:
             data["type"] = message_type
         self.messages[int(data["id"])] = data
@@ -268,6 +284,10 @@ class FakeDiscord:
         """Answer the next `method path` request with a 429 as Discord does."""
         self._rate_limits.append((method, path, retry_after))
 
+    def delay(self, method: str, path: str, seconds: float) -> None:
+        """Hold the next `method path` request for `seconds` (or until the fake stops) before answering it."""
+        self._delays.append((method, path, seconds))
+
     async def wait_for(self, predicate: Callable[[], Any], *, timeout: float = 30.0, what: str = "") -> Any:
         deadline = time.monotonic() + timeout
         while True:
@@ -314,6 +334,17 @@ class FakeDiscord:
         if not webhook_style and request.headers.get("Authorization") != f"Bot {self.token}":
             call.status = 401
             return _json({"message": "401: Unauthorized", "code": 0}, status=401)
+        for delay in self._delays:
+            if delay[0] == request.method and delay[1] == path:
+                self._delays.remove(delay)
+                self.held += 1
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), delay[2])
+                except TimeoutError:
+                    pass
+                finally:
+                    self.held -= 1
+                break
         for limit in self._rate_limits:
             if limit[0] == request.method and limit[1] == path:
                 self._rate_limits.remove(limit)

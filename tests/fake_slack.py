@@ -57,6 +57,8 @@ class FakeSlack:
     reactions: set[tuple[str, str, str]] = field(default_factory=set)  # (channel, ts, name) on messages now
     home_views: dict[str, dict[str, Any]] = field(default_factory=dict)  # user -> published Home tab
     _rate_limit: dict[str, int] = field(default_factory=dict)
+    _breaks: list[tuple[str, str]] = field(default_factory=list)  # (method, "disconnect" | "payload")
+    revoked: bool = False  # the bot token was revoked: every call with it answers token_revoked
     _runner: web.AppRunner | None = None
     _port: int = 0
     _ts: itertools.count = field(default_factory=lambda: itertools.count(1))
@@ -90,6 +92,11 @@ class FakeSlack:
         """The next call of `method` gets a 429 with this Retry-After."""
         self._rate_limit[method] = retry_after
 
+    def break_next(self, method: str, how: str, *, times: int = 1) -> None:
+        """The next `times` calls of `method`: "disconnect" closes the connection before
+        answering (nothing done); "payload" does the call, then breaks off its answer."""
+        self._breaks += [(method, how)] * times
+
     def calls_to(self, method: str, *, ok_only: bool = True) -> list[Call]:
         return [c for c in self.calls if c.method == method and (c.status == 200 or not ok_only)]
 
@@ -117,6 +124,23 @@ class FakeSlack:
                 params.update(parse_qsl(raw.decode()))
         auth = request.headers.get("Authorization", "")
         token = auth.removeprefix("Bearer ") or params.get("token")
+        broken = next((b for b in self._breaks if b[0] == method), None)
+        if broken is not None:
+            self._breaks.remove(broken)
+            if broken[1] == "disconnect":
+                self.calls.append(Call(method, params, token, status=0))
+                assert request.transport is not None
+                request.transport.close()
+                return web.Response(status=500)  # never delivered
+            self.calls.append(Call(method, params, token))
+            body = json.dumps(self._answer(method, params, token)).encode()
+            response = web.StreamResponse(headers={"Content-Type": "application/json",
+                                                   "Content-Length": str(len(body))})  # fmt: skip
+            await response.prepare(request)
+            await response.write(body[: len(body) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return response
         if method in self._rate_limit:
             retry_after = self._rate_limit.pop(method)
             self.calls.append(Call(method, params, token, status=429))
@@ -132,6 +156,8 @@ class FakeSlack:
         return web.json_response(self._answer(method, params, token))
 
     def _answer(self, method: str, params: dict[str, Any], token: str | None) -> dict[str, Any]:
+        if self.revoked and (token or "").startswith("xoxb-"):
+            return {"ok": False, "error": "token_revoked"}
         if method == "auth.test":
             if not (token or "").startswith("xoxb-"):
                 return {"ok": False, "error": "invalid_auth"}

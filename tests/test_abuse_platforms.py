@@ -274,7 +274,9 @@ BURST = 3
 @pytest.mark.parametrize("platform", ["discord", "slack-http", "slack-socket", "web"])
 async def test_a_burst_of_ten_gets_the_burst_and_one_notice_and_a_second_user_is_served(platforms, platform):
     # Almost no refill during the test: a token every ten minutes.
-    driver = await platforms.open(platform, rate_limit_burst=BURST, rate_limit_per_minute=0.1)
+    # A line long enough for the whole burst (CONVERSATION_QUEUE_SIZE): the rate limit is what this is about.
+    driver = await platforms.open(platform, rate_limit_burst=BURST, rate_limit_per_minute=0.1,
+                                  conversation_queue_size=16)
     burst = [await driver.say(f"message number {i}") for i in range(10)]
     second = await driver.say("hello, I am someone else", user="second")
     assert model_answered(driver, await driver.reply(second))

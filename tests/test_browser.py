@@ -102,13 +102,14 @@ def test_chat_page_answers_and_keeps_the_conversation(browser: Browser, blenderb
         bot.close()
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1"])  # a token set is needed on loopback too (a proxy)
 def test_chat_page_asks_for_the_token_when_the_server_needs_one(
-    browser: Browser, blenderbot_dir: Path, tmp_path: Path
+    browser: Browser, blenderbot_dir: Path, tmp_path: Path, host: str
 ) -> None:
     with socket.socket() as sock:
-        sock.bind(("0.0.0.0", 0))
+        sock.bind((host, 0))
         port = sock.getsockname()[1]
-    bot = start_bot(tmp_path, blenderbot_dir, HTTP_HOST="0.0.0.0", HTTP_PORT=str(port), WEB_API_TOKEN="page-token")
+    bot = start_bot(tmp_path, blenderbot_dir, HTTP_HOST=host, HTTP_PORT=str(port), WEB_API_TOKEN="page-token")
     try:
         page = browser.new_page()
         page.goto(bot.base + "/")
@@ -117,6 +118,8 @@ def test_chat_page_asks_for_the_token_when_the_server_needs_one(
         page.click("#token-form button")
         expect(page.locator("#token-form")).to_be_hidden()
         assert send(page, "hello").strip()
+        # The page sent it: the API still refuses anyone without it.
+        assert http("POST", bot.base + "/api/chat", {"conversation": "x", "text": "hi"})[0] == 401
         page.close()
     finally:
         bot.close()

@@ -78,6 +78,10 @@ BAD_VALUES = [
     ("DISCORD_GATEWAY_URL", "https://gateway", "use a URL starting with ws:// or wss://"),
     ("SAFETY_BLOCKLIST", "/no/such/blocklist.txt", "use the path of a readable text file"),
     ("RATE_LIMIT_PER_MINUTE", "fast", "a number >= 0"),
+    ("CONVERSATION_QUEUE_SIZE", "0", "a whole number >= 1"),
+    ("WEB_ALLOWED_HOSTS", "https://bot.example.com", "use host names or addresses separated by commas"),
+    ("WEB_RATE_LIMIT_PER_MINUTE", "-1", "a whole number >= 0"),
+    ("WEB_QUEUE_PERCENT", "0", "a whole number from 1 to 100"),
 ]
 
 
@@ -145,6 +149,17 @@ def test_combinations_are_checked():
         load_settings({"DISCORD_SHARD_IDS": "0,1"})
     with pytest.raises(ConfigError, match="below DISCORD_SHARD_COUNT"):
         load_settings({"DISCORD_SHARD_IDS": "0,2", "DISCORD_SHARD_COUNT": "2"})
+    with pytest.raises(ConfigError, match="SLACK_THREAD_FOLLOWUPS.*SLACK_REPLY_IN_THREAD=on"):
+        load_settings({"SLACK_THREAD_FOLLOWUPS": "on", "SLACK_REPLY_IN_THREAD": "off"})
+
+
+def test_web_settings_are_parsed():
+    settings = load_settings({"WEB_ALLOWED_HOSTS": "Bot.Example.com, .corp.example [::1] *",
+                              "WEB_RATE_LIMIT_PER_MINUTE": "0", "WEB_QUEUE_PERCENT": "25",
+                              "CONVERSATION_QUEUE_SIZE": "3"})  # fmt: skip
+    assert settings.web_allowed_hosts == {"bot.example.com", ".corp.example", "::1", "*"}
+    assert (settings.web_rate_limit_per_minute, settings.web_queue_percent) == (0, 25)
+    assert settings.conversation_queue_size == 3
 
 
 def test_secret_values_are_never_shown():

@@ -132,3 +132,20 @@ async def _healthcheck(port: int) -> int:
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
     return await process.wait()
+
+
+@pytest.mark.timeout(60)
+async def test_healthcheck_fails_once_a_platform_stopped_for_good(tiny_model, make_settings) -> None:
+    class StoppedForGood:
+        name, connected, failure = "discord", False, "DISCORD_TOKEN was rejected by Discord"
+
+    settings = make_settings()
+    engine = ReplyEngine(tiny_model, open_store("memory://", max_turns=5), settings)
+    await engine.start()
+    server = TestServer(build_app(engine, settings, [StoppedForGood()]), host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        assert await _healthcheck(server.port) == 1  # the container is marked unhealthy and restarted
+    finally:
+        await server.close()
+        await engine.close(timeout=1)

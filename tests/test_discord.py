@@ -12,14 +12,17 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from adapters.base import AdapterStartError
 from adapters.discord import CANNOT_READ, HELP_TEXT, RESET_DONE, DiscordAdapter
 from bot.engine import ReplyEngine
-from bot.errors import GenerationFailed
+from bot.errors import ConversationBusy, EngineBusy, GenerationFailed
 from bot.memory import open_store
 from bot.model import Generated
+from bot.shared import RedisRateLimiter, connect
 from bot.text import clean_text
+from bot.web import build_app
 from conftest import subprocess_env
 from fake_discord import (
     BOT_ID,
@@ -37,6 +40,8 @@ from fake_discord import (
     FakeDiscord,
 )
 from model_doubles import GatedModel
+from redis_servers import delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
+from tcp_proxy import TcpProxy
 
 MENTION = f"<@{BOT_ID}>"
 
@@ -65,11 +70,12 @@ async def start_bot(fake, tiny_model, make_settings) -> AsyncIterator[Callable[.
     """Start a bot (adapter + engine over the tiny model) against `fake`; stopped after the test."""
     running: list[tuple[DiscordAdapter, ReplyEngine]] = []
 
-    async def start(*, model=None, **overrides) -> RunningBot:
+    async def start(*, model=None, limiter=None, **overrides) -> RunningBot:
         endpoints = {"discord_api_url": fake.api_url, "discord_gateway_url": fake.gateway_url}
         settings = make_settings(**{"discord_token": fake.token, **endpoints, **overrides})
         model = model or GatedModel(tiny_model)
-        engine = ReplyEngine(model, open_store("memory://", max_turns=settings.memory_max_turns), settings)
+        store = open_store("memory://", max_turns=settings.memory_max_turns)
+        engine = ReplyEngine(model, store, settings, limiter=limiter)
         await engine.start()
         adapter = DiscordAdapter(settings, engine)
         running.append((adapter, engine))
@@ -522,3 +528,115 @@ async def test_blender_chat_run_exits_non_zero_on_a_rejected_token(fake, blender
     assert lines, stderr.decode()
     assert "Traceback" not in stderr.decode()
     assert "a-wrong-token" not in stderr.decode()
+
+
+# -- order, fairness, forwards, a token reset after start-up --------------------------
+
+
+@pytest.fixture
+async def slow_redis(redis_url):
+    """A client of the test Redis through a TCP proxy that can slow a command down; keys on a prefix of this test."""
+    host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
+    proxy = await TcpProxy(host, int(port)).start()
+    prefix = unique_prefix()
+    client = connect(proxy.url())
+    yield proxy, client, prefix
+    await client.aclose()
+    await proxy.close()
+    delete_prefix(redis_url, prefix)
+
+
+async def test_a_slow_rate_limit_call_or_typing_post_neither_reorders_nor_delays_answers(fake, start_bot, slow_redis):
+    proxy, client, prefix = slow_redis
+    bot = await start_bot(limiter=RedisRateLimiter(client, burst=5, per_minute=60, prefix=prefix))  # shared buckets
+    proxy.delay_next(b"EVALSHA", 1.5)  # the first message's rate-limit check waits on a slow network
+    fake.delay("POST", f"/channels/{CHANNEL_ID}/typing", 60)  # and so does its "typing..."
+    first = await fake.send_message(f"{MENTION} my name is Ada", mentions=(BOT_ID,))
+    second = await fake.send_message(f"{MENTION} what is my name?", mentions=(BOT_ID,))
+    await fake.wait_for(lambda: len(fake.created(CHANNEL_ID)) == 2, what="both answers")
+    assert fake.held == 1  # answered while the first typing POST was still on its way: nobody waited for it
+    history = await bot.engine.history(f"discord:{CHANNEL_ID}")
+    assert [exchange.user for exchange in history] == ["my name is Ada", "what is my name?"]
+    prompts = [turns for batch in bot.model.batches for turns in batch]
+    assert prompts[1][:2] == ["my name is Ada", history[0].bot]  # the second saw the first
+    answers = [int(call.json["message_reference"]["message_id"]) for call in fake.created(CHANNEL_ID)]
+    assert answers == [first, second]  # and the answers went out in that order
+
+
+async def test_a_flood_in_one_channel_leaves_another_channel_answered(fake, start_bot):
+    """#general floods the bot with 30 mentions while it is busy: it takes the first
+    CONVERSATION_QUEUE_SIZE (8) of them, tells the channel once to wait, and a
+    mention in #random still gets a real answer instead of "busy"."""
+    bot = await start_bot(queue_size=10)
+    bot.model.gate.clear()  # the model holds its first call: everything else waits
+    flood = [await fake.send_message(f"{MENTION} flood {i}", mentions=(BOT_ID,)) for i in range(30)]
+    notice = await fake.wait_for(lambda: fake.created(CHANNEL_ID), what="the notice to wait")
+    assert [call.json["content"] for call in notice] == [ConversationBusy.user_message]
+    assert int(notice[0].json["message_reference"]["message_id"]) == flood[8]
+
+    def refused() -> float:
+        return bot.engine.metrics.registry.get_sample_value(
+            "blenderchat_replies_total", {"platform": "discord", "outcome": "conversation_busy"}) or 0  # fmt: skip
+
+    await fake.wait_for(lambda: refused() == 22, what="the rest of the flood refused, silently")
+    other = await fake.send_message(f"{MENTION} hello from #random", channel_id=OTHER_CHANNEL_ID, mentions=(BOT_ID,))
+    await fake.wait_for(lambda: bot.engine.metrics.registry.get_sample_value("blenderchat_queue_depth") == 9,
+                        what="#random's message in the queue")  # fmt: skip
+    bot.model.gate.set()
+
+    [answer] = await fake.wait_for(lambda: fake.created(OTHER_CHANNEL_ID), what="the answer in #random")
+    assert int(answer.json["message_reference"]["message_id"]) == other
+    assert answer.json["content"] not in (EngineBusy.user_message, ConversationBusy.user_message)
+    await fake.wait_for(lambda: len(fake.created(CHANNEL_ID)) == 9, what="the eight answers in #general")
+    replied_to = [int(call.json["message_reference"]["message_id"]) for call in fake.created(CHANNEL_ID)]
+    assert replied_to == [flood[8], *flood[:8]]  # the notice, then the first eight in order
+    history = await bot.engine.history(f"discord:{CHANNEL_ID}")
+    assert [exchange.user for exchange in history] == [f"flood {i}" for i in range(8)]
+    assert [e.user for e in await bot.engine.history(f"discord:{OTHER_CHANNEL_ID}")] == ["hello from #random"]
+
+
+async def test_a_forward_of_the_bots_message_is_not_answered(fake, bot):
+    _, first = await answer_to(fake, f"{MENTION} tell me a story", mentions=(BOT_ID,))
+    bot_message = int(first[0].response["id"])
+    await fake.send_message("", forward_of=bot_message)  # into the same channel
+    await fake.send_message("", channel_id=OTHER_CHANNEL_ID, forward_of=bot_message)
+    await fake.send_message("", channel_id=DM_CHANNEL_ID, forward_of=bot_message)
+    await settle(fake, channel_id=THREAD_ID)
+    assert len(fake.created(CHANNEL_ID)) == 1 and fake.touching(OTHER_CHANNEL_ID) == []
+    assert fake.touching(DM_CHANNEL_ID) == []
+    assert bot.model_saw() == ["tell me a story", "are you still there?"]
+    # A reply to it still counts.
+    _, replies = await answer_to(fake, "and then?", reply_to=bot_message)
+    assert replies and bot.model_saw()[-1] == "and then?"
+
+
+@pytest.mark.parametrize("word", ["forget!", "Reset."])
+async def test_reset_words_are_matched_as_on_slack(fake, bot, word):
+    await answer_to(fake, f"{MENTION} remember that I like tea", mentions=(BOT_ID,))
+    _, replies = await answer_to(fake, f"{MENTION} {word}", mentions=(BOT_ID,))
+    assert replies[0].json["content"] == RESET_DONE
+    assert await bot.engine.history(f"discord:{CHANNEL_ID}") == []
+
+
+async def test_a_token_reset_after_start_up_fails_healthz_with_one_line(fake, bot, caplog):
+    settings = bot.adapter.settings
+    client = TestClient(TestServer(build_app(bot.engine, settings, [bot.adapter]), host="127.0.0.1", port=0))
+    await client.start_server()
+    try:
+        assert (await client.get("/healthz")).status == 200
+        await fake.close_gateway(4000)  # a hiccup: the client resumes, /healthz never notices
+        await fake.wait_for(lambda: fake.resumes, what="a RESUME")
+        await fake.wait_for(lambda: bot.adapter.connected, what="connected again")
+        assert (await client.get("/healthz")).status == 200 and (await client.get("/readyz")).status == 200
+
+        await fake.close_gateway(4004)  # the token was reset in the developer portal
+        await fake.wait_for(lambda: bot.adapter.failure, what="the adapter to give up")
+        response = await client.get("/healthz")
+        body = await response.json()
+        assert response.status == 503 and body["status"] == "failed"
+        assert body["reason"].startswith("discord: DISCORD_TOKEN was rejected by Discord")
+        assert (await client.get("/readyz")).status == 503
+        lines = [r for r in caplog.records if r.levelname == "ERROR" and "Discord stopped for good" in r.message]
+        assert len(lines) == 1 and "\n" not in lines[0].getMessage()
+    finally:
+        await client.close()

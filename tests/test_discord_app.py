@@ -59,7 +59,7 @@ async def test_thumbs_up_on_the_bots_reply_is_recorded_against_its_exchange_and_
     await fake.react(int(reply.response["id"]), THUMBS_UP, user_id=OTHER_USER_ID)
     [row] = await eventually(lambda: ratings(bot), what="the rating")
     assert (row.exchange, row.rating, row.user, row.platform) == (
-        ExchangeRef(f"discord:{CHANNEL_ID}", second.at), "good", str(OTHER_USER_ID), "discord")
+        ExchangeRef(f"discord:{CHANNEL_ID}", second.id), "good", str(OTHER_USER_ID), "discord")
     assert counted(bot.engine, "discord", "good") == 1
     # Known from sending it: no REST call was needed to tell which exchange it was.
     assert not [c for c in fake.calls if c.method == "GET" and "/messages/" in c.path]
@@ -89,7 +89,7 @@ async def test_a_reply_sent_before_a_restart_is_found_by_its_text(fake, start_bo
     try:
         await fake.react(int(reply.response["id"]), THUMBS_DOWN + "\U0001f3fb")
         [row] = await eventually(lambda: ratings(bot), what="the rating")
-        assert (row.exchange, row.rating) == (ExchangeRef(f"discord:{CHANNEL_ID}", exchange.at), "bad")
+        assert (row.exchange, row.rating) == (ExchangeRef(f"discord:{CHANNEL_ID}", exchange.id), "bad")
         assert [c.path for c in fake.calls if c.method == "GET" and "/messages/" in c.path] == [
             f"/channels/{CHANNEL_ID}/messages/{reply.response['id']}"]
     finally:
@@ -143,7 +143,7 @@ async def test_context_menu_is_deferred_then_answered_by_a_followup_in_the_chann
     # Its answer can be rated like any reply.
     await fake.react(int(followup.response["id"]), THUMBS_UP)
     [row] = await eventually(lambda: ratings(bot), what="the rating")
-    assert row.exchange == ExchangeRef(f"discord:{CHANNEL_ID}", exchange.at)
+    assert row.exchange == ExchangeRef(f"discord:{CHANNEL_ID}", exchange.id)
 
 
 async def test_context_menu_through_a_user_install_in_a_group_dm_answers_only_the_asker(fake, start_bot):

@@ -8,10 +8,23 @@ import time
 
 import pytest
 from model_doubles import GatedModel
+from redis_servers import delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
+from tcp_proxy import TcpProxy
 
-from bot.engine import ReplyEngine
-from bot.errors import EmptyMessage, EngineBusy, EngineClosed, GenerationFailed, MessageTooLong, ReplyTimeout
+from adapters.base import IncomingMessage, answer
+from bot.engine import TOO_SLOW, ReplyEngine
+from bot.errors import (
+    ConversationBusy,
+    EmptyMessage,
+    EngineBusy,
+    EngineClosed,
+    GenerationFailed,
+    MessageTooLong,
+    RateLimited,
+    ReplyTimeout,
+)
 from bot.memory import open_store
+from bot.shared import RedisRateLimiter, connect
 
 
 @pytest.fixture
@@ -224,3 +237,144 @@ async def test_a_lone_message_does_not_wait_for_a_batch(model, make_settings):
         started = time.monotonic()
         await engine.reply("c", "hello")
         assert time.monotonic() - started < 4  # far below the 5 s it would wait for company
+
+
+# -- order at intake, fairness (issue 12, items 1 and 2) --------------------------
+
+
+@pytest.fixture
+async def slow_redis(redis_url):
+    """A TCP proxy in front of the test Redis, to slow single commands down; its
+    keys on a prefix of this test, deleted afterwards."""
+    host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
+    proxy = await TcpProxy(host, int(port)).start()
+    prefix = unique_prefix()
+    client = connect(proxy.url())
+    yield proxy, client, prefix
+    await client.aclose()
+    await proxy.close()
+    delete_prefix(redis_url, prefix)
+
+
+async def test_a_slow_first_rate_limit_call_does_not_let_the_next_message_overtake(model, make_settings, slow_redis):
+    proxy, client, prefix = slow_redis
+    limiter = RedisRateLimiter(client, burst=5, per_minute=60, prefix=prefix)  # the replicas' shared buckets
+    settings = make_settings()
+    engine = ReplyEngine(model, open_store("memory://", max_turns=10), settings, limiter=limiter)
+    async with engine:
+        proxy.delay_next(b"EVALSHA", 1.5)  # the first limiter call waits on a slow network
+        first = asyncio.create_task(engine.reply("c", "my name is Ada"))
+        second = asyncio.create_task(engine.reply("c", "what is my name?"))
+        assert all(await asyncio.gather(first, second))
+        history = await engine.history("c")
+    assert proxy.count(b"EVALSHA") >= 2  # both went through the shared limiter
+    assert [exchange.user for exchange in history] == ["my name is Ada", "what is my name?"]
+    prompts = [turns for batch in model.batches for turns in batch]
+    assert prompts[1][:2] == ["my name is Ada", history[0].bot]  # the second saw the first
+
+
+async def test_a_conversation_never_wedges_whatever_happens_to_a_message(model, make_settings):
+    """Every way a message can end frees its place in line: refused, failed,
+    timed out, rate limited, cancelled while waiting, a ticket never used."""
+    settings = make_settings(reply_timeout=2.0, rate_limit_burst=2, rate_limit_per_minute=1)
+    async with engine_for(model, settings) as engine:
+        with pytest.raises(EmptyMessage):
+            await engine.reply("c", "  ")
+        model.failures = 1
+        with pytest.raises(GenerationFailed):
+            await engine.reply("c", "boom", user="u1")
+        model.gate.clear()
+        held = asyncio.create_task(engine.reply("c", "held", user="u2"))
+        await asyncio.to_thread(model.wait_for_calls, 2)
+        waiting = asyncio.create_task(engine.reply("c", "waiting", user="u3"))
+        await asyncio.sleep(0.1)
+        waiting.cancel()  # e.g. the platform adapter shut down
+        with pytest.raises(ReplyTimeout):
+            await held
+        model.gate.set()
+        unused = engine.take_ticket("c")  # an adapter that decided not to answer after all
+        unused.release()
+        unused.release()  # releasing twice is harmless
+        assert await engine.reply("c", "one", user="u4") and await engine.reply("c", "two", user="u4")
+        with pytest.raises(RateLimited):
+            await engine.reply("c", "three", user="u4")
+        assert await asyncio.wait_for(engine.reply("c", "still answered", user="u5"), 10)
+        assert len(engine._lines) == 0  # nothing left in line
+    assert [e.user for e in await engine.history("c")] == ["one", "two", "still answered"]
+
+
+async def test_a_ticket_taken_at_intake_fixes_the_order_whatever_comes_before_reply(model, make_settings):
+    """What an adapter does: take the ticket when the message arrives, then await
+    whatever it needs (a dedupe call, a name lookup), then reply with the ticket."""
+    async with engine_for(model, make_settings()) as engine:
+
+        async def arrive(text: str, slow_before: float) -> str:
+            ticket = engine.take_ticket("c")
+            with ticket:
+                await asyncio.sleep(slow_before)  # the adapter's own awaits, slower for the first message
+                return await engine.reply("c", text, ticket=ticket)
+
+        await asyncio.gather(arrive("first", 0.5), arrive("second", 0.0), arrive("third", 0.2))
+        assert [e.user for e in await engine.history("c")] == ["first", "second", "third"]
+        with pytest.raises(ValueError):
+            await engine.reply("other", "hi", ticket=engine.take_ticket("c"))
+
+
+async def test_a_long_line_in_one_conversation_is_refused_at_once_with_one_notice(model, make_settings):
+    settings = make_settings(conversation_queue_size=3)
+    async with engine_for(model, settings) as engine:
+        model.gate.clear()
+        flood = [asyncio.create_task(answer(engine, IncomingMessage("discord", "c", "u", f"m{i}"))) for i in range(12)]
+        await asyncio.to_thread(model.wait_for_calls, 1)
+        other = asyncio.create_task(engine.reply("elsewhere", "hello", user="v"))
+        while sum(task.done() for task in flood) < 9:  # refused while the model still holds the first
+            await asyncio.sleep(0.01)
+        refused = [task.result() for task in flood[3:]]
+        assert refused[0] == ConversationBusy.user_message and refused[1:] == [None] * 8  # one notice, then silence
+        assert not any(task.done() for task in flood[:3]) and not other.done()
+        model.gate.set()
+        assert all(await asyncio.gather(*flood[:3], other))
+        assert [e.user for e in await engine.history("c")] == ["m0", "m1", "m2"]
+        # The line has room again: the next refusal is told again.
+        model.gate.clear()
+        again = [asyncio.create_task(answer(engine, IncomingMessage("discord", "c", "u", f"n{i}"))) for i in range(5)]
+        await asyncio.wait_for(asyncio.gather(*again[3:]), 10)
+        assert again[3].result() == ConversationBusy.user_message
+        model.gate.set()
+        await asyncio.gather(*again)
+        metrics = engine.metrics.render().decode()
+    assert 'blenderchat_replies_total{outcome="conversation_busy",platform="discord"} 11.0' in metrics
+
+
+async def test_a_message_that_cannot_be_answered_in_time_is_refused_at_once(model, make_settings):
+    """REPLY_TIMEOUT 2.5 s and a reply measured at about 1 s: a message with two or
+    more ahead of it would wait past the timeout, so it hears "busy" now rather
+    than "took too long" minutes later."""
+    settings = make_settings(reply_timeout=2.5)
+    async with engine_for(model, settings) as engine:
+        model.delay = 1.0
+        await engine.reply("c", "warm-up")  # the engine measures a reply at about a second
+        model.delay = 0.0
+        model.gate.clear()
+        tasks = [asyncio.create_task(answer(engine, IncomingMessage("web", "c", "u", f"m{i}"))) for i in range(6)]
+        while sum(task.done() for task in tasks) < 4:  # the late four, while the model still holds the first
+            await asyncio.sleep(0.01)
+        assert [task.done() for task in tasks] == [False] * 2 + [True] * 4
+        assert tasks[2].result() == TOO_SLOW and [task.result() for task in tasks[3:]] == [None] * 3
+        model.gate.set()
+        await asyncio.gather(*tasks[:2])
+        assert [e.user for e in await engine.history("c")] == ["warm-up", "m0", "m1"]
+        metrics = engine.metrics.render().decode()
+    assert 'blenderchat_replies_total{outcome="busy",platform="web"} 4.0' in metrics
+
+
+async def test_an_exchange_is_stored_under_the_id_its_caller_gives(model, make_settings, tmp_path):
+    """What a replay after a crash relies on: the same message answered twice under its id is remembered once."""
+    settings = make_settings(memory_url=f"sqlite:///{tmp_path}/memory.db")
+    async with engine_for(model, settings) as engine:
+        assert await engine.reply("c", "hello", exchange_id="msg-1")
+        assert await engine.reply("c", "hello", exchange_id="msg-1")  # answered again: stored once
+        assert await engine.reply("c", "and you?")
+        history = await engine.history("c")
+    assert [e.user for e in history] == ["hello", "and you?"]
+    assert history[0].id == "msg-1" and history[1].id and history[1].id != "msg-1"

@@ -5,6 +5,7 @@ real HTTP, the metrics, and `/good` / `/bad` in the terminal chat."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import subprocess
 import sys
@@ -67,7 +68,7 @@ async def test_engine_respond_names_the_stored_exchange_and_rate_counts_and_stor
     async with ReplyEngine(tiny_model, open_store("memory://", max_turns=3), settings) as engine:
         reply = await engine.respond("c", "hello there", user="u", platform="slack")
         [exchange] = await engine.history("c")
-        assert reply.exchange == ExchangeRef("c", exchange.at)
+        assert reply.exchange == ExchangeRef("c", exchange.id) and reply.at == exchange.at
         assert await engine.rate(reply.exchange, "bad", user="U2", platform="slack")
         assert counted(engine, "slack", "bad") == 1 and counted(engine, "slack", "good") == 0
         [row] = await engine.store.list_feedback()
@@ -76,7 +77,7 @@ async def test_engine_respond_names_the_stored_exchange_and_rate_counts_and_stor
             await engine.rate(reply.exchange, "meh", user="U2", platform="slack")
         # A deflected message is not stored, so there is nothing to rate.
         deflected = await engine.respond("c", "you are a fucking idiot", user="u", platform="slack")
-        assert deflected.text == settings.safety_deflection and deflected.exchange is None
+        assert deflected.text == settings.safety_deflection and deflected.exchange is None and deflected.at is None
 
 
 async def test_blocked_users_ratings_are_neither_stored_nor_counted(tiny_model, make_settings):
@@ -92,10 +93,11 @@ async def test_web_reply_can_be_rated_and_the_operator_sees_counts_and_recent_we
     first = await chat(client, "alpha", "what's your favourite colour?", user="alice")
     second = await chat(client, "alpha", "and your favourite food?", user="alice")
     other = await chat(client, "beta", "tell me a joke")
-    assert isinstance(first["at"], float)
-    for body in ({"conversation": "alpha", "at": first["at"], "rating": "good", "user": "alice"},
-                 {"conversation": "alpha", "at": second["at"], "rating": "bad", "user": "alice"},
-                 {"conversation": "beta", "at": other["at"], "rating": "bad"}):
+    assert isinstance(first["exchange_id"], str) and isinstance(first["at"], float)
+    assert first["exchange_id"] != second["exchange_id"]
+    for body in ({"conversation": "alpha", "exchange_id": first["exchange_id"], "rating": "good", "user": "alice"},
+                 {"conversation": "alpha", "exchange_id": second["exchange_id"], "rating": "bad", "user": "alice"},
+                 {"conversation": "beta", "exchange_id": other["exchange_id"], "rating": "bad"}):
         response = await client.post("/api/feedback", json=body)
         assert (response.status, await response.json()) == (200, {"recorded": True})
     # A rating from Slack is counted but its text is not shown.
@@ -110,8 +112,10 @@ async def test_web_reply_can_be_rated_and_the_operator_sees_counts_and_recent_we
     assert report["total"] == 4 and report["bad_share"] == 0.5
     assert [(r["conversation"], r["rating"], r["user"]) for r in report["recent"]] == [
         ("beta", "bad", "beta"), ("alpha", "bad", "alice")]
+    assert report["recent"][1]["exchange_id"] == second["exchange_id"]
     assert report["recent"][1]["exchange"]["user"] == "and your favourite food?"
     assert report["recent"][1]["exchange"]["bot"] == second["reply"]
+    assert report["recent"][1]["exchange"]["at"] == second["at"]
     assert "a private slack message" not in await response.text()
     assert counted(engine, "web", "bad") == 2 and counted(engine, "web", "good") == 1
 
@@ -119,7 +123,7 @@ async def test_web_reply_can_be_rated_and_the_operator_sees_counts_and_recent_we
 async def test_rating_again_replaces_the_earlier_rating(client):
     reply = await chat(client, "c", "hello", user="alice")
     for rating in ("bad", "good"):
-        body = {"conversation": "c", "at": reply["at"], "rating": rating, "user": "alice"}
+        body = {"conversation": "c", "exchange_id": reply["exchange_id"], "rating": rating, "user": "alice"}
         assert (await client.post("/api/feedback", json=body)).status == 200
     report = await (await client.get("/api/feedback")).json()
     assert report["counts"] == {"web": {"good": 1, "bad": 0}}
@@ -140,12 +144,13 @@ async def test_feedback_window_counts_only_recent_ratings(client):
     ("body", "status", "code"),
     [
         ({"conversation": "c", "rating": "good"}, 400, "bad_request"),
-        ({"conversation": "c", "at": "yesterday", "rating": "good"}, 400, "bad_request"),
-        ({"conversation": "c", "at": True, "rating": "good"}, 400, "bad_request"),
-        ({"conversation": "c", "at": 1.5, "rating": "meh"}, 400, "bad_request"),
-        ({"conversation": "c", "at": 1.5, "rating": "good", "user": "has space"}, 400, "bad_request"),
-        ({"at": 1.5, "rating": "good"}, 400, "bad_request"),
-        ({"conversation": "c", "at": 1.5, "rating": "good"}, 404, "not_found"),
+        ({"conversation": "c", "exchange_id": 1.5, "rating": "good"}, 400, "bad_request"),
+        ({"conversation": "c", "exchange_id": "has space", "rating": "good"}, 400, "bad_request"),
+        ({"conversation": "c", "exchange_id": "", "rating": "good"}, 400, "bad_request"),
+        ({"conversation": "c", "exchange_id": "ex", "rating": "meh"}, 400, "bad_request"),
+        ({"conversation": "c", "exchange_id": "ex", "rating": "good", "user": "has space"}, 400, "bad_request"),
+        ({"exchange_id": "ex", "rating": "good"}, 400, "bad_request"),
+        ({"conversation": "c", "exchange_id": "no-such-exchange", "rating": "good"}, 404, "not_found"),
     ],
 )
 async def test_bad_ratings_get_a_clear_answer_and_store_nothing(client, body, status, code):
@@ -165,12 +170,13 @@ async def test_bad_feedback_queries_get_400(client, query):
 
 async def test_forgotten_conversation_takes_its_ratings_with_it(client):
     reply = await chat(client, "c", "hello")
-    assert (await client.post("/api/feedback", json={"conversation": "c", "at": reply["at"],
+    assert (await client.post("/api/feedback", json={"conversation": "c", "exchange_id": reply["exchange_id"],
                                                      "rating": "bad"})).status == 200
     assert (await client.post("/api/reset", json={"conversation": "c"})).status == 200
     report = await (await client.get("/api/feedback")).json()
     assert report["total"] == 0 and report["recent"] == []
-    again = await client.post("/api/feedback", json={"conversation": "c", "at": reply["at"], "rating": "bad"})
+    again = await client.post("/api/feedback", json={"conversation": "c", "exchange_id": reply["exchange_id"],
+                                                     "rating": "bad"})
     assert again.status == 404
 
 
@@ -178,10 +184,17 @@ async def test_feedback_endpoints_need_the_token_like_the_rest_of_the_api(serve)
     client = await serve(http_host="0.0.0.0", web_api_token="tok")
     auth = {"Authorization": "Bearer tok"}
     assert (await client.get("/api/feedback")).status == 401
-    assert (await client.post("/api/feedback", json={"conversation": "c", "at": 1, "rating": "good"})).status == 401
+    assert (await client.post("/api/feedback", json={"conversation": "c", "exchange_id": "ex",
+                                                     "rating": "good"})).status == 401
     assert (await client.get("/api/feedback", headers=auth)).status == 200
     reply = await (await client.post("/api/chat", json={"conversation": "c", "text": "hi"}, headers=auth)).json()
-    body = {"conversation": "c", "at": reply["at"], "rating": "good"}
+    body = {"conversation": "c", "exchange_id": reply["exchange_id"], "rating": "good"}
+    # The web API's rules hold here too: JSON only (a cross-site form cannot send it), and no other site's page.
+    as_text = await client.post("/api/feedback", data=json.dumps(body), headers={**auth, "Content-Type": "text/plain"})
+    assert (as_text.status, (await as_text.json())["code"]) == (415, "unsupported_media_type")
+    cross_site = await client.post("/api/feedback", json=body, headers={**auth, "Origin": "https://evil.example"})
+    assert (cross_site.status, (await cross_site.json())["code"]) == (403, "cross_origin")
+    assert await client.server.app[STATE].engine.store.list_feedback() == []
     assert (await client.post("/api/feedback", json=body, headers=auth)).status == 200
 
 
@@ -207,6 +220,6 @@ def test_terminal_good_and_bad_rate_the_previous_reply(tmp_path, blenderbot_dir)
     assert run("/good\n") == ["(thanks: last reply rated good)"]  # resumed: the last reply remembered
     with sqlite3.connect(tmp_path / "memory.db") as db:
         rows = db.execute("SELECT f.rating, f.platform, e.user_text FROM feedback f JOIN exchanges e "
-                          "ON e.conversation = f.conversation AND e.created_at = f.exchange_at").fetchall()
+                          "ON e.conversation = f.conversation AND e.exchange_id = f.exchange_id").fetchall()
     assert rows == [("good", "terminal", "How are you?")]  # the same user rated it again
     assert run("/reset\n/bad\n") == ["(conversation forgotten)", "(no reply to rate yet)"]

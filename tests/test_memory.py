@@ -142,11 +142,14 @@ async def test_sqlite_failed_write_stores_no_part_of_the_exchange(tmp_path):
 
 
 def rating(exchange, rating: str = "good", *, user: str = "U1", platform: str = "slack", at: float | None = None):
-    return Feedback(ExchangeRef(exchange[0], exchange[1].at), rating, user, platform, at or time.time())
+    return Feedback(ExchangeRef(exchange[0], exchange[1].id), rating, user, platform, at or time.time())
 
 
 async def test_append_returns_the_stored_exchange(store):
     stored = await store.append_exchange("c", "hello", " hi")
+    assert stored.id and (await store.history("c")) == [stored]
+    # Appended again with its id: nothing new is stored, and the exchange stored first is returned.
+    assert await store.append_exchange("c", "hello", " a different reply", exchange_id=stored.id) == stored
     assert (await store.history("c")) == [stored]
 
 
@@ -158,15 +161,16 @@ async def test_feedback_is_recorded_against_its_exchange_and_replaced_by_the_sam
     assert await store.add_feedback(rating(("c", second), "good", user="U2"))
     assert await store.add_feedback(rating(("c", second), "good", user="U1"))  # changed their mind
     rows = await store.list_feedback()
-    assert sorted((row.exchange.at, row.user, row.rating) for row in rows) == sorted(
-        [(first.at, "U1", "good"), (second.at, "U2", "good"), (second.at, "U1", "good")]
+    assert sorted((row.exchange.id, row.user, row.rating) for row in rows) == sorted(
+        [(first.id, "U1", "good"), (second.id, "U2", "good"), (second.id, "U1", "good")]
     )
     assert all(row.exchange.conversation == "c" for row in rows)
 
 
 async def test_feedback_on_an_exchange_that_is_not_stored_is_refused(store):
     kept = await store.append_exchange("c", "hello", " hi")
-    assert not await store.add_feedback(rating(("c", replace(kept, at=kept.at + 1))))  # no such exchange
+    assert not await store.add_feedback(rating(("c", replace(kept, id="no-such-exchange"))))
+    assert not await store.add_feedback(rating(("c", replace(kept, id=""))))  # no id at all
     assert not await store.add_feedback(rating(("other", kept)))  # no such conversation
     assert await store.list_feedback() == []
 
@@ -227,4 +231,128 @@ async def test_feedback_survives_reopening_the_store(make_store):
     await first.close()
     second = await make_store(max_turns=10)
     [row] = await second.list_feedback()
-    assert (row.exchange, row.rating, row.user, row.platform) == (ExchangeRef("c", exchange.at), "bad", "U7", "web")
+    assert (row.exchange, row.rating, row.user, row.platform) == (ExchangeRef("c", exchange.id), "bad", "U7", "web")
+
+
+# -- exchange ids, and writes that fail half-way (issue 12, items 7 and 8) ----------------
+
+
+async def test_an_exchange_appended_twice_with_its_id_is_stored_once(store):
+    """A retried or replayed append (a resent command, a message answered again after a crash) is a no-op."""
+    await store.append_exchange("c", "hello", " hi", exchange_id="ex-1")
+    await store.append_exchange("c", "hello", " hi", exchange_id="ex-1")
+    await store.append_exchange("c", "again", " yes", exchange_id="ex-2")
+    await store.append_exchange("c", "third", " no id given")
+    history = await store.history("c")
+    assert [(e.user, e.id) for e in history[:2]] == [("hello", "ex-1"), ("again", "ex-2")]
+    assert history[2].user == "third" and history[2].id and history[2].id not in ("ex-1", "ex-2")
+    await store.append_exchange("c", "hello", " hi", exchange_id="ex-1")
+    assert len(await store.history("c")) == 3
+
+
+async def test_sqlite_a_commit_that_fails_does_not_wedge_later_writes(tmp_path):
+    """COMMIT itself fails (here a deferred foreign key, as a full disk would):
+    the transaction is rolled back, and the next exchange is stored."""
+    path = tmp_path / "memory.db"
+    store = open_store(f"sqlite:///{path}", max_turns=10)
+    await store.open()
+    await store.append_exchange("c", "first", " kept")
+    with sqlite3.connect(path) as db:
+        db.executescript("""
+            CREATE TABLE audit_parent (id INTEGER PRIMARY KEY);
+            CREATE TABLE audit (parent INTEGER REFERENCES audit_parent (id) DEFERRABLE INITIALLY DEFERRED);
+            CREATE TRIGGER audit_exchange AFTER INSERT ON exchanges WHEN NEW.user_text = 'fails at commit'
+            BEGIN INSERT INTO audit VALUES (42); END;
+        """)
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.append_exchange("c", "fails at commit", " lost")
+    await store.append_exchange("c", "second", " kept too")
+    await store.reset("other")  # every kind of write works again
+    assert [e.user for e in await store.history("c")] == ["first", "second"]
+    await store.close()
+
+
+async def test_sqlite_a_write_cancelled_while_waiting_to_begin_leaves_no_transaction_open(tmp_path):
+    """Cancelled during BEGIN (the database was locked by another writer): the BEGIN
+    still runs on the connection's thread once the lock is free, and is undone."""
+    path = tmp_path / "memory.db"
+    store = open_store(f"sqlite:///{path}", max_turns=10)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the database
+    write = asyncio.create_task(store.append_exchange("c", "cancelled", " lost"))
+    await asyncio.sleep(0.3)  # waiting for the lock in BEGIN IMMEDIATE
+    write.cancel()  # e.g. the reply's task was cancelled at shutdown
+    other.execute("COMMIT")
+    other.close()
+    with pytest.raises(asyncio.CancelledError):
+        await write
+    await store.append_exchange("c", "after", " kept")
+    assert [e.user for e in await store.history("c")] == ["after"]
+    await store.close()
+
+
+async def test_sqlite_a_database_from_before_exchange_ids_gets_them(tmp_path):
+    path = tmp_path / "memory.db"
+    with sqlite3.connect(path) as db:  # the first release's schema
+        db.executescript("""
+            CREATE TABLE exchanges (id INTEGER PRIMARY KEY AUTOINCREMENT, conversation TEXT NOT NULL,
+                                    user_text TEXT NOT NULL, bot_text TEXT NOT NULL, created_at REAL NOT NULL);
+            CREATE TABLE conversations (id TEXT PRIMARY KEY, updated_at REAL NOT NULL);
+            INSERT INTO exchanges (conversation, user_text, bot_text, created_at) VALUES ('c', 'old', ' one', 1.0);
+        """)
+    store = open_store(f"sqlite:///{path}", max_turns=10)
+    await store.open()
+    await store.append_exchange("c", "new", " two", exchange_id="ex-new")
+    await store.append_exchange("c", "new", " two", exchange_id="ex-new")
+    assert [(e.user, e.id) for e in await store.history("c")] == [("old", "row-1"), ("new", "ex-new")]
+    await store.close()
+
+
+async def test_sqlite_ratings_stored_by_exchange_time_are_kept_under_the_exchange_id(tmp_path):
+    """A database written while ratings named their exchange by its `created_at`
+    (before exchange ids): on open every rating names its exchange by id, a rating
+    whose exchange is gone is dropped, and the old rows can be rated by their new ids."""
+    path = tmp_path / "memory.db"
+    with sqlite3.connect(path) as db:
+        db.executescript("""
+            CREATE TABLE exchanges (id INTEGER PRIMARY KEY AUTOINCREMENT, conversation TEXT NOT NULL,
+                                    user_text TEXT NOT NULL, bot_text TEXT NOT NULL, created_at REAL NOT NULL);
+            CREATE TABLE conversations (id TEXT PRIMARY KEY, updated_at REAL NOT NULL);
+            CREATE TABLE feedback (conversation TEXT NOT NULL, exchange_at REAL NOT NULL, user TEXT NOT NULL,
+                                   platform TEXT NOT NULL, rating TEXT NOT NULL, created_at REAL NOT NULL,
+                                   PRIMARY KEY (conversation, exchange_at, user));
+            CREATE INDEX feedback_by_time ON feedback (created_at);
+            INSERT INTO exchanges (conversation, user_text, bot_text, created_at) VALUES ('c', 'old', ' one', 1.5);
+            INSERT INTO conversations VALUES ('c', 1.5);
+            INSERT INTO feedback VALUES ('c', 1.5, 'U1', 'slack', 'bad', 2.0);
+            INSERT INTO feedback VALUES ('c', 0.5, 'U1', 'slack', 'good', 2.0);  -- its exchange was trimmed away
+        """)
+    for _ in range(2):  # opening again changes nothing
+        store = open_store(f"sqlite:///{path}", max_turns=10)
+        await store.open()
+        assert [(row.exchange, row.rating, row.at) for row in await store.list_feedback()] == [
+            (ExchangeRef("c", "row-1"), "bad", 2.0)
+        ]
+        await store.close()
+    store = open_store(f"sqlite:///{path}", max_turns=10)
+    await store.open()
+    assert await store.add_feedback(Feedback(ExchangeRef("c", "row-1"), "good", "U2", "web", 3.0))
+    assert [row.user for row in await store.list_feedback()] == ["U2", "U1"]
+    await store.close()
+
+
+@pytest.mark.parametrize("backend", ["redis"])
+async def test_redis_exchanges_and_ratings_from_before_exchange_ids_are_still_read(make_store):
+    store = await make_store()
+    await store._redis.rpush(store._key("c"), '{"user": "old", "bot": " one", "at": 1.5}')
+    await store._redis.hset(store._feedback_key("c"), "1.5|U1", '{"at": 1.5, "rating": "bad", "user": "U1", '
+                                                               '"platform": "slack", "rated_at": 2.0}')
+    [old] = await store.history("c")
+    assert (old.user, old.id) == ("old", "")
+    assert not await store.add_feedback(rating(("c", old)))  # no id to name it by
+    [row] = await store.list_feedback()  # still counted
+    assert (row.exchange, row.rating) == (ExchangeRef("c", ""), "bad")
+    new = await store.append_exchange("c", "new", " two")
+    assert await store.add_feedback(rating(("c", new), user="U2"))
+    assert len(await store.list_feedback()) == 2

@@ -101,7 +101,8 @@ async def test_state_stays_bounded():
 
 async def test_a_burst_of_ten_gets_the_burst_and_one_notice_and_a_second_user_is_served(tiny_model, make_settings):
     model = GatedModel(tiny_model)
-    settings = make_settings(rate_limit_burst=3, rate_limit_per_minute=1)
+    # A line long enough for the whole burst: the rate limit is what this test is about.
+    settings = make_settings(rate_limit_burst=3, rate_limit_per_minute=1, conversation_queue_size=16)
     async with engine_for(model, settings) as engine:
         flood = [IncomingMessage("discord", "discord:chan", "flooder", f"message {i}") for i in range(10)]
         replies = await asyncio.gather(*(answer(engine, message) for message in flood))

@@ -17,11 +17,12 @@ import pytest
 from conftest import REPO, subprocess_env
 from model_doubles import GatedModel
 from redis_servers import PrivateRedis, delete_prefix, redis_url, shared_prefix, unique_prefix  # noqa: F401 (fixtures)
+from tcp_proxy import TcpProxy
 
 from bot.config import Settings
 from bot.errors import RateLimited, UserBlocked
 from bot.engine import ReplyEngine
-from bot.locks import LayeredLocks, LocalLocks, RedisLocks
+from bot.locks import RedisLocks
 from bot.memory import StoreUnavailable, open_store
 from bot.memory.redis import RedisStore
 from bot.metrics import Metrics
@@ -244,12 +245,25 @@ async def test_a_wait_cut_short_leaves_no_lock_behind(client, prefix):
     await late.release()
 
 
-async def test_layered_locks_take_the_local_lock_first_and_forget_idle_conversations(client, prefix):
-    local = LocalLocks()
-    locks = LayeredLocks(local, RedisLocks(client, prefix=prefix))
-    async with locks.lock("c"):
-        assert len(local) == 1 and await client.exists(f"{prefix}lock:c") == 1
-    assert len(local) == 0 and await client.exists(f"{prefix}lock:c") == 0
+async def test_the_engine_asks_redis_only_on_its_turn_and_forgets_idle_conversations(
+    tiny_model, make_settings, client, prefix
+):
+    """This process's line first, then the shared lock: a message waiting behind
+    another of its conversation holds no Redis lock, and nothing stays behind."""
+    model = GatedModel(tiny_model)
+    engine = ReplyEngine(model, open_store("memory://", max_turns=5), make_settings(),
+                         shared_lock=RedisLocks(client, prefix=prefix))  # fmt: skip
+    async with engine:
+        model.gate.clear()
+        first = asyncio.create_task(engine.reply("c", "first"))
+        await asyncio.to_thread(model.wait_for_calls, 1)
+        second = asyncio.create_task(engine.reply("c", "second"))
+        await asyncio.sleep(0.2)
+        assert engine._lines.waiting("c") == 2 and len(await client.keys(f"{prefix}lock:*")) == 1
+        model.gate.set()
+        assert all(await asyncio.gather(first, second))
+        assert len(engine._lines) == 0 and await client.exists(f"{prefix}lock:c") == 0
+    assert [turns[-1] for batch in model.batches for turns in batch] == ["first", "second"]
 
 
 # -- rate limits ---------------------------------------------------------------
@@ -441,3 +455,21 @@ async def test_a_store_opened_while_redis_is_down_works_once_it_is_up(tmp_path):
     finally:
         await store.close()
         server.stop()
+
+
+async def test_an_append_resent_after_its_answer_was_lost_is_stored_once(redis_url, prefix):
+    """The connection drops after Redis ran the append but before its answer came
+    back; redis-py resends it on a new connection. The exchange is stored once."""
+    host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
+    proxy = await TcpProxy(host, int(port)).start()
+    store = RedisStore(proxy.url(), max_turns=10, prefix=prefix)
+    await store.open()
+    try:
+        await store.append_exchange("c", "first", " one")
+        proxy.drop_next_reply(b"second")  # the command carrying the exchange's text
+        await store.append_exchange("c", "second", " two")
+        assert proxy.count(b"second") == 2  # sent, lost, sent again
+        assert [e.user for e in await store.history("c")] == ["first", "second"]
+    finally:
+        await store.close()
+        await proxy.close()

@@ -1,9 +1,10 @@
 """Several `blender-chat run` replicas on one Redis, as real processes: a
 conversation continues on the other replica, a Slack event delivered to both is
-answered once, concurrent messages of one conversation on both replicas never
+answered once, a Slack thread the bot answered on one replica is followed on
+the other, concurrent messages of one conversation on both replicas never
 interleave, a user's rate limit holds across replicas, and a replica started
-without Redis, or losing it, keeps answering, reports it on /readyz and
-recovers."""
+without Redis, or losing it, keeps answering, stays ready, reports the outage
+as degraded on /readyz and in metrics, and recovers."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import redis.asyncio
 from aiohttp.test_utils import TestClient, TestServer
 from bot_process import BotProcess, http, metric, port_env
 from conftest import REPO, subprocess_env
-from fake_slack import FakeSlack, event_body, mention, signed_headers
+from fake_slack import FakeSlack, event_body, mention, new_ts, signed_headers
 from redis_servers import PrivateRedis, delete_prefix, redis_url, shared_prefix, unique_prefix  # noqa: F401 (fixtures)
 
 from bot.startup import open_engine
@@ -95,7 +96,7 @@ def replicas(blenderbot_dir, redis_url, shared_prefix, slack, tmp_path_factory):
     env = replica_env(
         blenderbot_dir, f"{redis_url}?prefix={shared_prefix}", DATA_DIR=str(tmp),
         SLACK_BOT_TOKEN="xoxb-scale", SLACK_SIGNING_SECRET=SECRET, SLACK_API_URL=slack.fake.api_url,
-        RATE_LIMIT_BURST=str(BURST), RATE_LIMIT_PER_MINUTE="1",
+        SLACK_THREAD_FOLLOWUPS="on", RATE_LIMIT_BURST=str(BURST), RATE_LIMIT_PER_MINUTE="1",
     )  # fmt: skip
     pair = [BotProcess(tmp / f"replica-{name}.log", **env) for name in "ab"]
     try:
@@ -183,6 +184,55 @@ def test_the_same_slack_event_delivered_to_both_replicas_is_answered_once(replic
     assert len(slack.posts_in(event["ts"])) == 3
     answered = sum(metric(r.base, "blenderchat_replies_total", platform="slack", outcome="ok") for r in replicas)
     assert answered == 3
+
+
+def deliver(replica: BotProcess, event: dict) -> int:
+    """A signed Slack event to one replica (as a load balancer in front of them would)."""
+    raw = json.dumps(event_body(event))
+    status, _, _ = http("POST", replica.base + "/slack/events", raw=raw.encode(), headers=signed_headers(SECRET, raw))
+    return status
+
+
+def test_a_slack_thread_answered_on_one_replica_is_followed_on_the_other(
+    replicas, slack, redis_url, shared_prefix
+) -> None:
+    """Which threads the bot is in lives in the shared memory, not in one process."""
+    a, b = replicas
+    top = mention("let us talk in a thread", user="U" + new_id().upper())  # users of their own: rate limits
+    assert deliver(a, top) == 200
+    eventually(lambda: slack.posts_in(top["ts"]), "the answer in the thread")
+    follow_ups = [
+        {"type": "message", "channel_type": "channel", "user": "U" + new_id().upper(), "text": text,
+         "ts": new_ts(), "channel": "C1", "thread_ts": top["ts"]}
+        for text in ("and what about dogs?", "and cats?")
+    ]  # fmt: skip
+    for replica, event in zip((b, a), follow_ups):  # no mention: answered only as follow-ups
+        assert deliver(replica, event) == 200
+        count = len(slack.posts_in(top["ts"]))
+        eventually(lambda count=count: len(slack.posts_in(top["ts"])) > count, "the follow-up's answer")
+    never = {"type": "message", "channel_type": "channel", "user": "U2", "text": "not for the bot",
+             "ts": new_ts(), "channel": "C1", "thread_ts": "1.000001"}  # fmt: skip
+    assert deliver(b, never) == 200
+    eventually(lambda: all(metric(r.base, "blenderchat_queue_depth") == 0 for r in replicas), "both replicas idle")
+    time.sleep(0.5)  # a late answer would be posted within this
+    assert len(slack.posts_in(top["ts"])) == 3 and slack.posts_in("1.000001") == []
+    assert thread_history(redis_url, shared_prefix, top["ts"]) == [
+        "let us talk in a thread", "and what about dogs?", "and cats?"
+    ]
+
+
+def thread_history(redis_url: str, prefix: str, thread_ts: str) -> list[str]:
+    """The user messages stored for a Slack thread in the replicas' Redis memory."""
+
+    async def read() -> list[str]:
+        store = RedisStore(redis_url, max_turns=50, prefix=prefix)
+        await store.open()
+        try:
+            return [exchange.user for exchange in await store.history(f"slack:T1:C1:{thread_ts}")]
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
 
 
 async def test_concurrent_messages_of_one_conversation_on_both_replicas_never_interleave(
@@ -274,31 +324,33 @@ def test_a_replica_starts_without_redis_keeps_answering_through_an_outage_and_re
     try:
         bot.wait_listening()
 
-        def redis_reported() -> dict | None:
+        def redis_reported() -> list[str] | None:
             status, body = readyz(bot)
-            return body if status == 503 else None
+            return body["degraded"] if status == 200 and body["degraded"] else None
 
-        # Redis down at start-up: the process runs, says why it is not ready, and answers.
-        reason = eventually(redis_reported, "/readyz to report Redis")["reason"]
-        assert "redis" in reason.lower() and "model" not in reason, reason
+        # Redis down at start-up: the process runs, stays ready (it answers), and says what it lacks.
+        degraded = eventually(redis_reported, "/readyz to report Redis")
+        assert all("redis" in reason.lower() for reason in degraded) and "model" not in str(degraded), degraded
+        assert metric(bot.base, "blenderchat_dependency_up", dependency="memory") == 0
         status, body = chat(bot, "outage", "hello before redis")
         assert status == 200 and body["reply"].strip(), body
 
         server.start()
-        eventually(lambda: readyz(bot)[0] == 200, "/readyz to recover after Redis started")
+        eventually(lambda: readyz(bot)[1]["degraded"] == [], "/readyz to recover after Redis started")
+        assert metric(bot.base, "blenderchat_dependency_up", dependency="memory") == 1
         assert chat(bot, "outage", "hello with redis")[0] == 200
         assert [user for user, _ in history(bot, "outage")] == ["hello with redis"]
 
         server.stop()  # Redis goes away mid-run
-        reason = eventually(redis_reported, "/readyz to report the outage")["reason"]
-        assert "redis" in reason.lower(), reason
+        degraded = eventually(redis_reported, "/readyz to report the outage")
+        assert "redis" in str(degraded).lower() and readyz(bot)[0] == 200, degraded
         for text in ("are you there?", "still there?"):
             status, body = chat(bot, "outage", text)
             assert status == 200 and body["reply"].strip(), body
         assert metric(bot.base, "blenderchat_errors_total", kind="memory_write") >= 2
 
         server.start()  # same port, empty again (the test server keeps nothing)
-        eventually(lambda: readyz(bot)[0] == 200, "/readyz to recover after the restart")
+        eventually(lambda: readyz(bot)[1]["degraded"] == [], "/readyz to recover after the restart")
         assert chat(bot, "outage", "back again")[0] == 200
         assert chat(bot, "outage", "and on")[0] == 200
         assert [user for user, _ in history(bot, "outage")] == ["back again", "and on"]
@@ -316,7 +368,8 @@ def test_a_replica_starts_without_redis_keeps_answering_through_an_outage_and_re
 
 async def test_open_engine_shares_redis_and_readyz_names_a_separate_redis(make_settings, tmp_path) -> None:
     """REDIS_URL apart from a SQLite memory: the engine's locks and rate limits
-    and /readyz use it; the memory store is not blamed for its outage."""
+    and /readyz use it; the memory store is not blamed for its outage, and the
+    bot stays ready through it."""
     server = PrivateRedis(tmp_path)
     settings = make_settings(memory_url=f"sqlite:///{tmp_path / 'memory.db'}", redis_url=server.url,
                              rate_limit_burst=1, rate_limit_per_minute=1)  # fmt: skip
@@ -327,11 +380,12 @@ async def test_open_engine_shares_redis_and_readyz_names_a_separate_redis(make_s
         await client.start_server()
         try:
             response = await client.get("/readyz")
-            reason = (await response.json())["reason"]
-            assert response.status == 503 and "Redis" in reason and "memory store" not in reason, reason
+            degraded = (await response.json())["degraded"]
+            assert response.status == 200 and len(degraded) == 1, degraded
+            assert "Redis" in degraded[0] and "memory store" not in degraded[0], degraded
             server.start()
             response = await client.get("/readyz")
-            assert response.status == 200, await response.text()
+            assert response.status == 200 and (await response.json())["degraded"] == [], await response.text()
             for status in (200, 429):  # the bucket is in Redis now
                 response = await client.post("/api/chat", json={"conversation": "c", "text": "hi", "user": "u"})
                 assert response.status == status, await response.text()

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from conftest import subprocess_env
 from fake_slack import (
     BOT_ID,
@@ -30,12 +31,17 @@ from fake_slack import (
     signed_headers,
     wait_for,
 )
+from redis_servers import delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
+from tcp_proxy import TcpProxy
 
-from adapters.dedupe import InProcessDedupe
-from adapters.slack import RESET_DONE, SlackAdapter, SlackStartError
+from adapters.dedupe import DedupeStore, InProcessDedupe
+from adapters.slack import FILE_ONLY, RESET_DONE, SlackAdapter, SlackStartError
 from adapters.slack_surface import PROGRESS_REACTION
 from bot.engine import ReplyEngine
+from bot.memory import open_store
 from bot.memory.inprocess import InProcessStore
+from bot.shared import RedisDedupeStore, connect
+from bot.web import build_app
 
 SECRET = "test-signing-secret"
 
@@ -91,13 +97,13 @@ async def start_bot(fake, tiny_model, make_settings):
     cleanups = []
 
     async def start(*, socket_mode: bool = False, delay: float = 0.0, reply: str | None = None, echo: bool = False,
-                    **overrides) -> Bot:
+                    dedupe: DedupeStore | None = None, **overrides) -> Bot:
         tokens = {"slack_app_token": "xapp-test"} if socket_mode else {"slack_signing_secret": SECRET}
         settings = make_settings(slack_bot_token="xoxb-test", slack_api_url=fake.api_url, **tokens, **overrides)
         model = ModelSpy(tiny_model, delay=delay, reply=reply, echo=echo)
-        engine = ReplyEngine(model, InProcessStore(max_turns=settings.memory_max_turns), settings)
+        engine = ReplyEngine(model, open_store(settings.memory_url, max_turns=settings.memory_max_turns), settings)
         await engine.start()
-        adapter = SlackAdapter(settings, engine)
+        adapter = SlackAdapter(settings, engine, dedupe=dedupe)
         app = web.Application()
         adapter.mount(app)
         runner = web.AppRunner(app)
@@ -323,7 +329,7 @@ async def test_http_replies_keep_the_order_of_messages_while_rate_limited(start_
     assert [p.params["text"] for p in posts] == ["re: first", "re: second", "re: third"]
     thinking = [c.params["status"] for c in fake.status_calls("D1")]
     assert thinking.count("is thinking...") == 3 and thinking[-1] == ""  # one status per message, cleared
-    assert len(bot.adapter._in_order) == 0  # no lock left behind
+    await wait_for(lambda: len(bot.engine._lines) == 0, what="every place in line released")
 
 
 async def test_http_reset_forgets_the_thread_and_confirms(start_bot, fake):
@@ -559,3 +565,155 @@ async def test_run_command_answers_slack_in_socket_mode(fake, blenderbot_dir, tm
         assert post.params["channel"] == "D1"
     finally:
         await stop_bot(process, log_path)
+
+
+# -- order, files, follow-ups after a restart, broken connections, a revoked token -----
+
+
+def in_thread(text: str, thread: str, **extra: Any) -> dict[str, Any]:
+    """A channel message in a thread, without a mention (a follow-up)."""
+    return {"type": "message", "channel_type": "channel", "user": "U2", "text": text, "ts": new_ts(),
+            "channel": "C1", "thread_ts": thread, **extra}
+
+
+@pytest.fixture
+async def slow_redis(redis_url):
+    """A client of the test Redis through a TCP proxy that can slow a command down; keys on a prefix of this test."""
+    host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
+    proxy = await TcpProxy(host, int(port)).start()
+    prefix = unique_prefix()
+    client = connect(proxy.url())
+    yield proxy, client, prefix
+    await client.aclose()
+    await proxy.close()
+    delete_prefix(redis_url, prefix)
+
+
+async def test_a_slow_first_dedupe_call_does_not_let_the_next_message_overtake(start_bot, fake, slow_redis):
+    proxy, client, prefix = slow_redis
+    bot = await start_bot(echo=True, dedupe=RedisDedupeStore(client, prefix=prefix))  # the replicas' dedupe
+    proxy.delay_next(b"slack:event:", 1.5)  # the first message's de-duplication waits on a slow network
+    for text in ("my name is Ada", "what is my name?"):
+        assert (await bot.send(event_body(dm(text))))[0] == 200
+    posts = await answered(fake, 2)
+    assert [p.params["text"] for p in posts] == ["re: my name is Ada", "re: what is my name?"]
+    assert [e.user for e in await bot.engine.history("slack:T1:D1")] == ["my name is Ada", "what is my name?"]
+    assert bot.model.inputs[1][:2] == ["my name is Ada", "re: my name is Ada"]  # the second saw the first
+    assert proxy.count(b"slack:event:") == 2
+
+
+async def test_a_message_with_a_file_is_answered_for_its_text(start_bot, fake):
+    bot = await start_bot(echo=True, slack_thread_followups=True)
+    files = [{"id": "F1", "name": "screenshot.png", "mimetype": "image/png"}]
+    await bot.send(event_body(dm("what's this?", subtype="file_share", files=files)))
+    [post] = await answered(fake, 1)
+    assert post.params["text"] == "re: what's this?"
+    await bot.send(event_body(dm("", subtype="file_share", files=files)))  # only a file
+    await bot.send(event_body({**mention(""), "files": files}))  # a mention and a file, no words
+    posts = await answered(fake, 3)
+    assert [p.params["text"] for p in posts[1:]] == [FILE_ONLY, FILE_ONLY]
+    # A thread reply also sent to the channel, in a thread the bot is in, is a follow-up like any other.
+    top = mention("start a thread")
+    await bot.send(event_body(top))
+    await answered(fake, 4)
+    await bot.send(event_body(in_thread("also sent to the channel", top["ts"], subtype="thread_broadcast")))
+    posts = await answered(fake, 5)
+    assert posts[4].params["text"] == "re: also sent to the channel" and posts[4].params["thread_ts"] == top["ts"]
+    assert [turns[-1] for turns in bot.model.inputs] == ["what's this?", "start a thread", "also sent to the channel"]
+
+
+async def test_thread_followups_survive_a_restart(start_bot, fake, tmp_path):
+    """Which threads the bot is in comes from the conversation memory, not from the
+    process: a new process on the same SQLite file still follows the thread."""
+    settings = {"slack_thread_followups": True, "memory_url": f"sqlite:///{tmp_path / 'memory.db'}"}
+    first = await start_bot(**settings)
+    top = mention("start a thread")
+    await first.send(event_body(top))
+    await answered(fake, 1)
+    first.adapter.stop_accepting()
+    await first.adapter.close()
+    await first.engine.close()
+
+    second = await start_bot(**settings)  # the restarted bot
+    await second.send(event_body(in_thread("and another thing", top["ts"])))
+    await second.send(event_body(in_thread("a thread I never answered", "123.456")))
+    await sentinel(second, fake, already=2)
+    in_c1 = [p for p in fake.posts if p.params["channel"] == "C1"]
+    assert len(in_c1) == 2 and all(p.params["thread_ts"] == top["ts"] for p in in_c1)
+    history = await second.engine.history(f"slack:T1:C1:{top['ts']}")
+    assert [e.user for e in history] == ["start a thread", "and another thing"]
+
+
+async def test_a_followup_sent_while_the_mention_is_being_answered_counts(start_bot, fake):
+    fake.missing_scopes.add("assistant:write")  # the hourglass, which shows which message is being answered
+    bot = await start_bot(delay=1.0, echo=True, slack_thread_followups=True)
+    top = mention("start a thread")
+    await bot.send(event_body(top))
+    await wait_for(lambda: bot.model.inputs, what="the model to start on the mention")
+    await bot.send(event_body(in_thread("and one more thing", top["ts"])))  # before the answer is there
+    posts = await answered(fake, 2)
+    assert [p.params["text"] for p in posts] == ["re: start a thread", "re: and one more thing"]
+    assert fake.calls_to("reactions.add")[1].params["timestamp"] != top["ts"]
+
+
+async def test_a_broken_connection_while_posting_still_sends_the_whole_answer(start_bot, fake):
+    words = [f"word{i}" for i in range(1300)]
+    bot = await start_bot(reply=" ".join(words))
+    fake.break_next("chat.postMessage", "payload")  # the first chunk is posted, its answer breaks off
+    fake.break_next("chat.postMessage", "disconnect", times=2)  # the second: two dropped connections
+    await bot.send(event_body(mention("tell me everything")))
+    await wait_for(lambda: [c for c in fake.status_calls("C1") if c.params["status"] == ""],
+                   what="the thinking status cleared after the last chunk")
+    posted = [p.params["text"] for p in fake.posts]
+    assert len(posted) >= 3
+    assert " ".join(posted).split() == words  # every chunk once, in order
+    assert len(fake.calls_to("chat.postMessage", ok_only=False)) == len(posted) + 2  # + the two dropped
+
+
+@pytest.mark.parametrize("method", ["assistant.threads.setStatus", "reactions.add"])
+async def test_a_dropped_connection_on_the_thinking_hint_costs_only_the_hint(start_bot, fake, caplog, method):
+    if method == "reactions.add":
+        fake.missing_scopes.add("assistant:write")  # the hourglass instead of the status
+    bot = await start_bot()
+    fake.break_next(method, "disconnect", times=2)  # slack_sdk retries once by itself
+    await bot.send(event_body(mention("hello")))
+    [post] = await answered(fake, 1)
+    assert post.params["text"].strip()
+    await wait_for(lambda: len(bot.adapter._tasks) == 0, what="the reply task to end")
+    if method == "reactions.add":  # the hourglass never went up: nothing to take down
+        assert fake.calls_to("reactions.remove", ok_only=False) == []
+    else:  # no status: the hourglass instead, as without the scope, and taken down
+        assert fake.calls_to("reactions.add") and fake.calls_to("reactions.remove")
+    assert not fake.thinking
+    assert "A reply task failed" not in caplog.text
+
+
+async def test_a_token_revoked_after_start_up_makes_healthz_fail(start_bot, fake, caplog):
+    bot = await start_bot()
+    client = TestClient(TestServer(build_app(bot.engine, bot.adapter.settings, [bot.adapter]), host="127.0.0.1",
+                                   port=0))  # fmt: skip
+    await client.start_server()
+    try:
+        await bot.send(event_body(dm("hello")))
+        await answered(fake, 1)
+        assert (await client.get("/healthz")).status == 200
+        fake.revoked = True  # the app was uninstalled from the workspace
+        await bot.send(event_body(dm("are you there?")))
+        await wait_for(lambda: fake.calls_to("chat.postMessage", ok_only=False)[1:], what="the refused post")
+        response = await wait_for_status(client, "/healthz", 503)
+        reason = (await response.json())["reason"]
+        assert reason.startswith("slack: ") and "SLACK_BOT_TOKEN" in reason and "token_revoked" in reason
+        assert (await client.get("/healthz")).status == 503
+        assert len([r for r in caplog.records if r.levelname == "ERROR" and "SLACK_BOT_TOKEN" in r.message]) == 1
+    finally:
+        await client.close()
+
+
+async def wait_for_status(client: TestClient, path: str, status: int, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        response = await client.get(path)
+        if response.status == status:
+            return response
+        assert time.monotonic() < deadline, f"{path} stayed {response.status}"
+        await asyncio.sleep(0.05)

@@ -268,10 +268,10 @@ async def test_http_feedback_click_is_acked_stored_against_its_exchange_counted_
     assert (note.params["user"], note.params["channel"], note.params["thread_ts"]) == ("U3", "C1", top["ts"])
     assert note.params["text"] == THANKS["bad"]
     [row] = await bot.engine.store.list_feedback()
-    assert (row.exchange, row.rating, row.user, row.platform) == (ExchangeRef(conversation, second.at), "bad", "U3",
+    assert (row.exchange, row.rating, row.user, row.platform) == (ExchangeRef(conversation, second.id), "bad", "U3",
                                                                   "slack")
     assert counted(bot.engine, "slack", "bad") == 1 and counted(bot.engine, "slack", "good") == 0
-    assert first.at != second.at
+    assert first.id != second.id
 
 
 async def test_socket_mode_feedback_click_is_acked_stored_and_counted(start_bot, fake):
@@ -286,7 +286,7 @@ async def test_socket_mode_feedback_click_is_acked_stored_and_counted(start_bot,
     assert note.params["text"] == THANKS["good"] and note.params.get("thread_ts") is None
     [exchange] = await bot.engine.history("slack:T1:D1")
     [row] = await bot.engine.store.list_feedback()
-    assert (row.exchange, row.rating, row.user) == (ExchangeRef("slack:T1:D1", exchange.at), "good", "U2")
+    assert (row.exchange, row.rating, row.user) == (ExchangeRef("slack:T1:D1", exchange.id), "good", "U2")
     assert counted(bot.engine, "slack", "good") == 1
 
 
@@ -309,7 +309,8 @@ async def test_forged_or_foreign_feedback_values_are_ignored(start_bot, fake):
     [post] = await answered(fake)
     genuine = clicked(post, "good")
     for action, user in (({**genuine, "value": "great|1.0|slack:T1:D1"}, "U2"),
-                         ({**genuine, "value": "good|soon|slack:T1:D1"}, "U2"),
+                         ({**genuine, "value": "good|not an id|slack:T1:D1"}, "U2"),
+                         ({**genuine, "value": "good||slack:T1:D1"}, "U2"),
                          ({**genuine, "value": genuine["value"].replace("slack:T1:", "slack:T9:")}, "U2"),
                          (genuine, "U9")):
         assert await click(bot, block_actions(action, user=user, message=message_of(post), channel="D1")) == 200

@@ -2,14 +2,18 @@
 
 A backend stores whole exchanges (a user message and the bot's reply): an
 exchange is written in one step, so a crash never leaves half of one, and each
-conversation keeps at most `max_turns` exchanges. People's ratings of replies
-(feedback) are kept with the conversation they belong to and deleted with it
-(reset, idle sweep, expiry). `open_store(url)` picks the backend from
-`MEMORY_URL`; a new backend is one new module here.
+conversation keeps at most `max_turns` exchanges. Every exchange has an id
+(`append_exchange(..., exchange_id=...)`, else a new one); appending an id the
+conversation already holds does nothing, so a retried or replayed append never
+stores an exchange twice. People's ratings of replies (feedback) name the
+exchange by that id; they are kept with the conversation they belong to and
+deleted with it (reset, idle sweep, expiry). `open_store(url)` picks the
+backend from `MEMORY_URL`; a new backend is one new module here.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +23,11 @@ class Exchange:
     user: str  # the user's message as the model saw it
     bot: str  # the reply exactly as decoded (may start with a space)
     at: float  # when it was stored, seconds since the epoch
+    id: str = ""  # unique per exchange; what feedback and replays refer to
+
+
+def new_exchange_id() -> str:
+    return uuid.uuid4().hex
 
 
 GOOD = "good"
@@ -28,11 +37,11 @@ RATINGS = (GOOD, BAD)
 
 @dataclass(frozen=True)
 class ExchangeRef:
-    """Which stored exchange a reply was: its conversation and its `Exchange.at`,
-    unique within a conversation (its exchanges are stored one at a time)."""
+    """Which stored exchange a reply was: its conversation and its `Exchange.id`
+    (what a Slack button, a Discord reaction or POST /api/feedback names)."""
 
     conversation: str
-    at: float
+    id: str
 
 
 @dataclass(frozen=True)
@@ -58,8 +67,12 @@ class ConversationStore(Protocol):
     async def history(self, conversation: str) -> list[Exchange]:
         """The stored exchanges, oldest first."""
 
-    async def append_exchange(self, conversation: str, user_text: str, bot_text: str) -> Exchange:
-        """Store one whole exchange atomically, dropping the oldest beyond the limit; the stored exchange."""
+    async def append_exchange(
+        self, conversation: str, user_text: str, bot_text: str, *, exchange_id: str | None = None
+    ) -> Exchange:
+        """Store one whole exchange atomically, dropping the oldest beyond the limit;
+        nothing if the conversation already holds `exchange_id`. The stored
+        exchange (the one stored before, for a repeated id)."""
 
     async def reset(self, conversation: str) -> bool:
         """Forget a conversation and its feedback; True if there was anything to forget."""

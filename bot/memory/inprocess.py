@@ -5,15 +5,15 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from bot.memory import Exchange, Feedback
+from bot.memory import Exchange, Feedback, new_exchange_id
 
 
 class InProcessStore:
     def __init__(self, *, max_turns: int) -> None:
         self._max_turns = max_turns
         self._conversations: dict[str, deque[Exchange]] = {}
-        # conversation -> (exchange at, user) -> rating; dropped with the conversation
-        self._feedback: dict[str, dict[tuple[float, str], Feedback]] = {}
+        # conversation -> (exchange id, user) -> rating; dropped with the conversation
+        self._feedback: dict[str, dict[tuple[str, str], Feedback]] = {}
 
     async def open(self) -> None:
         pass
@@ -27,9 +27,15 @@ class InProcessStore:
     async def history(self, conversation: str) -> list[Exchange]:
         return list(self._conversations.get(conversation, ()))
 
-    async def append_exchange(self, conversation: str, user_text: str, bot_text: str) -> Exchange:
+    async def append_exchange(
+        self, conversation: str, user_text: str, bot_text: str, *, exchange_id: str | None = None
+    ) -> Exchange:
         exchanges = self._conversations.setdefault(conversation, deque(maxlen=self._max_turns))
-        exchange = Exchange(user_text, bot_text, time.time())
+        if exchange_id:
+            stored = next((exchange for exchange in exchanges if exchange.id == exchange_id), None)
+            if stored is not None:
+                return stored
+        exchange = Exchange(user_text, bot_text, time.time(), exchange_id or new_exchange_id())
         exchanges.append(exchange)
         return exchange
 
@@ -46,10 +52,10 @@ class InProcessStore:
         return len(idle)
 
     async def add_feedback(self, feedback: Feedback) -> bool:
-        conversation, at = feedback.exchange.conversation, feedback.exchange.at
-        if not any(exchange.at == at for exchange in self._conversations.get(conversation, ())):
+        conversation, exchange_id = feedback.exchange.conversation, feedback.exchange.id
+        if not any(exchange.id == exchange_id for exchange in self._conversations.get(conversation, ())):
             return False
-        self._feedback.setdefault(conversation, {})[(at, feedback.user)] = feedback
+        self._feedback.setdefault(conversation, {})[(exchange_id, feedback.user)] = feedback
         return True
 
     async def list_feedback(

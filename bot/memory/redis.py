@@ -2,14 +2,16 @@
 
 One list per conversation (`<prefix>conv:<conversation>`), one JSON element per
 exchange, so a user message is never stored without its reply. The push, the
-trim to `max_turns` and the key's expiry go in one MULTI/EXEC transaction.
+trim to `max_turns` and the key's expiry are one Lua script, which first looks
+for the exchange's id in the list: a command resent after a lost answer (the
+client retries on a dropped connection) finds it there and stores nothing twice.
 
 Idle conversations are forgotten by Redis itself: every stored exchange sets the
 key to expire `ttl` seconds later, so `sweep` has nothing left to do (it returns
 0) and no replica has to scan the keyspace. `ttl=0` keeps conversations forever.
 
 Ratings of replies live in one hash per conversation (`<prefix>fb:<conversation>`,
-a field per exchange and user) that expires with the conversation's list and is
+a field per exchange id and user) that expires with the conversation's list and is
 deleted with it; listing them scans those hashes (an operator's query, not the hot path).
 """
 
@@ -20,22 +22,45 @@ import logging
 import time
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from bot.memory import Exchange, ExchangeRef, Feedback, StoreUnavailable
+from bot.memory import Exchange, ExchangeRef, Feedback, StoreUnavailable, new_exchange_id
 from bot.shared import connect, split_prefix
 
 log = logging.getLogger(__name__)
 
+# KEYS: the conversation's list, its feedback hash. ARGV: the element (JSON), its
+# exchange id, max_turns, the expiry in ms (0: none). Returns the stored element:
+# the one already there with that id, else the new one.
+APPEND_ONCE = """
+local elements = redis.call('LRANGE', KEYS[1], 0, -1)
+for i = #elements, 1, -1 do
+  local ok, stored = pcall(cjson.decode, elements[i])
+  if ok and type(stored) == 'table' and stored['id'] == ARGV[2] then
+    return elements[i]
+  end
+end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
+if tonumber(ARGV[4]) > 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])  -- the ratings live as long as the conversation
+else
+  redis.call('PERSIST', KEYS[1])
+  redis.call('PERSIST', KEYS[2])
+end
+return ARGV[1]
+"""
+
 # Store a rating only while the conversation still holds the rated exchange, and
 # make the rating expire exactly when the conversation does.
-# KEYS: the conversation's list, its feedback hash; ARGV: the exchange's `at`, field, value.
-_ADD_FEEDBACK = """
-local at = tonumber(ARGV[1])
+# KEYS: the conversation's list, its feedback hash; ARGV: the exchange's id, field, value.
+ADD_FEEDBACK = """
 local found = false
 for _, element in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
   local ok, data = pcall(cjson.decode, element)
-  if ok and type(data) == 'table' and tonumber(data['at']) == at then
+  if ok and type(data) == 'table' and data['id'] == ARGV[1] then
     found = true
     break
   end
@@ -61,9 +86,13 @@ class RedisStore:
         self._max_turns = max_turns
         self._ttl_ms = int(ttl * 1000)
         self._client: Redis | None = None
+        self._append_once: AsyncScript | None = None
+        self._add_feedback: AsyncScript | None = None
 
     async def open(self) -> None:
         self._client = connect(self._url)
+        self._append_once = self._client.register_script(APPEND_ONCE)
+        self._add_feedback = self._client.register_script(ADD_FEEDBACK)
         try:
             await self._client.ping()
         except RedisError as error:
@@ -102,33 +131,30 @@ class RedisStore:
         exchanges = []
         for element in elements:
             try:
-                data = json.loads(element)
-                exchanges.append(Exchange(data["user"], data["bot"], data["at"]))
+                exchanges.append(_exchange(element))
             except (ValueError, KeyError, TypeError):
                 # Written by something else under our prefix: skip it rather than lose the conversation.
                 log.warning("Skipping a malformed exchange in conversation %s", conversation)
         return exchanges
 
-    async def append_exchange(self, conversation: str, user_text: str, bot_text: str) -> Exchange:
-        key, feedback_key = self._key(conversation), self._feedback_key(conversation)
-        exchange = Exchange(user_text, bot_text, time.time())
-        element = json.dumps({"user": user_text, "bot": bot_text, "at": exchange.at}, ensure_ascii=False)
+    async def append_exchange(
+        self, conversation: str, user_text: str, bot_text: str, *, exchange_id: str | None = None
+    ) -> Exchange:
+        exchange_id = exchange_id or new_exchange_id()
+        element = json.dumps(
+            {"id": exchange_id, "user": user_text, "bot": bot_text, "at": time.time()}, ensure_ascii=False
+        )
+        client = self._redis
+        assert self._append_once is not None  # registered by open()
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.rpush(key, element)
-                pipe.ltrim(key, -self._max_turns, -1)
-                if self._ttl_ms:
-                    pipe.pexpire(key, self._ttl_ms)
-                    pipe.pexpire(feedback_key, self._ttl_ms)  # the ratings live as long as the conversation
-                else:
-                    pipe.persist(key)
-                    pipe.persist(feedback_key)
-                # A connection lost after EXEC was sent but before its answer is retried
-                # like any command, so such an exchange can, rarely, be stored twice.
-                await pipe.execute()
+            stored = await self._append_once(
+                keys=[self._key(conversation), self._feedback_key(conversation)],
+                args=[element, exchange_id, self._max_turns, self._ttl_ms],
+                client=client,
+            )
         except RedisError as error:
             raise StoreUnavailable(f"could not write to Redis: {error}") from error
-        return exchange
+        return _exchange(stored)
 
     async def reset(self, conversation: str) -> bool:
         try:
@@ -147,13 +173,17 @@ class RedisStore:
 
     async def add_feedback(self, feedback: Feedback) -> bool:
         exchange = feedback.exchange
+        if not exchange.id:
+            return False  # an exchange stored before exchange ids existed cannot be named
         value = json.dumps(
-            {"at": exchange.at, "rating": feedback.rating, "user": feedback.user, "platform": feedback.platform,
+            {"id": exchange.id, "rating": feedback.rating, "user": feedback.user, "platform": feedback.platform,
              "rated_at": feedback.at}
         )
-        keys = (self._key(exchange.conversation), self._feedback_key(exchange.conversation))
+        keys = [self._key(exchange.conversation), self._feedback_key(exchange.conversation)]
+        client = self._redis
+        assert self._add_feedback is not None  # registered by open()
         try:
-            stored = await self._redis.eval(_ADD_FEEDBACK, 2, *keys, repr(exchange.at), _field(feedback), value)
+            stored = await self._add_feedback(keys=keys, args=[exchange.id, _field(feedback), value], client=client)
         except RedisError as error:
             raise StoreUnavailable(f"could not write to Redis: {error}") from error
         return bool(stored)
@@ -176,16 +206,24 @@ class RedisStore:
         return rows[:limit] if limit is not None else rows
 
 
+def _exchange(element: bytes | str) -> Exchange:
+    """A stored element; raises ValueError, KeyError or TypeError if it is not one of ours.
+    Elements stored before exchange ids existed have the id ""."""
+    data = json.loads(element)
+    return Exchange(data["user"], data["bot"], data["at"], str(data.get("id", "")))
+
+
 def _field(feedback: Feedback) -> str:
     """One field per exchange and user: rating again replaces the earlier rating."""
-    return f"{feedback.exchange.at!r}|{feedback.user}"
+    return f"{feedback.exchange.id}|{feedback.user}"
 
 
 def _feedback_row(conversation: str, value: bytes | str) -> Feedback | None:
     try:
         data = json.loads(value)
         return Feedback(
-            ExchangeRef(conversation, float(data["at"])), data["rating"], data["user"], data["platform"],
+            # Ratings stored before exchange ids named the exchange by its time: still counted, by id "".
+            ExchangeRef(conversation, str(data.get("id", ""))), data["rating"], data["user"], data["platform"],
             float(data["rated_at"]),
         )
     except (ValueError, KeyError, TypeError):

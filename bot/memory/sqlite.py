@@ -2,13 +2,17 @@
 
 One row per exchange, so a user message is never stored without its reply;
 the insert, the conversation's timestamp and the trimming to `max_turns` are
-one transaction. Ratings of replies sit in `feedback`, deleted in the same
-transaction as their conversation.
+one transaction. Ratings of replies sit in `feedback`, keyed by the exchange's
+id, deleted in the same transaction as their conversation. A transaction that
+fails anywhere, BEGIN and COMMIT included, or is cancelled, is rolled back, so
+one failed write (a full disk) never leaves the connection inside a
+transaction that every later write would trip over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,7 +20,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from bot.memory import Exchange, ExchangeRef, Feedback, StoreUnavailable
+from bot.memory import Exchange, ExchangeRef, Feedback, StoreUnavailable, new_exchange_id
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS exchanges (
@@ -31,16 +35,39 @@ CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY,
     updated_at REAL NOT NULL
 );
+"""
+# Added after the first release: databases created before get the column on open,
+# and their rows an id from their row number.
+EXCHANGE_IDS = """
+ALTER TABLE exchanges ADD COLUMN exchange_id TEXT;
+"""
+EXCHANGE_IDS_OF_OLD_ROWS = "UPDATE exchanges SET exchange_id = 'row-' || id WHERE exchange_id IS NULL"
+EXCHANGE_ID_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS exchanges_by_exchange_id ON exchanges (exchange_id)"
+FEEDBACK = """
 CREATE TABLE IF NOT EXISTS feedback (
     conversation TEXT NOT NULL,
-    exchange_at REAL NOT NULL,
+    exchange_id TEXT NOT NULL,
     user TEXT NOT NULL,
     platform TEXT NOT NULL,
     rating TEXT NOT NULL,
     created_at REAL NOT NULL,
-    PRIMARY KEY (conversation, exchange_at, user)
+    PRIMARY KEY (conversation, exchange_id, user)
 );
 CREATE INDEX IF NOT EXISTS feedback_by_time ON feedback (created_at);
+"""
+# Ratings stored before exchanges had ids named their exchange by its created_at:
+# rebuilt on open, naming it by its id (a rating whose exchange is gone goes too).
+FEEDBACK_BY_ID = """
+BEGIN;
+ALTER TABLE feedback RENAME TO feedback_by_exchange_time;
+DROP INDEX IF EXISTS feedback_by_time;
+""" + FEEDBACK + """
+INSERT OR REPLACE INTO feedback (conversation, exchange_id, user, platform, rating, created_at)
+    SELECT old.conversation, exchanges.exchange_id, old.user, old.platform, old.rating, old.created_at
+    FROM feedback_by_exchange_time AS old
+    JOIN exchanges ON exchanges.conversation = old.conversation AND exchanges.created_at = old.exchange_at;
+DROP TABLE feedback_by_exchange_time;
+COMMIT;
 """
 
 
@@ -62,7 +89,16 @@ class SQLiteStore:
             await db.execute("PRAGMA busy_timeout=5000")
             # Forgotten and expired conversations are overwritten, not just unlinked (many builds default to this).
             await db.execute("PRAGMA secure_delete=ON")
+            # Off by default in SQLite: tables referring to exchanges or conversations get their constraints kept.
+            await db.execute("PRAGMA foreign_keys=ON")
             await db.executescript(SCHEMA)
+            if "exchange_id" not in await _columns(db, "exchanges"):
+                await db.executescript(EXCHANGE_IDS)
+            await db.execute(EXCHANGE_IDS_OF_OLD_ROWS)
+            await db.execute(EXCHANGE_ID_INDEX)
+            if "exchange_at" in await _columns(db, "feedback"):
+                await db.executescript(FEEDBACK_BY_ID)
+            await db.executescript(FEEDBACK)
         except BaseException:
             await db.close()  # its thread would otherwise keep the process from exiting
             raise
@@ -83,13 +119,13 @@ class SQLiteStore:
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._lock:
             db = self._conn
-            await db.execute("BEGIN IMMEDIATE")
             try:
+                await db.execute("BEGIN IMMEDIATE")
                 yield db
+                await db.execute("COMMIT")
             except BaseException:
-                await db.execute("ROLLBACK")
+                await _roll_back(db)
                 raise
-            await db.execute("COMMIT")
 
     async def ping(self) -> None:
         async with self._lock:
@@ -97,18 +133,28 @@ class SQLiteStore:
 
     async def history(self, conversation: str) -> list[Exchange]:
         async with self._lock, self._conn.execute(
-            "SELECT user_text, bot_text, created_at FROM exchanges WHERE conversation = ? ORDER BY id",
+            "SELECT user_text, bot_text, created_at, exchange_id FROM exchanges WHERE conversation = ? ORDER BY id",
             (conversation,),
         ) as cursor:
-            return [Exchange(user, bot, at) for user, bot, at in await cursor.fetchall()]
+            return [Exchange(*row) for row in await cursor.fetchall()]
 
-    async def append_exchange(self, conversation: str, user_text: str, bot_text: str) -> Exchange:
+    async def append_exchange(
+        self, conversation: str, user_text: str, bot_text: str, *, exchange_id: str | None = None
+    ) -> Exchange:
         now = time.time()
+        exchange_id = exchange_id or new_exchange_id()
         async with self._transaction() as db:
-            await db.execute(
-                "INSERT INTO exchanges (conversation, user_text, bot_text, created_at) VALUES (?, ?, ?, ?)",
-                (conversation, user_text, bot_text, now),
+            cursor = await db.execute(
+                "INSERT INTO exchanges (conversation, user_text, bot_text, created_at, exchange_id) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (exchange_id) DO NOTHING",
+                (conversation, user_text, bot_text, now, exchange_id),
             )
+            if cursor.rowcount == 0:  # stored already: a repeated append is a no-op
+                rows = await db.execute_fetchall(
+                    "SELECT user_text, bot_text, created_at, exchange_id FROM exchanges WHERE exchange_id = ?",
+                    (exchange_id,),
+                )
+                return Exchange(*next(iter(rows)))
             await db.execute(
                 "INSERT INTO conversations (id, updated_at) VALUES (?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET updated_at = excluded.updated_at",
@@ -119,7 +165,7 @@ class SQLiteStore:
                 "(SELECT id FROM exchanges WHERE conversation = ? ORDER BY id DESC LIMIT ?)",
                 (conversation, conversation, self._max_turns),
             )
-        return Exchange(user_text, bot_text, now)
+        return Exchange(user_text, bot_text, now, exchange_id)
 
     async def reset(self, conversation: str) -> bool:
         async with self._transaction() as db:
@@ -147,18 +193,18 @@ class SQLiteStore:
         async with self._transaction() as db:
             # One statement: the rating is stored only while its exchange is.
             cursor = await db.execute(
-                "INSERT OR REPLACE INTO feedback (conversation, exchange_at, user, platform, rating, created_at) "
+                "INSERT OR REPLACE INTO feedback (conversation, exchange_id, user, platform, rating, created_at) "
                 "SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS "
-                "(SELECT 1 FROM exchanges WHERE conversation = ? AND created_at = ?)",
-                (exchange.conversation, exchange.at, feedback.user, feedback.platform, feedback.rating, feedback.at,
-                 exchange.conversation, exchange.at),
+                "(SELECT 1 FROM exchanges WHERE conversation = ? AND exchange_id = ?)",
+                (exchange.conversation, exchange.id, feedback.user, feedback.platform, feedback.rating, feedback.at,
+                 exchange.conversation, exchange.id),
             )
         return cursor.rowcount > 0
 
     async def list_feedback(
         self, *, since: float = 0.0, platform: str | None = None, limit: int | None = None
     ) -> list[Feedback]:
-        query = "SELECT conversation, exchange_at, rating, user, platform, created_at FROM feedback WHERE created_at >= ?"
+        query = "SELECT conversation, exchange_id, rating, user, platform, created_at FROM feedback WHERE created_at >= ?"
         params: list[object] = [since]
         if platform is not None:
             query += " AND platform = ?"
@@ -169,6 +215,21 @@ class SQLiteStore:
             params.append(limit)
         async with self._lock, self._conn.execute(query, params) as cursor:
             return [
-                Feedback(ExchangeRef(conversation, exchange_at), rating, user, platform_, at)
-                for conversation, exchange_at, rating, user, platform_, at in await cursor.fetchall()
+                Feedback(ExchangeRef(conversation, exchange_id), rating, user, platform_, at)
+                for conversation, exchange_id, rating, user, platform_, at in await cursor.fetchall()
             ]
+
+
+async def _roll_back(db: aiosqlite.Connection) -> None:
+    """End the transaction a failed or cancelled step left open. Statements run in
+    order on the connection's thread, so this also undoes a BEGIN whose await was
+    cancelled but which runs after all; with no transaction open it is a no-op."""
+    try:
+        await asyncio.shield(db.execute("ROLLBACK"))
+    except (sqlite3.OperationalError, ValueError):
+        pass  # "no transaction is active" (the failure came before BEGIN took effect), or the store is closed
+
+
+async def _columns(db: aiosqlite.Connection, table: str) -> list[str]:
+    """The column names of `table` (none if there is no such table)."""
+    return [row[1] for row in await db.execute_fetchall(f"PRAGMA table_info({table})")]

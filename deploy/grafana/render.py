@@ -147,7 +147,8 @@ def demo(scratch: Path, minutes: float, out: Path) -> None:
     bot_port, prometheus_port = _free_port(), _free_port()
     env = {**os.environ, "BLENDERBOT_MODEL": str(model), "BLENDERBOT_MAX_NEW_TOKENS": "24",
            "BLENDERBOT_NUM_BEAMS": "1", "MEMORY_URL": f"sqlite:///{scratch}/memory.db", "HTTP_HOST": "127.0.0.1",
-           "HTTP_PORT": str(bot_port), "RATE_LIMIT_PER_MINUTE": "0", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+           "HTTP_PORT": str(bot_port), "RATE_LIMIT_PER_MINUTE": "0", "WEB_RATE_LIMIT_PER_MINUTE": "0",
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     for name in ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET"):
         env.pop(name, None)
     config = scratch / "prometheus.yml"
@@ -196,10 +197,11 @@ async def _load(base: str, seconds: float) -> None:
             async with session.post(f"{base}/api/chat", json={"conversation": name, "text": text,
                                                                "user": name}) as response:
                 body = await response.json()
-            if body.get("at") is not None and random.random() < 0.6:
+            if body.get("exchange_id") is not None and random.random() < 0.6:
                 bad_share = 0.55 if 1 / 3 < elapsed < 2 / 3 else 0.15
                 rating = "bad" if random.random() < bad_share else "good"
-                await session.post(f"{base}/api/feedback", json={"conversation": name, "at": body["at"],
+                await session.post(f"{base}/api/feedback", json={"conversation": name,
+                                                                  "exchange_id": body["exchange_id"],
                                                                   "rating": rating, "user": name})
             burst = 1 / 3 < elapsed < 1 / 2 or random.random() < 0.1
             await asyncio.sleep(random.uniform(0.0, 0.4) if burst else random.uniform(1.0, 4.0))
