@@ -309,50 +309,13 @@ async def test_sqlite_a_database_from_before_exchange_ids_gets_them(tmp_path):
     await store.close()
 
 
-async def test_sqlite_ratings_stored_by_exchange_time_are_kept_under_the_exchange_id(tmp_path):
-    """A database written while ratings named their exchange by its `created_at`
-    (before exchange ids): on open every rating names its exchange by id, a rating
-    whose exchange is gone is dropped, and the old rows can be rated by their new ids."""
-    path = tmp_path / "memory.db"
-    with sqlite3.connect(path) as db:
-        db.executescript("""
-            CREATE TABLE exchanges (id INTEGER PRIMARY KEY AUTOINCREMENT, conversation TEXT NOT NULL,
-                                    user_text TEXT NOT NULL, bot_text TEXT NOT NULL, created_at REAL NOT NULL);
-            CREATE TABLE conversations (id TEXT PRIMARY KEY, updated_at REAL NOT NULL);
-            CREATE TABLE feedback (conversation TEXT NOT NULL, exchange_at REAL NOT NULL, user TEXT NOT NULL,
-                                   platform TEXT NOT NULL, rating TEXT NOT NULL, created_at REAL NOT NULL,
-                                   PRIMARY KEY (conversation, exchange_at, user));
-            CREATE INDEX feedback_by_time ON feedback (created_at);
-            INSERT INTO exchanges (conversation, user_text, bot_text, created_at) VALUES ('c', 'old', ' one', 1.5);
-            INSERT INTO conversations VALUES ('c', 1.5);
-            INSERT INTO feedback VALUES ('c', 1.5, 'U1', 'slack', 'bad', 2.0);
-            INSERT INTO feedback VALUES ('c', 0.5, 'U1', 'slack', 'good', 2.0);  -- its exchange was trimmed away
-        """)
-    for _ in range(2):  # opening again changes nothing
-        store = open_store(f"sqlite:///{path}", max_turns=10)
-        await store.open()
-        assert [(row.exchange, row.rating, row.at) for row in await store.list_feedback()] == [
-            (ExchangeRef("c", "row-1"), "bad", 2.0)
-        ]
-        await store.close()
-    store = open_store(f"sqlite:///{path}", max_turns=10)
-    await store.open()
-    assert await store.add_feedback(Feedback(ExchangeRef("c", "row-1"), "good", "U2", "web", 3.0))
-    assert [row.user for row in await store.list_feedback()] == ["U2", "U1"]
-    await store.close()
-
-
 @pytest.mark.parametrize("backend", ["redis"])
-async def test_redis_exchanges_and_ratings_from_before_exchange_ids_are_still_read(make_store):
+async def test_redis_exchanges_from_before_exchange_ids_are_still_read(make_store):
     store = await make_store()
     await store._redis.rpush(store._key("c"), '{"user": "old", "bot": " one", "at": 1.5}')
-    await store._redis.hset(store._feedback_key("c"), "1.5|U1", '{"at": 1.5, "rating": "bad", "user": "U1", '
-                                                               '"platform": "slack", "rated_at": 2.0}')
     [old] = await store.history("c")
     assert (old.user, old.id) == ("old", "")
     assert not await store.add_feedback(rating(("c", old)))  # no id to name it by
-    [row] = await store.list_feedback()  # still counted
-    assert (row.exchange, row.rating) == (ExchangeRef("c", ""), "bad")
     new = await store.append_exchange("c", "new", " two")
     assert await store.add_feedback(rating(("c", new), user="U2"))
-    assert len(await store.list_feedback()) == 2
+    assert len(await store.list_feedback()) == 1

@@ -55,20 +55,6 @@ CREATE TABLE IF NOT EXISTS feedback (
 );
 CREATE INDEX IF NOT EXISTS feedback_by_time ON feedback (created_at);
 """
-# Ratings stored before exchanges had ids named their exchange by its created_at:
-# rebuilt on open, naming it by its id (a rating whose exchange is gone goes too).
-FEEDBACK_BY_ID = """
-BEGIN;
-ALTER TABLE feedback RENAME TO feedback_by_exchange_time;
-DROP INDEX IF EXISTS feedback_by_time;
-""" + FEEDBACK + """
-INSERT OR REPLACE INTO feedback (conversation, exchange_id, user, platform, rating, created_at)
-    SELECT old.conversation, exchanges.exchange_id, old.user, old.platform, old.rating, old.created_at
-    FROM feedback_by_exchange_time AS old
-    JOIN exchanges ON exchanges.conversation = old.conversation AND exchanges.created_at = old.exchange_at;
-DROP TABLE feedback_by_exchange_time;
-COMMIT;
-"""
 
 
 class SQLiteStore:
@@ -96,8 +82,6 @@ class SQLiteStore:
                 await db.executescript(EXCHANGE_IDS)
             await db.execute(EXCHANGE_IDS_OF_OLD_ROWS)
             await db.execute(EXCHANGE_ID_INDEX)
-            if "exchange_at" in await _columns(db, "feedback"):
-                await db.executescript(FEEDBACK_BY_ID)
             await db.executescript(FEEDBACK)
         except BaseException:
             await db.close()  # its thread would otherwise keep the process from exiting
