@@ -17,10 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from bot.config import Settings
 from bot.errors import (
@@ -36,7 +34,7 @@ from bot.inflight import InFlight
 from bot.locks import ConversationLock, ConversationLocks, LayeredLocks, LocalLocks
 from bot.memory import ConversationStore, Exchange, StoreUnavailable
 from bot.metrics import Metrics
-from bot.model import Generated
+from bot.model import ChatModel, Generated
 from bot.ratelimit import RateLimiter, TokenBucketLimiter
 from bot.safety import SafetyFilter
 from bot.text import clean_text, neutralize_mentions
@@ -50,12 +48,6 @@ NO_ANSWER = "Hmm, I'm not sure what to say to that."
 SWEEP_INTERVAL = 3600.0
 
 
-class Generator(Protocol):
-    """What the engine needs of a model: `bot.model.ChatModel` is one."""
-
-    def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False) -> list[Generated]: ...
-
-
 @dataclass
 class _Request:
     turns: list[str]
@@ -66,7 +58,7 @@ class _Request:
 class ReplyEngine:
     def __init__(
         self,
-        model: Generator,
+        model: ChatModel,
         store: ConversationStore,
         settings: Settings,
         *,

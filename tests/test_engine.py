@@ -7,6 +7,7 @@ import sqlite3
 import time
 
 import pytest
+from conftest import RUNTIMES
 from model_doubles import GatedModel
 
 from bot.engine import ReplyEngine
@@ -14,9 +15,10 @@ from bot.errors import EmptyMessage, EngineBusy, EngineClosed, GenerationFailed,
 from bot.memory import open_store
 
 
-@pytest.fixture
-def model(tiny_model):
-    return GatedModel(tiny_model)
+@pytest.fixture(params=RUNTIMES)
+def model(request, tiny_models):
+    """Every test here runs on both runtimes: the engine must not care which serves it."""
+    return GatedModel(tiny_models[request.param])
 
 
 def engine_for(model, settings):
