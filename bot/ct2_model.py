@@ -14,14 +14,14 @@ Every option of the checkpoint's generation_config keeps transformers' meaning
   probability but one to the length the length penalty divides by).
 - `encoder_no_repeat_ngram_size` (3 in the 400M/1B/3B checkpoints: a reply may
   not repeat a trigram of its conversation). CTranslate2's `suppress_sequences`
-  bans sequences for a whole call, so it is exact only for a call with one
-  conversation: a lone conversation is decoded with its trigrams banned. In a
-  batch nothing is banned during the search; each conversation takes its best
-  hypothesis that repeats none of its own input trigrams, and one whose
-  hypotheses all do is decoded again alone, with the bans. So every reply
-  depends on its own conversation only, as with transformers. CTranslate2's
-  history has no decoder start token, so a trigram beginning with it (the first
-  two tokens of an earlier turn) becomes a ban on the pair anywhere in the reply.
+  bans sequences for a whole call, for every conversation in it. So the search
+  bans nothing; each conversation takes its best hypothesis (of all the beams)
+  that repeats none of its own input trigrams, and one whose hypotheses all do
+  is decoded again alone with its trigrams banned. Every reply depends on its
+  own conversation only, as with transformers, and none repeats an input
+  trigram. (CTranslate2's history has no decoder start token, so in that second
+  decoding a trigram beginning with it, the first two tokens of an earlier
+  turn, is banned as a pair anywhere in the reply.)
 
 Not reproduced: CTranslate2 renormalises probabilities after banning tokens and
 stops a beam search once `num_beams` hypotheses finished; transformers does
@@ -120,20 +120,18 @@ class CTranslate2Model:
 
     def _generate(self, conversations: Sequence[Sequence[str]], *, sample: bool) -> list[Generated]:
         sources = [self.encode(turns) for turns in conversations]
-        n = self.decoding.encoder_no_repeat_ngram_size
-        lone = len(sources) == 1 and n > 0
-        decoded = self._decode(sources, sample, bans=self._bans(sources[0]) if lone else None)
         replies = []
-        for source, hypotheses in zip(sources, decoded):
+        for source, hypotheses in zip(sources, self._decode(sources, sample)):
             best = self._best_clean(source, hypotheses)
-            if best is None and not lone:  # every hypothesis repeats the input: again alone, with the bans
+            if best is None:  # every hypothesis repeats an input n-gram: again alone, with them banned
                 hypotheses = self._decode([source], sample, bans=self._bans(source))[0]
-                best = self._best_clean(source, hypotheses)
-            best = best or hypotheses[0]
+                best = self._best_clean(source, hypotheses) or hypotheses[0]
             replies.append(self._generated(best.ids))
         return replies
 
-    def _decode(self, sources: list[list[int]], sample: bool, bans: list[list[str]] | None) -> list[list[Hypothesis]]:
+    def _decode(
+        self, sources: list[list[int]], sample: bool, bans: list[list[str]] | None = None
+    ) -> list[list[Hypothesis]]:
         """Every hypothesis CTranslate2 finished for each source, best first by transformers' score."""
         d = self.decoding
         forced = d.forced_eos_token_id is not None
@@ -202,7 +200,7 @@ class CTranslate2Model:
 
     def _generated(self, ids: list[int]) -> Generated:
         text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
-        return Generated(text, sum(1 for i in ids if i not in self.special))
+        return Generated(text, sum(1 for i in ids if i not in self.special), tuple(ids))
 
 
 def _ngrams(ids: Sequence[int], n: int) -> list[tuple[int, ...]]:

@@ -51,7 +51,8 @@ class ModelLoadError(RuntimeError):
 @dataclass(frozen=True)
 class Generated:
     text: str  # exactly as decoded: BlenderBot replies usually start with a space
-    new_tokens: int
+    new_tokens: int  # the reply's tokens that are not special tokens
+    ids: tuple[int, ...] = ()  # what `text` was decoded from: the new tokens up to and with </s>
 
 
 class ChatModel(Protocol):

@@ -119,7 +119,14 @@ class TransformersModel:
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True, clean_up_tokenization_spaces=True)
         special = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), device=output.device)
         counts = (~torch.isin(output, special)).sum(dim=1).tolist()
-        return [Generated(text, int(count)) for text, count in zip(texts, counts)]
+        return [Generated(text, int(count), self._reply_ids(row)) for text, count, row in zip(texts, counts, output.tolist())]
+
+    def _reply_ids(self, row: list[int]) -> tuple[int, ...]:
+        """The new tokens of one output row: after the decoder start token, up to
+        and with the first </s> (the padding after it is not part of the reply)."""
+        row = row[1:]
+        eos = self.tokenizer.eos_token_id
+        return tuple(row[: row.index(eos) + 1] if eos in row else row)
 
 
 def _generation_kwargs(decoding: Decoding, settings: Settings) -> dict:

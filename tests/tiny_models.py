@@ -165,3 +165,17 @@ def build_varied(directory: Path, family: str) -> Path:
         setattr(model.generation_config, key, value)
     model.save_pretrained(directory)
     return directory
+
+
+def sample_conversations(count: int, *, seed: int = 0, max_turns: int = 7, max_words: int = 25) -> list[list[str]]:
+    """`count` conversations of 1 to `max_turns` turns of random words from CORPUS:
+    short ones and ones longer than BlenderBot's 128-token window (which
+    bot/prompt.py cuts from the left), the same on every run."""
+    import random
+
+    rng = random.Random(seed)
+    words = " ".join(CORPUS).split()
+    return [
+        [" ".join(rng.choice(words) for _ in range(rng.randint(1, max_words))) for _ in range(1 + i % max_turns)]
+        for i in range(count)
+    ]
