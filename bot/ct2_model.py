@@ -95,6 +95,7 @@ class CTranslate2Model:
         self.vocabulary = vocabulary
         self.index = {token: i for i, token in enumerate(vocabulary)}
         self.tokenizer = checkpoint.tokenizer
+        self.config = checkpoint.config  # the checkpoint's config.json
         self.family: Family = checkpoint.family
         self.max_positions = checkpoint.max_positions
         self.decoding: Decoding = decoding_for(checkpoint.generation_config, settings, self.max_positions)

@@ -148,22 +148,29 @@ def test_benchmark_smoke_run_writes_table_plot_and_json(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
     data = json.loads((out / "smoke.json").read_text())
-    http_runs = (REPO / "bot" / "web.py").exists()
-    contenders = {"seed", "naive", "engine"} | ({"http"} if http_runs else set())
-    measured = {(r["contender"], r["beams"], r["concurrency"]) for r in data["rows"]}
-    assert measured == {(c, b, n) for c in contenders for b in (1, 10) for n in (1, 8)}
+    contenders = {"seed", "naive", "engine", "engine-transformers", "http"}
+    measured = {(r["contender"], r["workload"], r["beams"], r["concurrency"]) for r in data["rows"]}
+    assert measured == {(c, w, b, n) for c in contenders for w in ("short", "full") for b in (1, 10) for n in (1, 8)}
     for row in data["rows"]:
         assert row["replies_per_s"] > 0 and row["tokens_per_s"] > 0 and row["peak_rss_mb"] > 0
-        assert 0 < row["p50_s"] <= row["p95_s"]
-    if not http_runs:
-        assert "bot/web.py does not exist" in result.stdout
+        assert 0 < row["p50_s"] <= row["p95_s"] and row["load_average"] >= 0
+    assert data["extras"]["descriptions"]["engine"].startswith("ctranslate2")
+    assert data["extras"]["descriptions"]["engine-transformers"].startswith("transformers")
     assert 0.5 < data["extras"]["fidelity"]["mean"] <= 1.0001
-    assert data["bandwidth_bytes_per_s"] > 0 and data["extras"]["decode"]["bandwidth_limit_tokens_per_s"] > 0
+    for engine in ("engine", "engine-transformers"):
+        extras = data["extras"][engine]
+        for beams in (1, 10):
+            for workload in ("short", "full"):
+                overhead = extras[f"overhead_beam{beams}"][workload]
+                assert 0 < overhead["raw_s"] <= overhead["reply_s"]
+        assert extras["decode"]["bandwidth_limit_tokens_per_s"] > 0 and extras["steady_rss_mb"] > 0
     assert {t["target"] for t in data["targets"]} and all("met" in t for t in data["targets"])
+    assert "CTranslate2 model of" in result.stdout  # converted before the contenders started
 
     table = (out / "smoke.md").read_text()
-    assert "| decoding | conversations | contender | replies/s | tokens/s | p50 s | p95 s | peak RSS MB" in table
-    assert "naive server" in table and "engine (ReplyEngine.reply)" in table and "## Targets" in table
+    assert "| decoding | workload | conversations | contender | replies/s | tokens/s | p50 s | p95 s | peak RSS MB" in table
+    assert "naive server" in table and "engine (ReplyEngine.reply, defaults)" in table and "## Targets" in table
+    assert "full window" in table and "engine on transformers" in table
     assert (out / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
