@@ -7,7 +7,7 @@
 Each variant runs in its own process (environment variables such as
 CT2_USE_EXPERIMENTAL_PACKED_GEMM are read when CTranslate2 loads), loads the
 model once and serves one conversation at a time; the variants take turns
-within every round so machine drift hits all alike. Prints the median seconds
+within every round so machine drift hits all alike. Prints the median wall and CPU seconds
 of each workload (1 conversation, 32 new tokens; greedy and beam 10; a short
 prompt and a full 128-token window) and the load average during the run.
 Results are recorded in benchmarks/README.md ("Tuning for one conversation").
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,9 @@ VARIANTS = {
     "ct2-int8-packed": ({"BLENDERBOT_RUNTIME": "ctranslate2"}, {"CT2_USE_EXPERIMENTAL_PACKED_GEMM": "1"}),
     "ct2-int8-avx512": ({"BLENDERBOT_RUNTIME": "ctranslate2"}, {"CT2_FORCE_CPU_ISA": "AVX512"}),
     "ct2-int8-1thread": ({"BLENDERBOT_RUNTIME": "ctranslate2", "BLENDERBOT_THREADS": "1"}, {}),
+    "ct2-int8-onednn": ({"BLENDERBOT_RUNTIME": "ctranslate2"}, {"CT2_USE_MKL": "0"}),
+    "ct2-int8-onednn-avx512": ({"BLENDERBOT_RUNTIME": "ctranslate2"}, {"CT2_USE_MKL": "0", "CT2_FORCE_CPU_ISA": "AVX512"}),
+    "ct2-int8-mkl": ({"BLENDERBOT_RUNTIME": "ctranslate2"}, {"CT2_USE_MKL": "1"}),
     "ct2-int16": ({"BLENDERBOT_RUNTIME": "ctranslate2", "CT2_COMPUTE_TYPE": "int16"}, {}),
     "ct2-float32": ({"BLENDERBOT_RUNTIME": "ctranslate2", "BLENDERBOT_QUANTIZE": "none"}, {}),
 }
@@ -74,9 +78,13 @@ def serve(model: str) -> None:
     print(json.dumps({"ready": models[1].description}), flush=True)
     for line in sys.stdin:
         command = json.loads(line)
+        cpu = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         models[command["beams"]].generate([conversations[command["workload"]]])
-        print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
+        seconds = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu_seconds = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
+        print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds}), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         print(f"{name}: {json.loads(processes[name].stdout.readline())['ready']}", flush=True)
     times: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
     loads = []
     for round_ in range(args.rounds):
         for label, beams, workload in WORKLOADS:
@@ -114,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                 process = processes[name]
                 process.stdin.write(json.dumps({"beams": beams, "workload": workload}) + "\n")
                 process.stdin.flush()
-                times.setdefault((name, f"{label}, {workload}"), []).append(json.loads(process.stdout.readline())["seconds"])
+                answer = json.loads(process.stdout.readline())
+                times.setdefault((name, f"{label}, {workload}"), []).append(answer["seconds"])
+                cpu.setdefault((name, f"{label}, {workload}"), []).append(answer["cpu_seconds"])
         loads.append(os.getloadavg()[0])
     for process in processes.values():
         process.stdin.close()
@@ -126,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|" + "---:|" * len(columns))
     for name in names:
         print(f"| {name} | " + " | ".join(f"{statistics.median(times[name, c]):.3f}" for c in columns) + " |")
+    print("\nCPU seconds the variant's process used for the reply (median; less sensitive to other load):\n")
+    print("| variant | " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    for name in names:
+        print(f"| {name} | " + " | ".join(f"{statistics.median(cpu[name, c]):.3f}" for c in columns) + " |")
     return 0
 
 

@@ -6,7 +6,9 @@ transformers; they cross into CTranslate2 as the converted vocabulary's token
 strings (one per id) and come back as ids.
 
 Every option of the checkpoint's generation_config keeps transformers' meaning
-(`Decoding`). CTranslate2 has two of them under other names and lacks two:
+(`Decoding`). Most are `translate_batch` options (beams, length limits, length
+penalty, no-repeat n-grams, repetition penalty, top-k/top-p sampling); two
+have no option and are built here:
 
 - `forced_eos_token_id`: transformers forces `</s>` as the last possible token.
   We decode one token less, append `</s>` where a hypothesis did not end, and
@@ -43,6 +45,7 @@ from bot.model import (
     Checkpoint,
     Decoding,
     Generated,
+    ModelLoadError,
     decoding_for,
     default_threads,
     release_free_memory,
@@ -88,9 +91,17 @@ class Hypothesis:
 
 class CTranslate2Model:
     def __init__(
-        self, translator, path: Path, vocabulary: list[str], checkpoint: Checkpoint, settings: Settings, description: str
+        self,
+        translator,
+        path: Path,
+        vocabulary: list[str],
+        checkpoint: Checkpoint,
+        settings: Settings,
+        description: str,
+        workers: int = 1,
     ) -> None:
         self.translator = translator
+        self.workers = workers  # the translator's parallel workers: a batch is split between them
         self.path = path  # the converted model
         self.vocabulary = vocabulary
         self.index = {token: i for i, token in enumerate(vocabulary)}
@@ -151,6 +162,8 @@ class CTranslate2Model:
             return_end_token=True,  # </s> counts in the length, as in transformers
             return_scores=True,
             max_input_length=0,  # bot/prompt.py already truncated, from the left
+            # Each worker decodes its share of the batch on its own core (see `thread_split`).
+            max_batch_size=-(-len(sources) // self.workers) if self.workers > 1 else 0,
         )
         if sample:
             options.update(sampling_topk=d.top_k, sampling_topp=d.top_p, sampling_temperature=d.temperature)
@@ -229,12 +242,24 @@ def precision(settings: Settings, device: str) -> tuple[str, str]:
 
     if device == "cpu":
         return ("float32", "float32") if settings.quantize == "none" else ("int8", "int8")
-    if settings.quantize == "int8":
-        return "int8", "int8_float16"
+    if settings.quantize == "int8":  # as on transformers: one meaning for the setting
+        raise ModelLoadError("BLENDERBOT_QUANTIZE=int8 works on the CPU only; use auto or none on a GPU")
     dtype = settings.dtype
     if dtype == "auto":
         dtype = "bfloat16" if "bfloat16" in ctranslate2.get_supported_compute_types("cuda") else "float16"
     return dtype, dtype
+
+
+def thread_split(threads: int) -> tuple[int, int]:
+    """(workers, threads per worker) for BLENDERBOT_THREADS cores. Measured on 2
+    cores (benchmarks/README.md): one thread per conversation is faster for a
+    lone reply than two threads sharing it (0.74 against 0.86 s greedy, 1.15
+    against 1.34 s beam 10), and a batch split between two single-threaded
+    workers is faster than one two-threaded worker (beam 10 x 8 conversations:
+    3.7 against 5.6 s). Two workers at most: more would each read all the weights
+    every step; larger machines give the rest of the cores to each worker."""
+    workers = 2 if threads >= 2 else 1
+    return workers, max(1, threads // workers)
 
 
 def resolve_device(setting: str) -> str:
@@ -278,18 +303,28 @@ def load_ct2_model(settings: Settings, checkpoint: Checkpoint) -> CTranslate2Mod
     device = resolve_device(settings.device)
     _, compute_type = precision(settings, device)
     threads = settings.threads or default_threads()
+    workers, per_worker = thread_split(threads) if device == "cpu" else (1, threads)
+
+    def translator(path: Path):
+        return ctranslate2.Translator(
+            str(path), device=device, compute_type=compute_type, inter_threads=workers, intra_threads=per_worker
+        )
+
     path = converted_model(settings, checkpoint, device)
     try:
-        translator = ctranslate2.Translator(str(path), device=device, compute_type=compute_type, intra_threads=threads)
+        loaded = translator(path)
     except (RuntimeError, ValueError) as first:
         # A damaged conversion in the cache (a disk filled up...): convert once more.
         log.warning("Could not load the converted model in %s (%s); converting again", path, first)
         shutil.rmtree(path, ignore_errors=True)
         path = converted_model(settings, checkpoint, device)
         try:
-            translator = ctranslate2.Translator(str(path), device=device, compute_type=compute_type, intra_threads=threads)
+            loaded = translator(path)
         except (RuntimeError, ValueError) as error:
             raise CTranslate2Unavailable(f"could not load the converted model: {error}") from None
     vocabulary = json.loads((path / "shared_vocabulary.json").read_text(encoding="utf-8"))
-    description = f"ctranslate2 {ctranslate2.__version__}, {checkpoint.family.model_type}, {device}, {compute_type}, {threads} threads"
-    return CTranslate2Model(translator, path, vocabulary, checkpoint, settings, description)
+    description = (
+        f"ctranslate2 {ctranslate2.__version__}, {checkpoint.family.model_type}, {device}, {compute_type}, "
+        f"{threads} threads ({workers} x {per_worker})"
+    )
+    return CTranslate2Model(loaded, path, vocabulary, checkpoint, settings, description, workers)
