@@ -27,8 +27,10 @@ have no option and are built here:
 
 Not reproduced: CTranslate2 renormalises probabilities after banning tokens and
 stops a beam search once `num_beams` hypotheses finished; transformers does
-neither. Near-ties can therefore go the other way (measured in
-tests/test_ct2_exactness.py).
+neither, so beam replies are those of transformers with `renormalize_logits=True`
+except near-ties. And its no-repeat history lacks the decoder start token, which
+matters only to a model that generates that token itself (measured in
+tests/test_ct2_exactness.py and benchmarks/exactness.py).
 """
 
 from __future__ import annotations
