@@ -14,7 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import REPO, subprocess_env
+from bot_process import BotProcess, http, port_env
+from conftest import REPO, RUNTIMES, subprocess_env
 from tiny_models import build_blenderbot
 
 from bot.config import load_settings
@@ -219,3 +220,26 @@ def test_serving_with_ctranslate2_does_not_import_torch(make_settings, tmp_path)
     result = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ctranslate2") and result.stdout.split()[-2:] == ["True", "False"]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_run_and_chat_answer_on_either_runtime(blenderbot_dir, tmp_path, runtime):
+    env = dict(
+        BLENDERBOT_MODEL=str(blenderbot_dir), BLENDERBOT_RUNTIME=runtime, BLENDERBOT_MAX_NEW_TOKENS="6",
+        BLENDERBOT_NUM_BEAMS="1", MEMORY_URL=f"sqlite:///{tmp_path / 'memory.db'}",
+    )  # fmt: skip
+    process = BotProcess(tmp_path / "bot.log", **env, **port_env())
+    try:
+        process.wait_ready()
+        status, _, body = http("POST", process.base + "/api/chat", {"conversation": "c", "text": "hello there"})
+        assert status == 200 and body["reply"].strip()
+        assert f"({runtime}" in process.log  # "Loaded ... (ctranslate2 4.x, ...)" / "(transformers, ...)"
+    finally:
+        process.close()
+    chat = subprocess.run(
+        [sys.executable, "-m", "bot", "chat", "--conversation", "web:c"], input="and how are you?\n/quit\n",
+        env=subprocess_env(**env, LOG_LEVEL="INFO"), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert chat.returncode == 0, chat.stderr
+    assert "1 earlier exchanges remembered" in chat.stdout and "bot> " in chat.stdout and f"({runtime}" in chat.stderr
