@@ -38,8 +38,10 @@ RUN pip install --no-cache-dir .
 
 USER 10001:10001
 
-# With MODEL set, the model is fetched now into /data/huggingface; a named volume
-# mounted on /data starts as a copy of it (a bind mount would hide it).
+# With MODEL set, the model is fetched now into /data/huggingface and converted for
+# CTranslate2 (the CPU runtime) into /data/ctranslate2 ($DATA_DIR/ctranslate2), so the
+# first start neither downloads nor converts; a named volume mounted on /data starts
+# as a copy of both (a bind mount would hide them).
 ENV BLENDERBOT_MODEL=${MODEL}
 RUN if [ -n "${MODEL}" ]; then blender-chat download; fi
 

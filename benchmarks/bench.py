@@ -1,13 +1,15 @@
 """The speed benchmark: our engine against the alternatives, in one run.
 
-    python benchmarks/bench.py            # the 400M-distill shape (tens of minutes on 2 cores)
-    python benchmarks/bench.py --smoke    # a tiny model, seconds; the test suite runs this
+    python benchmarks/bench.py            # the 400M-distill shape (~25-35 min on 2 quiet cores)
+    python benchmarks/bench.py --smoke    # a tiny model, ~2 min; the test suite runs this
 
 Every contender runs in its own process (so peak RSS is its own), gets the same
-prompts and generates exactly 32 new tokens per reply. Contenders take turns
-within each workload so machine drift hits all alike. Writes
-results/<name>.md (table), .png (throughput against concurrency) and .json.
-See benchmarks/README.md.
+conversations and generates exactly 32 new tokens per reply. Two workloads:
+fresh one-line conversations (`short`) and conversations whose history fills
+the 128-token window (`full`, as real ones do after a few exchanges). Contenders
+take turns within each workload so machine drift hits all alike. Writes
+results/<name>.md (table and targets), .png (throughput against concurrency)
+and .json. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -32,41 +34,10 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from checkpoint import model_dir  # noqa: E402
-from contenders import NEW_TOKENS  # noqa: E402
 from report import write_report  # noqa: E402
+from workloads import NEW_TOKENS, WORKLOADS, full_window_conversations, short_conversations  # noqa: E402
 
-CONTENDERS = ("seed", "naive", "engine", "http")
-BASE_PROMPTS = [
-    "Hello there, how are you doing today?",
-    "I just got back from a long walk with my dog. What did you do this weekend?",
-    "What is your favourite food? Mine is pizza with lots of cheese.",
-    "Do you have any pets?",
-    "I like to read books and play the guitar with my friends. What about you?",
-    "The weather is nice today, let us go for a walk in the park!",
-    "Tell me something interesting about the ocean.",
-    "I am thinking about learning to cook. Any advice for a beginner?",
-    "My favourite band is playing in town next week and I cannot wait.",
-    "What kind of music do you listen to when you work?",
-    "I have been trying to get up earlier in the morning but it is so hard.",
-    "Have you ever been to the mountains? I went hiking there last summer.",
-    "Which do you prefer, coffee or tea?",
-    "I started a new job on Monday and everyone has been really friendly.",
-    "What would you do with a whole free day and no plans at all?",
-    "My sister just had a baby, so I am an aunt now!",
-]
-
-
-def prompts(count: int) -> list[str]:
-    """`count` distinct prompts of varied length, the same on every run."""
-    out = []
-    for i in range(count):
-        text = BASE_PROMPTS[i % len(BASE_PROMPTS)]
-        for round_ in range(i // len(BASE_PROMPTS)):
-            text += " " + BASE_PROMPTS[(i * 7 + 3 + round_) % len(BASE_PROMPTS)]
-        out.append(text)
-    return out
-
-
+CONTENDERS = ("seed", "naive", "engine", "engine-transformers", "http")
 def memory_bandwidth(megabytes: int) -> float:
     """Bytes per second of a large tensor copy (read + write), best of 5."""
     import torch
@@ -124,7 +95,7 @@ class Worker:
             [sys.executable, str(HERE / "contenders.py"), kind, str(model), str(beams)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=_env(), cwd=REPO,
         )  # fmt: skip
-        self._read()  # {"ready": true} once loaded
+        self.description = self._read()["ready"]
 
     def _read(self) -> dict:
         line = self.process.stdout.readline()
@@ -149,20 +120,26 @@ class Worker:
 
 
 class HttpWorker:
-    """The whole bot (`python -m bot run`) in a subprocess, driven over POST /api/chat."""
+    """The whole bot (`python -m bot run`, default settings) in a subprocess,
+    driven over POST /api/chat. Its memory is a SQLite file: the history of a
+    conversation is written there before the run, as earlier exchanges leave it."""
 
-    def __init__(self, model: Path, beams: int, log) -> None:
+    def __init__(self, model: Path, beams: int, log, directory: Path) -> None:
         with socket.socket() as probe:  # a free port for the server (it is told which)
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
+        self.kind = "http"
+        self.memory_url = f"sqlite:///{directory / f'http-memory-{beams}.db'}"
         env = _env(
             BLENDERBOT_MODEL=str(model), BLENDERBOT_NUM_BEAMS=str(beams), BLENDERBOT_MIN_NEW_TOKENS=str(NEW_TOKENS),
-            BLENDERBOT_MAX_NEW_TOKENS=str(NEW_TOKENS), MEMORY_URL="memory://", HTTP_HOST="127.0.0.1",
+            BLENDERBOT_MAX_NEW_TOKENS=str(NEW_TOKENS), MEMORY_URL=self.memory_url, HTTP_HOST="127.0.0.1",
             HTTP_PORT=str(port), LOG_LEVEL="WARNING", RATE_LIMIT_BURST="100000", RATE_LIMIT_PER_MINUTE="1000000",
+            BLENDERBOT_CT2_DIR=str(model.parent / "ctranslate2"),
         )  # fmt: skip
         self.process = subprocess.Popen([sys.executable, "-m", "bot", "run"], stderr=log, stdout=log, env=env, cwd=REPO)
         self.runs = 0
+        self.description = "python -m bot run"
         asyncio.run(self._wait_ready())
 
     async def _wait_ready(self) -> None:
@@ -182,32 +159,48 @@ class HttpWorker:
                 await asyncio.sleep(0.2)
         raise RuntimeError("`python -m bot run` did not become ready in 600 s")
 
-    def call(self, op: str, prompts: list[str], limit: int = 0) -> dict:
+    def call(self, op: str, conversations: list[list[str]], limit: int = 0) -> dict:
         assert op == "run"
         self.runs += 1
+        ids = [f"bench-{self.runs}-{i}" for i in range(len(conversations))]
+        asyncio.run(self._remember(ids, conversations))
         with RssSampler(self.process.pid) as rss:
-            result = asyncio.run(self._run(prompts))
+            result = asyncio.run(self._run(ids, conversations))
         result["peak_rss"] = rss.peak
         return result
 
-    async def _run(self, prompts: list[str]) -> dict:
+    async def _remember(self, ids: list[str], conversations: list[list[str]]) -> None:
+        from bot.memory import open_store
+
+        store = open_store(self.memory_url, max_turns=20)
+        await store.open()
+        try:
+            for conversation, turns in zip(ids, conversations):
+                for user, bot in zip(turns[:-1:2], turns[1::2]):
+                    await store.append_exchange("web:" + conversation, user, bot)
+        finally:
+            await store.close()
+
+    async def _run(self, ids: list[str], conversations: list[list[str]]) -> dict:
         import aiohttp
 
         started = time.perf_counter()
         timeout = aiohttp.ClientTimeout(total=3600)
         async with aiohttp.ClientSession(timeout=timeout) as session:
 
-            async def request(i: int, prompt: str) -> float:
-                body = {"conversation": f"bench-{self.runs}-{i}", "text": prompt, "user": f"bench-{i}"}
+            async def request(i: int, conversation: str, text: str) -> float:
+                body = {"conversation": conversation, "text": text, "user": f"bench-{i}"}
                 async with session.post(self.url + "/api/chat", json=body) as response:
                     payload = await response.json()
                     if response.status != 200 or "reply" not in payload:
                         raise RuntimeError(f"/api/chat answered {response.status}: {payload}")
                 return time.perf_counter() - started
 
-            latencies = list(await asyncio.gather(*(request(i, p) for i, p in enumerate(prompts))))
-        return {"latencies": latencies, "wall": max(latencies), "tokens": len(prompts) * NEW_TOKENS,
-                "replies": len(prompts), "extrapolated": False}  # fmt: skip
+            latencies = list(
+                await asyncio.gather(*(request(i, c, t[-1]) for i, (c, t) in enumerate(zip(ids, conversations))))
+            )
+        return {"latencies": latencies, "wall": max(latencies), "tokens": len(conversations) * NEW_TOKENS,
+                "replies": len(conversations), "extrapolated": False}  # fmt: skip
 
     def close(self) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -223,10 +216,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def summarise(contender: str, beams: int, concurrency: int, result: dict) -> dict:
+def summarise(contender: str, workload: str, beams: int, concurrency: int, result: dict) -> dict:
     wall = result["wall"]
     return {
         "contender": contender,
+        "workload": workload,
         "beams": beams,
         "concurrency": concurrency,
         "replies": result["replies"],
@@ -236,6 +230,7 @@ def summarise(contender: str, beams: int, concurrency: int, result: dict) -> dic
         "p95_s": percentile(result["latencies"], 0.95),
         "peak_rss_mb": result["peak_rss"] / 2**20,
         "extrapolated": result["extrapolated"],
+        "safety_retries": result.get("safety_retries"),
     }
 
 
@@ -246,40 +241,50 @@ def run(args: argparse.Namespace) -> dict:
     model = model_dir(Path(args.cache), smoke=args.smoke)
     contenders = [c for c in CONTENDERS if c in args.contenders]
     notes = []
-    if "http" in contenders and not (REPO / "bot" / "web.py").exists():
-        contenders.remove("http")
-        note = "http: skipped, bot/web.py does not exist yet (the runtime issue has not landed)"
-        print(note)
-        notes.append(note)
-
     print(f"model: {model}")
+    if {"engine", "http"} & set(contenders):
+        convert(model, log)
     bandwidth = memory_bandwidth(64 if args.smoke else 1024)
     print(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s")
-    all_prompts = prompts(max(args.concurrency))
-    rows, extras = [], {}
+    most = max(args.concurrency)
+    conversations = {name: WORKLOADS[name](most) for name in args.workloads}
+    rows, extras, loads = [], {"descriptions": {}}, []
     for beams in args.beams:
         workers = {}
         for kind in contenders:
             print(f"starting {kind} (beams {beams})", flush=True)
-            workers[kind] = HttpWorker(model, beams, log) if kind == "http" else Worker(kind, model, beams, log)
+            if kind == "http":
+                workers[kind] = HttpWorker(model, beams, log, out)
+            else:
+                workers[kind] = Worker(kind, model, beams, log)
+            extras["descriptions"][kind] = workers[kind].description
         try:
-            for turn, concurrency in enumerate(args.concurrency):
-                order = contenders[turn % len(contenders) :] + contenders[: turn % len(contenders)]
-                for kind in order:
-                    limit = args.seed_requests if kind == "seed" else args.serial_requests
-                    result = workers[kind].call("run", prompts=all_prompts[:concurrency], limit=limit)
-                    row = summarise(kind, beams, concurrency, result)
-                    rows.append(row)
-                    print(
-                        f"beams {beams:2d}  x{concurrency:<3d} {kind:7s} {row['tokens_per_s']:8.1f} tok/s"
-                        f"  p50 {row['p50_s']:7.2f}s  p95 {row['p95_s']:7.2f}s  peak {row['peak_rss_mb']:6.0f} MB"
-                        + ("  (queue extrapolated)" if row["extrapolated"] else ""),
-                        flush=True,
-                    )
-            if beams == 1 and "engine" in workers:
-                extras.update(engine_extras(workers["engine"], all_prompts[: max(args.concurrency)], bandwidth))
+            turn = 0
+            for workload in args.workloads:
+                for concurrency in args.concurrency:
+                    order = contenders[turn % len(contenders) :] + contenders[: turn % len(contenders)]
+                    turn += 1
+                    for kind in order:
+                        limit = args.seed_requests if kind == "seed" else args.serial_requests
+                        batch = conversations[workload][:concurrency]
+                        result = workers[kind].call("run", conversations=batch, limit=limit)
+                        row = summarise(kind, workload, beams, concurrency, result)
+                        row["load_average"] = os.getloadavg()[0]
+                        loads.append(row["load_average"])
+                        rows.append(row)
+                        print(
+                            f"beams {beams:2d}  {workload:5s} x{concurrency:<3d} {kind:19s} {row['tokens_per_s']:8.1f} tok/s"
+                            f"  p50 {row['p50_s']:7.2f}s  p95 {row['p95_s']:7.2f}s  peak {row['peak_rss_mb']:6.0f} MB"
+                            f"  load {row['load_average']:.1f}" + ("  (queue extrapolated)" if row["extrapolated"] else ""),
+                            flush=True,
+                        )
+            for kind in ("engine", "engine-transformers"):
+                if kind in workers:
+                    extras.setdefault(kind, {}).update(engine_extras(workers[kind], beams, bandwidth))
             if beams == 1 and "naive" in workers:
-                extras["fidelity"] = workers["naive"].call("fidelity", prompts=all_prompts[: args.fidelity_prompts])
+                extras["fidelity"] = workers["naive"].call(
+                    "fidelity", conversations=full_window_conversations(args.fidelity_prompts)
+                )
         finally:
             for worker in workers.values():
                 worker.close()
@@ -291,6 +296,7 @@ def run(args: argparse.Namespace) -> dict:
         "new_tokens": NEW_TOKENS,
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "bandwidth_bytes_per_s": bandwidth,
+        "load_average": [min(loads), max(loads)] if loads else None,
         "rows": rows,
         "extras": extras,
         "notes": notes,
@@ -302,32 +308,34 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
-def engine_extras(worker: Worker, batch: list[str], bandwidth: float) -> dict:
-    """Engine overhead, single-stream decode against the bandwidth limit, steady RSS."""
-    # Engine and raw generate in turns, best of two each, so drift hits both alike.
-    raw_best = engine_best = 0.0
-    retries = []
-    for _ in range(2):
-        raw = worker.call("raw", prompts=batch)
-        raw_best = max(raw_best, raw["tokens"] / raw["wall"])
-        run = worker.call("run", prompts=batch, limit=len(batch))
-        engine_best = max(engine_best, run["tokens"] / run["wall"])
-        retries.append(run.get("safety_retries", 0))
-    decode = worker.call("decode", prompt=batch[0])
-    rss = worker.call("rss")
-    limit = bandwidth / decode["decoder_bytes_per_token"]
-    return {
-        "raw_generate": {
-            "prompts": len(batch), "tokens_per_s": raw_best, "engine_tokens_per_s": engine_best,
-            "safety_retries": retries,
-        },  # fmt: skip
-        "decode": {
+def convert(model: Path, log) -> None:
+    """Convert the model for CTranslate2 before the contenders start, as the image
+    build does (`blender-chat download`), so no contender pays for it (or keeps
+    torch loaded from converting)."""
+    env = _env(BLENDERBOT_MODEL=str(model), BLENDERBOT_CT2_DIR=str(model.parent / "ctranslate2"))
+    result = subprocess.run([sys.executable, "-m", "bot", "download"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=log, text=True, timeout=1800)  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError("`blender-chat download` could not convert the model; see the log file")
+    print(result.stdout.strip().splitlines()[-1], flush=True)
+
+
+def engine_extras(worker: Worker, beams: int, bandwidth: float) -> dict:
+    """The engine's own time on lone replies (each reply minus the runtime's raw
+    call inside it), and, greedy, the single-stream decode speed against the
+    bandwidth limit and the steady RSS after the workloads."""
+    lone = {"short": short_conversations(1)[0], "full": full_window_conversations(1)[0]}
+    extras = {f"overhead_beam{beams}": worker.call("overhead", conversations=lone)}
+    extras[f"overhead_beam{beams}"].pop("peak_rss", None)
+    if beams == 1:
+        decode = worker.call("decode", turns=lone["short"])
+        extras["decode"] = {
             "tokens_per_s": 1 / decode["seconds_per_token"],
             "decoder_bytes_per_token": decode["decoder_bytes_per_token"],
-            "bandwidth_limit_tokens_per_s": limit,
-        },
-        "engine_steady_rss_mb": rss["rss"] / 2**20,
-    }
+            "bandwidth_limit_tokens_per_s": bandwidth / decode["decoder_bytes_per_token"],
+        }
+        extras["steady_rss_mb"] = worker.call("rss")["rss"] / 2**20
+    return extras
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--concurrency", default="1,8,32", help="concurrent conversations (default: %(default)s)")
     parser.add_argument("--beams", default="1,10", help="decodings: 1 is greedy (default: %(default)s)")
+    parser.add_argument("--workloads", default="short,full", help="short, full or both (default: %(default)s)")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="which to run (default: %(default)s)")
     parser.add_argument("--serial-requests", type=int, default=4, help="requests the naive server really serves per workload")
     parser.add_argument("--seed-requests", type=int, default=2, help="requests the seed-style contender serves per workload")
@@ -348,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.beams = [int(b) for b in args.beams.split(",")]
+    args.workloads = [w for w in args.workloads.split(",") if w]
     args.contenders = args.contenders.split(",")
     args.name = args.name or ("smoke" if args.smoke else "latest")
     if args.smoke:

@@ -22,9 +22,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from bench import prompts  # noqa: E402
 from checkpoint import model_dir  # noqa: E402
-from contenders import NEW_TOKENS  # noqa: E402
+from workloads import NEW_TOKENS, prompts  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from bot.model import default_threads, quantize_int8
+    from bot.model import default_threads
+    from bot.transformers_model import quantize_int8
     from bot.prompt import pad_right
 
     torch.set_num_threads(default_threads())

@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the bot: web chat and API, and Discord/Slack when configured")
     run.set_defaults(command=_run)
 
-    download = commands.add_parser("download", help="download the configured model into the Hugging Face cache")
+    download = commands.add_parser(
+        "download", help="download the configured model into the Hugging Face cache and convert it for CTranslate2"
+    )
     download.set_defaults(command=_download)
     return parser
 
@@ -110,21 +112,43 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _download(settings: Settings, args: argparse.Namespace) -> int:
-    from bot.model import ModelLoadError, download_model
+    """Fetch the model (a hub id) and, where CTranslate2 will serve it, convert it
+    now, so the first start does neither (the image build runs this)."""
+    from bot.model import ModelLoadError, choose_runtime, download_model
 
     if Path(settings.model).is_dir():
         print(f"BLENDERBOT_MODEL is the local directory {settings.model}: nothing to download.")
+    else:
+        started = time.monotonic()
+        try:
+            path = download_model(settings.model)
+        except ModelLoadError as error:
+            print(f"blender-chat: {error}", file=sys.stderr)
+            return 1
+        files = [file for file in Path(path).rglob("*") if file.is_file()]
+        size = sum(file.stat().st_size for file in files)
+        print(
+            f"Downloaded {settings.model}: {len(files)} files, {size / 1e6:,.0f} MB, in {path} "
+            f"({time.monotonic() - started:.0f}s)"
+        )
+    if choose_runtime(settings) != "ctranslate2":
         return 0
+    return _convert(settings)
+
+
+def _convert(settings: Settings) -> int:
+    from bot.ct2_model import CTranslate2Unavailable, converted_model
+    from bot.model import ModelLoadError, open_checkpoint
+
     started = time.monotonic()
     try:
-        path = download_model(settings.model)
-    except ModelLoadError as error:
-        print(f"blender-chat: {error}", file=sys.stderr)
-        return 1
-    files = [file for file in Path(path).rglob("*") if file.is_file()]
-    size = sum(file.stat().st_size for file in files)
-    print(
-        f"Downloaded {settings.model}: {len(files)} files, {size / 1e6:,.0f} MB, in {path} "
-        f"({time.monotonic() - started:.0f}s)"
-    )
+        path = converted_model(settings, open_checkpoint(settings.model))
+    except (ModelLoadError, CTranslate2Unavailable) as error:
+        if settings.runtime == "ctranslate2":
+            print(f"blender-chat: {error}", file=sys.stderr)
+            return 1
+        print(f"blender-chat: {error}; `blender-chat run` will use transformers instead", file=sys.stderr)
+        return 0
+    size = sum(file.stat().st_size for file in path.iterdir() if file.is_file())
+    print(f"CTranslate2 model of {settings.model}: {size / 1e6:,.0f} MB in {path} ({time.monotonic() - started:.0f}s)")
     return 0

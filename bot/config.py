@@ -58,6 +58,8 @@ class Settings:
     quantize: str = "auto"  # auto | int8 | none
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16 (CUDA only)
     threads: int | None = None  # None: the cores available to the process
+    runtime: str = "auto"  # auto | ctranslate2 | transformers
+    ct2_dir: Path = Path("data/ctranslate2")  # converted models, built once per checkpoint
 
     # Engine
     batch_size: int = 32  # conversations per batch
@@ -149,6 +151,8 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
         quantize=env.choice("BLENDERBOT_QUANTIZE", "auto", ("auto", "int8", "none")),
         dtype=env.choice("BLENDERBOT_DTYPE", "auto", ("auto", "float32", "float16", "bfloat16")),
         threads=env.integer("BLENDERBOT_THREADS", None, minimum=1),
+        runtime=env.choice("BLENDERBOT_RUNTIME", "auto", ("auto", "ctranslate2", "transformers")),
+        ct2_dir=_check_ct2_dir(env.text("BLENDERBOT_CT2_DIR", f"{data_dir}/ctranslate2")),
         batch_size=env.integer("BATCH_SIZE", 32, minimum=1),
         batch_max_rows=env.integer("BATCH_MAX_ROWS", 80, minimum=1),
         batch_wait_ms=env.integer("BATCH_WAIT_MS", 20, minimum=0),
@@ -379,6 +383,14 @@ def _check_prompts(value: str | None) -> tuple[str, ...]:
             "or off",
         )
     return prompts
+
+
+def _check_ct2_dir(value: str) -> Path:
+    """Where converted models go: a directory, or a path one can be made at."""
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError("BLENDERBOT_CT2_DIR", value, "it is a file; use a directory for converted models")
+    return path
 
 
 def _check_redis_url(value: str | None) -> str | None:

@@ -27,10 +27,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from bot.config import Settings
 from bot.errors import (
@@ -47,7 +45,7 @@ from bot.inflight import InFlight
 from bot.locks import ConversationLines, ConversationLock, ConversationLocks, Ticket
 from bot.memory import RATINGS, ConversationStore, Exchange, ExchangeRef, Feedback, StoreUnavailable, new_exchange_id
 from bot.metrics import Metrics
-from bot.model import Generated
+from bot.model import ChatModel, Generated
 from bot.ratelimit import RateLimiter, TokenBucketLimiter
 from bot.safety import SafetyFilter
 from bot.text import clean_text, neutralize_mentions
@@ -65,12 +63,6 @@ TURN_TIME_WEIGHT = 0.3
 
 # Said instead of waiting for an answer that cannot come within REPLY_TIMEOUT.
 TOO_SLOW = "I'm answering slowly right now and couldn't get to this in time. Please try again in a minute."
-
-
-class Generator(Protocol):
-    """What the engine needs of a model: `bot.model.ChatModel` is one."""
-
-    def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False) -> list[Generated]: ...
 
 
 @dataclass(frozen=True)
@@ -99,7 +91,7 @@ class _Request:
 class ReplyEngine:
     def __init__(
         self,
-        model: Generator,
+        model: ChatModel,
         store: ConversationStore,
         settings: Settings,
         *,

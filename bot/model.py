@@ -1,27 +1,47 @@
-"""BlenderBot: loading once, speeding up for the hardware, and batched generation.
+"""BlenderBot behind one interface, on the runtime that serves it best.
 
-`load_chat_model(settings)` is slow and blocking (seconds to minutes); call it
-once at start-up. `ChatModel.generate` is blocking too and is only ever run on
+`load_chat_model(settings)` is slow and blocking (seconds; more the first time
+a checkpoint is converted for CTranslate2); call it once at start-up. It
+returns a `ChatModel`, whose `generate` is blocking too and only ever runs on
 the engine's inference thread, never on the event loop.
+
+Two runtimes implement it, chosen by BLENDERBOT_RUNTIME: CTranslate2
+(bot/ct2_model.py, what `auto` picks on CPU: as fast as transformers for one
+conversation and several times faster under load, benchmarks/README.md) and
+transformers (bot/transformers_model.py, what `auto` picks on a CUDA GPU).
+Both take their input ids from bot/prompt.py and decode with the same
+`Decoding`: the checkpoint's generation_config with settings overriding it.
+
+This module imports neither torch nor CTranslate2: a process serving with
+CTranslate2 never loads torch (~0.2 GB) unless it has to convert.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import gc
+import json
 import logging
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from pathlib import Path
+from typing import Any, Protocol
 
 from bot.config import Settings
-from bot.prompt import FAMILIES, Family, encode_turns, pad_right
+from bot.prompt import FAMILIES, Family
 
 log = logging.getLogger(__name__)
+
+# What `blender-chat download` leaves out of a hub snapshot: weights for other frameworks.
+DOWNLOAD_IGNORE = ["*.h5", "*.msgpack", "*.onnx", "tf_*", "flax_*", "rust_*"]
+
+# The tokenizer class AutoTokenizer picks for each family, named so that loading a
+# tokenizer does not import torch (AutoTokenizer's module does). In transformers 5
+# the *Fast names are the only classes; in 4.x BlenderbotTokenizerFast is what
+# AutoTokenizer returns and BlenderBot-small has no fast tokenizer.
+TOKENIZER_CLASSES = {"blenderbot": "BlenderbotTokenizerFast", "blenderbot-small": "BlenderbotSmallTokenizer"}
 
 
 class ModelLoadError(RuntimeError):
@@ -31,53 +51,207 @@ class ModelLoadError(RuntimeError):
 @dataclass(frozen=True)
 class Generated:
     text: str  # exactly as decoded: BlenderBot replies usually start with a space
-    new_tokens: int
+    new_tokens: int  # the reply's tokens that are not special tokens
+    ids: tuple[int, ...] = ()  # what `text` was decoded from: the new tokens up to and with </s>
 
 
-def resolve_device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("BLENDERBOT_DEVICE=cuda but no CUDA GPU is available; use auto or cpu")
-    return torch.device(setting)
+class ChatModel(Protocol):
+    """What the engine needs of a model: batched replies, one per conversation
+    (each a list of turns, oldest first), in order. `beams` is how many rows a
+    conversation costs in a batch, so the engine can cap a batch's rows."""
+
+    beams: int
+
+    def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False) -> list[Generated]: ...
 
 
-def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """fp32 on CPU (int8 quantization is the CPU speed-up); half precision on GPU."""
-    if device.type != "cuda":
-        return torch.float32
-    if setting == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return getattr(torch, setting)
+@dataclass(frozen=True)
+class Decoding:
+    """How every reply is decoded, with transformers' meaning for each value.
+    `sample` replies (the safety filter's second try) decode greedily with
+    top-k/top-p sampling instead of beams, with the same length limits and bans."""
+
+    num_beams: int
+    min_new_tokens: int
+    max_new_tokens: int  # below the decoder's position table
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    encoder_no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+    forced_eos_token_id: int | None = None
+    top_k: int = 50  # sampling, as transformers does by default
+    top_p: float = 0.9
+    temperature: float = 1.0
 
 
-def should_quantize(setting: str, device: torch.device) -> bool:
-    if setting == "int8" and device.type != "cpu":
-        raise ModelLoadError("BLENDERBOT_QUANTIZE=int8 works on the CPU only; use auto or none on a GPU")
-    return setting == "int8" or (setting == "auto" and device.type == "cpu")
+def decoding_for(generation_config: Any, settings: Settings, max_positions: int) -> Decoding:
+    """The checkpoint's generation_config, with settings overriding it, and the
+    number of new tokens capped below the decoder's position table."""
+
+    def value(name: str, default):
+        found = getattr(generation_config, name, None)
+        return default if found is None else found
+
+    # For encoder-decoder models max_length counts the decoder start token.
+    max_new = settings.max_new_tokens or value("max_new_tokens", None) or max(1, value("max_length", 20) - 1)
+    max_new = min(max_new, max_positions - 1)
+    min_new = settings.min_new_tokens
+    if min_new is None:
+        min_new = value("min_new_tokens", None)
+    if min_new is None:
+        min_new = max(0, value("min_length", 0) - 1)
+    return Decoding(
+        num_beams=settings.num_beams or value("num_beams", 1),
+        min_new_tokens=min(min_new, max_new),
+        max_new_tokens=max_new,
+        length_penalty=float(value("length_penalty", 1.0)),
+        no_repeat_ngram_size=value("no_repeat_ngram_size", 0),
+        encoder_no_repeat_ngram_size=value("encoder_no_repeat_ngram_size", 0),
+        repetition_penalty=float(value("repetition_penalty", 1.0)),
+        forced_eos_token_id=value("forced_eos_token_id", None),
+        top_k=value("top_k", 50),
+    )
 
 
-def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 quantization of every Linear layer, in place, so the fp32
-    weights are freed rather than kept beside the int8 copies.
+@dataclass
+class Checkpoint:
+    """A BlenderBot checkpoint's small files, read without loading its weights."""
 
-    torch.ao's quantize_dynamic rather than torchao: see benchmarks/README.md.
-    """
-    import warnings
+    model: str  # what BLENDERBOT_MODEL says: a hub id or a directory
+    directory: Path  # the directory, or the hub snapshot holding its small files
+    config: dict
+    family: Family
+    tokenizer: Any
+    generation_config: Any
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's deprecation notice, once per start-up
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-    # The replaced fp32 Linear modules sit in reference cycles: free them now
-    # rather than at some later collection, and hand the memory back to the OS.
-    gc.collect()
-    _release_free_memory()
+    @property
+    def max_positions(self) -> int:
+        return int(self.config.get("max_position_embeddings", 512))
+
+
+def open_checkpoint(model: str) -> Checkpoint:
+    """Config, tokenizer and generation_config of `model`; for a hub id they are
+    downloaded into the Hugging Face cache (weights only when a runtime needs them)."""
+    import transformers
+    from transformers import GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # keep transformers' download progress bars, drop its warnings
+    directory = Path(model) if os.path.isdir(model) else snapshot(model, ["*.json", "*.txt", "*.model"])
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelLoadError(f"Could not load the model {model}: it has no config.json") from None
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"Could not load the model {model}: config.json: {_first_line(error)}") from None
+    family = FAMILIES.get(config.get("model_type"))
+    if family is None:
+        raise ModelLoadError(
+            f"{model} is a {config.get('model_type')!r} model, not BlenderBot; "
+            "use a blenderbot or blenderbot-small checkpoint such as facebook/blenderbot-400M-distill"
+        )
+    try:
+        tokenizer = getattr(transformers, TOKENIZER_CLASSES[family.model_type]).from_pretrained(directory)
+        if (directory / "generation_config.json").is_file():
+            generation_config = GenerationConfig.from_pretrained(directory)
+        else:  # older checkpoints keep their generation defaults in config.json
+            generation_config = GenerationConfig.from_dict(config)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(load_failure(model, error)) from None
+    return Checkpoint(model, directory, config, family, tokenizer, generation_config)
+
+
+def snapshot(model: str, allow_patterns: list[str] | None = None) -> Path:
+    """The hub snapshot of `model` in the Hugging Face cache (downloading what is
+    missing, if the hub can be reached)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=allow_patterns, ignore_patterns=DOWNLOAD_IGNORE))
+    except Exception as error:  # the hub library raises many kinds for network trouble
+        raise ModelLoadError(load_failure(model, error)) from None
+
+
+def download_model(model: str) -> str:
+    """Fetch the whole model into the Hugging Face cache; returns the local directory."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model, ignore_patterns=DOWNLOAD_IGNORE)
+    except Exception as error:  # the hub library raises many kinds for network trouble
+        raise ModelLoadError(f"Could not download {model}: {_first_line(error)}") from None
+
+
+def choose_runtime(settings: Settings) -> str:
+    """`transformers` or `ctranslate2` for BLENDERBOT_RUNTIME and BLENDERBOT_DEVICE.
+    `auto`: CTranslate2 on the CPU (measured: benchmarks/README.md); transformers on
+    a CUDA GPU, where CTranslate2 has not been measured against it."""
+    if settings.runtime != "auto":
+        return settings.runtime
+    if settings.device == "cpu":
+        return "ctranslate2"
+    if settings.device == "cuda":
+        return "transformers"
+    return "transformers" if _cuda_usable() else "ctranslate2"
+
+
+def _cuda_usable() -> bool:
+    """Whether torch sees a CUDA GPU, asked only where a driver is installed (so a
+    CPU machine does not import torch to find out)."""
+    if not Path("/proc/driver/nvidia/version").exists():
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def load_chat_model(settings: Settings) -> ChatModel:
+    """Open the checkpoint and load it on the runtime BLENDERBOT_RUNTIME asks for.
+    `auto` falls back to transformers, with one log line, when CTranslate2 cannot
+    serve it (conversion failed, a generation option it cannot honour...);
+    an explicit `ctranslate2` that cannot work is a `ModelLoadError`."""
+    started = time.monotonic()
+    checkpoint = open_checkpoint(settings.model)
+    runtime = choose_runtime(settings)
+    if runtime == "ctranslate2":
+        from bot.ct2_model import CTranslate2Unavailable, load_ct2_model
+
+        try:
+            model = load_ct2_model(settings, checkpoint)
+        except CTranslate2Unavailable as error:
+            if settings.runtime == "ctranslate2":
+                raise ModelLoadError(f"BLENDERBOT_RUNTIME=ctranslate2 cannot serve {settings.model}: {error}") from None
+            log.warning("CTranslate2 cannot serve %s (%s); using transformers instead", settings.model, error)
+            runtime = "transformers"
+    if runtime == "transformers":
+        from bot.transformers_model import load_transformers_model
+
+        model = load_transformers_model(settings, checkpoint)
+    model.generate([["Hello!"]])  # warm-up: first-call allocations and kernel choices happen now
+    log.info("Loaded %s (%s) in %.1fs", settings.model, model.description, time.monotonic() - started)
     return model
 
 
-def _release_free_memory() -> None:
-    """glibc keeps freed heap memory for reuse; malloc_trim returns it (the
-    fp32 weights freed by quantizing are ~1 GB for the 400M model)."""
+def default_threads() -> int:
+    """The cores this process may run on (respects taskset and container cpusets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def rows_per_call(max_rows: int, beams: int, sample: bool) -> int:
+    """Conversations in one generate call: beam search multiplies a batch's rows
+    by the beam count, and large beam batches get slower per token and need GBs
+    for their caches (benchmarks/README.md). The engine already sends at most
+    `max_rows` rows; the runtimes split by this to guard other callers."""
+    return max(1, max_rows // (1 if sample else beams))
+
+
+def release_free_memory() -> None:
+    """glibc keeps freed heap memory for reuse; malloc_trim returns it to the OS.
+    Called after each batch (a batch of 32 conversations leaves ~0.2-0.5 GB
+    behind otherwise) and after quantizing. 1-25 ms."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
@@ -93,130 +267,7 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
-def default_threads() -> int:
-    """The cores this process may run on (respects taskset and container cpusets)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-class ChatModel:
-    """A loaded BlenderBot with its tokenizer and generation settings."""
-
-    def __init__(self, model, tokenizer, family: Family, settings: Settings, device: torch.device) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.family = family
-        self.device = device
-        self.quantized = False
-        self.max_positions = int(model.config.max_position_embeddings)
-        self.generation_kwargs = _generation_kwargs(model.generation_config, settings, self.max_positions)
-        self.beams = int(self.generation_kwargs.get("num_beams") or model.generation_config.num_beams or 1)
-        self.max_rows = settings.batch_max_rows
-
-    def encode(self, turns: Sequence[str]) -> list[int]:
-        return encode_turns(self.tokenizer, self.family, turns, self.max_positions)
-
-    def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False) -> list[Generated]:
-        """Batched generation for several conversations (each a list of turns), in
-        as few `generate` calls as `max_rows` allows. Beam search multiplies a
-        batch's rows by the beam count, and large beam batches get slower per
-        token and need GBs for their caches (benchmarks/README.md). The engine
-        already sends at most `max_rows` rows; this guards other callers."""
-        per_call = max(1, self.max_rows // (1 if sample else self.beams))
-        results: list[Generated] = []
-        for start in range(0, len(conversations), per_call):
-            results += self._generate(conversations[start : start + per_call], sample=sample)
-        return results
-
-    @torch.inference_mode()
-    def _generate(self, conversations: Sequence[Sequence[str]], *, sample: bool) -> list[Generated]:
-        rows = [self.encode(turns) for turns in conversations]
-        ids, mask = pad_right(rows, self.tokenizer.pad_token_id)
-        kwargs = dict(self.generation_kwargs)
-        if sample:  # another decoding, for a second try at an answer
-            kwargs.update(do_sample=True, num_beams=1, top_p=0.9, temperature=1.0)
-        output = self.model.generate(
-            input_ids=torch.tensor(ids, device=self.device),
-            attention_mask=torch.tensor(mask, device=self.device),
-            **kwargs,
-        )
-        # A batch's activations and caches are freed now but glibc would keep the
-        # memory (~200 MB for 32 conversations of the 400M model): return it, so
-        # the steady-state footprint stays that of the weights. ~15 ms a batch.
-        _release_free_memory()
-        texts = self.tokenizer.batch_decode(output, skip_special_tokens=True, clean_up_tokenization_spaces=True)
-        special = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), device=output.device)
-        counts = (~torch.isin(output, special)).sum(dim=1).tolist()
-        return [Generated(text, int(count)) for text, count in zip(texts, counts)]
-
-
-def _generation_kwargs(generation_config, settings: Settings, max_positions: int) -> dict:
-    """The checkpoint's generation_config, with settings overriding it, and the
-    number of new tokens capped below the decoder's position table."""
-    # For encoder-decoder models max_length counts the decoder start token.
-    max_new = settings.max_new_tokens or max(1, (generation_config.max_length or 21) - 1)
-    max_new = min(max_new, max_positions - 1)
-    min_new = settings.min_new_tokens
-    if min_new is None:
-        min_new = max(0, (generation_config.min_length or 0) - 1)
-    kwargs = {"max_new_tokens": max_new, "min_new_tokens": min(min_new, max_new), "min_length": 0}
-    if settings.num_beams is not None:
-        kwargs["num_beams"] = settings.num_beams
-    return kwargs
-
-
-def load_chat_model(settings: Settings) -> ChatModel:
-    """Load tokenizer and model once, put them in inference mode on the right
-    device, quantize or cast them, and warm them up with one short generation."""
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    torch.set_num_threads(settings.threads or default_threads())
-    device = resolve_device(settings.device)
-    started = time.monotonic()
-    hf_logging.set_verbosity_error()  # keep transformers' download progress bars, drop its warnings
-    try:
-        config = AutoConfig.from_pretrained(settings.model)
-    except (OSError, ValueError) as error:  # ValueError: a directory without a usable config.json
-        raise ModelLoadError(_load_failure(settings.model, error)) from None
-    family = FAMILIES.get(config.model_type)
-    if family is None:
-        raise ModelLoadError(
-            f"{settings.model} is a {config.model_type!r} model, not BlenderBot; "
-            "use a blenderbot or blenderbot-small checkpoint such as facebook/blenderbot-400M-distill"
-        )
-    quantize = should_quantize(settings.quantize, device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(settings.model)
-        # Memory-mapped weights would keep the whole fp32 checkpoint resident after
-        # quantizing (a stray view pins the mapping), so read it into memory instead.
-        model = AutoModelForSeq2SeqLM.from_pretrained(
-            settings.model, dtype=resolve_dtype(settings.dtype, device), disable_mmap=quantize
-        )
-    except OSError as error:
-        raise ModelLoadError(_load_failure(settings.model, error)) from None
-    model.eval().requires_grad_(False)
-    if quantize:
-        model = quantize_int8(model)
-    model.to(device)
-    chat_model = ChatModel(model, tokenizer, family, settings, device)
-    chat_model.quantized = quantize
-    chat_model.generate([["Hello!"]])  # warm-up: first-call allocations and kernel choices happen now
-    log.info(
-        "Loaded %s (%s, %s%s, %d threads) in %.1fs",
-        settings.model,
-        family.model_type,
-        device.type,
-        ", int8" if quantize else f", {str(model.dtype).removeprefix('torch.')}",
-        torch.get_num_threads(),
-        time.monotonic() - started,
-    )
-    return chat_model
-
-
-def _load_failure(model: str, error: Exception) -> str:
+def load_failure(model: str, error: Exception) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(error).lower()
     if not os.path.isdir(model) and (offline or "connect" in str(error).lower()):
         return (
@@ -224,15 +275,9 @@ def _load_failure(model: str, error: Exception) -> str:
             "downloaded. Run `blender-chat download` where there is network access, or set BLENDERBOT_MODEL "
             "to a local directory holding the model."
         )
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return f"Could not load the model {model}: {first_line}"
+    return f"Could not load the model {model}: {_first_line(error)}"
 
 
-def download_model(model: str) -> str:
-    """Fetch the model into the Hugging Face cache; returns the local directory."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(model, ignore_patterns=["*.h5", "*.msgpack", "*.onnx", "tf_*", "flax_*", "rust_*"])
-    except Exception as error:  # the hub library raises many kinds for network trouble
-        raise ModelLoadError(f"Could not download {model}: {str(error).splitlines()[0]}") from None
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

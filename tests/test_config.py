@@ -61,6 +61,8 @@ BAD_VALUES = [
     ("BLENDERBOT_QUANTIZE", "int4", "use one of auto, int8, none"),
     ("BLENDERBOT_DTYPE", "fp8", "use one of auto, float32, float16, bfloat16"),
     ("BLENDERBOT_THREADS", "many", "a whole number >= 1"),
+    ("BLENDERBOT_RUNTIME", "onnx", "use one of auto, ctranslate2, transformers"),
+    ("BLENDERBOT_CT2_DIR", A_FILE, "it is a file; use a directory"),
     ("BLENDERBOT_MODEL", "/no/such/model/dir", "that model directory does not exist"),
     ("BLENDERBOT_MODEL", "./missing-model", "that model directory does not exist"),
     ("BLENDERBOT_MODEL", "not a model id!", "hub id"),

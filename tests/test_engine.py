@@ -7,6 +7,7 @@ import sqlite3
 import time
 
 import pytest
+from conftest import RUNTIMES
 from model_doubles import GatedModel
 from redis_servers import delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
 from tcp_proxy import TcpProxy
@@ -27,9 +28,10 @@ from bot.memory import open_store
 from bot.shared import RedisRateLimiter, connect
 
 
-@pytest.fixture
-def model(tiny_model):
-    return GatedModel(tiny_model)
+@pytest.fixture(params=RUNTIMES)
+def model(request, tiny_models):
+    """Every test here runs on both runtimes: the engine must not care which serves it."""
+    return GatedModel(tiny_models[request.param])
 
 
 def engine_for(model, settings):

@@ -1,31 +1,56 @@
-"""Loading both BlenderBot families, the input format, left truncation at the
-position limit, right padding, and generation settings."""
+"""Loading both BlenderBot families on both runtimes, the input format, left
+truncation at the position limit, right padding, and generation settings."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import RUNTIMES
 from tiny_models import build_not_blenderbot
 
 from bot.config import Settings
-from bot.model import ModelLoadError, load_chat_model
+from bot.model import TOKENIZER_CLASSES, Decoding, ModelLoadError, load_chat_model
 from bot.prompt import FAMILIES, encode_turns, separator_ids
 
 
 @pytest.fixture(scope="module")
-def small_model(blenderbot_small_dir):
-    return load_chat_model(Settings(model=str(blenderbot_small_dir), max_new_tokens=6, num_beams=1))
+def small_models(blenderbot_small_dir, ct2_dir):
+    return {
+        runtime: load_chat_model(
+            Settings(model=str(blenderbot_small_dir), max_new_tokens=6, num_beams=1, runtime=runtime, ct2_dir=ct2_dir)
+        )
+        for runtime in RUNTIMES
+    }
 
 
-@pytest.fixture(params=["blenderbot", "blenderbot-small"])
-def any_model(request, tiny_model, small_model):
-    return {"blenderbot": tiny_model, "blenderbot-small": small_model}[request.param]
+@pytest.fixture(scope="module")
+def small_model(small_models):
+    """Tokenization does not depend on the runtime: one of them."""
+    return small_models[RUNTIMES[0]]
 
 
-def test_both_families_load_through_the_auto_classes(tiny_model, small_model):
-    assert type(tiny_model.model).__name__.startswith("Blenderbot") and tiny_model.family.model_type == "blenderbot"
-    assert tiny_model.max_positions == 128
-    assert small_model.family.model_type == "blenderbot-small" and small_model.max_positions == 512
+@pytest.fixture(params=[(family, runtime) for family in FAMILIES for runtime in RUNTIMES], ids="-".join)
+def any_model(request, tiny_models, small_models):
+    family, runtime = request.param
+    return (tiny_models if family == "blenderbot" else small_models)[runtime]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_both_families_load(tiny_models, small_models, runtime):
+    tiny, small = tiny_models[runtime], small_models[runtime]
+    assert tiny.family.model_type == "blenderbot" and tiny.max_positions == 128
+    assert small.family.model_type == "blenderbot-small" and small.max_positions == 512
+    assert tiny.description.startswith(runtime) and small.description.startswith(runtime)
+
+
+def test_the_tokenizer_is_the_one_auto_tokenizer_picks(blenderbot_dir, blenderbot_small_dir, tiny_model):
+    """Named directly, so serving with CTranslate2 does not import torch through AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    for directory, family in [(blenderbot_dir, "blenderbot"), (blenderbot_small_dir, "blenderbot-small")]:
+        import transformers
+
+        assert type(AutoTokenizer.from_pretrained(directory)) is getattr(transformers, TOKENIZER_CLASSES[family])
 
 
 def test_turns_are_joined_with_the_family_separators(tiny_model, small_model):
@@ -120,36 +145,73 @@ def test_a_single_huge_message_never_raises(any_model):
     assert any_model.generate([["word " * 5000]])[0].new_tokens > 0
 
 
-def test_batched_generation_matches_unbatched(tiny_model):
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_batched_generation_matches_unbatched(tiny_models, runtime):
     """Right padding with a mask: a short conversation batched with a long one
     gets the same greedy answer as alone."""
+    model = tiny_models[runtime]
     short, long = ["hi"], ["tell me about the ocean and the stars " * 6]
-    alone = tiny_model.generate([short])[0].text
-    batched = tiny_model.generate([long, short])[1].text
+    alone = model.generate([short])[0].text
+    batched = model.generate([long, short])[1].text
     assert batched == alone
 
 
-def test_generation_uses_the_checkpoints_config_unless_overridden(blenderbot_dir):
-    model = load_chat_model(Settings(model=str(blenderbot_dir), quantize="none"))
-    # the tiny checkpoint says num_beams=2, max_length=24, min_length=4 (like the hub's 10/60/20)
-    assert model.generation_kwargs == {"max_new_tokens": 23, "min_new_tokens": 3, "min_length": 0}
-    assert model.model.generation_config.num_beams == 2
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_generation_uses_the_checkpoints_config_unless_overridden(blenderbot_dir, ct2_dir, runtime):
+    settings = Settings(model=str(blenderbot_dir), quantize="none", runtime=runtime, ct2_dir=ct2_dir)
+    model = load_chat_model(settings)
+    # the tiny checkpoint says num_beams=2, max_length=24, min_length=4 (like the hub's 10/60/20),
+    # no_repeat_ngram_size=3, length_penalty=0.65, forced_eos_token_id=2, and BlenderbotConfig's
+    # default encoder_no_repeat_ngram_size=3
+    assert model.decoding == Decoding(
+        num_beams=2, min_new_tokens=3, max_new_tokens=23, length_penalty=0.65, no_repeat_ngram_size=3,
+        encoder_no_repeat_ngram_size=3, forced_eos_token_id=2,
+    )  # fmt: skip
+    assert model.beams == 2
     overridden = load_chat_model(
-        Settings(model=str(blenderbot_dir), quantize="none", num_beams=1, min_new_tokens=2, max_new_tokens=5)
+        Settings(
+            model=str(blenderbot_dir), quantize="none", num_beams=1, min_new_tokens=2, max_new_tokens=5,
+            runtime=runtime, ct2_dir=ct2_dir,
+        )  # fmt: skip
     )
-    assert overridden.generation_kwargs == {"max_new_tokens": 5, "min_new_tokens": 2, "min_length": 0, "num_beams": 1}
+    assert (overridden.decoding.num_beams, overridden.decoding.min_new_tokens, overridden.decoding.max_new_tokens) == (1, 2, 5)
     replies = overridden.generate([["hello"]])
     assert 2 <= replies[0].new_tokens <= 5
 
 
-def test_max_new_tokens_is_capped_below_the_decoder_position_limit(blenderbot_dir):
-    model = load_chat_model(Settings(model=str(blenderbot_dir), max_new_tokens=500, num_beams=1))
-    assert model.generation_kwargs["max_new_tokens"] == 127
+def test_transformers_gets_only_the_overrides_on_top_of_the_checkpoints_generation_config(blenderbot_dir, ct2_dir):
+    settings = Settings(model=str(blenderbot_dir), quantize="none", runtime="transformers", ct2_dir=ct2_dir)
+    model = load_chat_model(settings)
+    assert model.generation_kwargs == {"max_new_tokens": 23, "min_new_tokens": 3, "min_length": 0}
+    assert model.model.generation_config.num_beams == 2
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_max_new_tokens_is_capped_below_the_decoder_position_limit(blenderbot_dir, ct2_dir, runtime):
+    model = load_chat_model(
+        Settings(model=str(blenderbot_dir), max_new_tokens=500, num_beams=1, runtime=runtime, ct2_dir=ct2_dir)
+    )
+    assert model.decoding.max_new_tokens == 127
+    # 127 new tokens after the decoder start token fill the 128 positions exactly, and work.
+    forced = load_chat_model(
+        Settings(
+            model=str(blenderbot_dir), min_new_tokens=500, max_new_tokens=500, num_beams=1, runtime=runtime,
+            ct2_dir=ct2_dir,
+        )  # fmt: skip
+    )
+    [reply] = forced.generate([["tell me about the ocean " * 30]])
+    assert reply.new_tokens == 126  # and the forced </s>
 
 
 def test_a_model_that_is_not_blenderbot_gives_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="not BlenderBot"):
         load_chat_model(Settings(model=str(build_not_blenderbot(tmp_path))))
+
+
+def test_a_directory_without_a_model_gives_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json") as error:
+        load_chat_model(Settings(model=str(tmp_path)))
+    assert str(tmp_path) in str(error.value) and "\n" not in str(error.value)
 
 
 def test_a_hub_model_that_cannot_be_downloaded_names_the_model_and_the_fix():
@@ -160,7 +222,8 @@ def test_a_hub_model_that_cannot_be_downloaded_names_the_model_and_the_fix():
     assert "BLENDERBOT_MODEL" in message and "local directory" in message
 
 
-def test_sampling_is_another_decoding(tiny_model):
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_sampling_is_another_decoding(tiny_models, runtime):
     torch.manual_seed(1)
-    samples = {tiny_model.generate([["hello"]], sample=True)[0].text for _ in range(4)}
+    samples = {tiny_models[runtime].generate([["hello"]], sample=True)[0].text for _ in range(4)}
     assert len(samples) > 1

@@ -1,5 +1,6 @@
-"""Speed settings: int8 quantization per setting and device, half precision on
-GPU, the threads setting, and the benchmark's `--smoke` run end to end."""
+"""Speed settings: int8 quantization per setting, runtime and device, half
+precision on GPU, the threads setting, batch row caps on both runtimes, and the
+benchmark's `--smoke` run end to end."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, subprocess_env
+from conftest import REPO, RUNTIMES, subprocess_env
 
 from bot.config import ConfigError, load_settings
-from bot.model import ModelLoadError, default_threads, load_chat_model, quantize_int8, resolve_dtype, should_quantize
+from bot.model import ModelLoadError, default_threads, load_chat_model
+from bot.transformers_model import quantize_int8, resolve_dtype, should_quantize
 
 QuantizedLinear = torch.ao.nn.quantized.dynamic.Linear
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -39,7 +41,7 @@ def linear_kinds(model: torch.nn.Module) -> tuple[int, int]:
 
 @pytest.mark.parametrize("setting, quantized", [("auto", True), ("int8", True), ("none", False)])
 def test_quantization_on_cpu_follows_the_setting(make_settings, keep_threads, setting, quantized):
-    chat_model = load_chat_model(make_settings(device="cpu", quantize=setting))
+    chat_model = load_chat_model(make_settings(device="cpu", quantize=setting, runtime="transformers"))
 
     int8_layers, fp32_layers = linear_kinds(chat_model.model)
     assert chat_model.quantized is quantized
@@ -47,6 +49,16 @@ def test_quantization_on_cpu_follows_the_setting(make_settings, keep_threads, se
         assert int8_layers > 0 and fp32_layers == 0
     else:
         assert int8_layers == 0 and fp32_layers > 0
+    [answer] = chat_model.generate([["Hello there, how are you?"]])
+    assert answer.new_tokens > 0
+
+
+@pytest.mark.parametrize("setting, stored, computed", [("auto", "int8", "int8"), ("int8", "int8", "int8"), ("none", "float32", "float32")])
+def test_ctranslate2_precision_on_cpu_follows_the_setting(make_settings, setting, stored, computed):
+    chat_model = load_chat_model(make_settings(device="cpu", quantize=setting, runtime="ctranslate2"))
+    assert f", cpu, {computed}, " in chat_model.description
+    config = json.loads((chat_model.path / "config.json").read_text())
+    assert f"-{stored}-" in chat_model.path.name and config["decoder_start_token"] == "<s>"
     [answer] = chat_model.generate([["Hello there, how are you?"]])
     assert answer.new_tokens > 0
 
@@ -105,21 +117,24 @@ def test_a_quantized_model_does_not_keep_the_checkpoint_mapped(blenderbot_dir, t
     checkpoint = shutil.copytree(blenderbot_dir, tmp_path / "model")
     weights = str(checkpoint / "model.safetensors")
 
-    int8 = load_chat_model(make_settings(model=str(checkpoint), quantize="int8"))
+    int8 = load_chat_model(make_settings(model=str(checkpoint), quantize="int8", runtime="transformers"))
     assert weights not in Path("/proc/self/maps").read_text()
     assert int8.quantized
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_threads_setting_is_honoured(make_settings, keep_threads, threads):
-    load_chat_model(make_settings(threads=threads))
+    load_chat_model(make_settings(threads=threads, runtime="transformers"))
     assert torch.get_num_threads() == threads
+    assert f", {threads} threads" in load_chat_model(make_settings(threads=threads, runtime="ctranslate2")).description
 
 
 def test_threads_default_to_the_cores_available(make_settings, keep_threads):
     torch.set_num_threads(1)
-    load_chat_model(make_settings(threads=None))
+    load_chat_model(make_settings(threads=None, runtime="transformers"))
     assert torch.get_num_threads() == default_threads()
+    ct2 = load_chat_model(make_settings(threads=None, runtime="ctranslate2"))
+    assert f", {default_threads()} threads" in ct2.description
 
 
 @pytest.mark.timeout(900)
@@ -133,45 +148,71 @@ def test_benchmark_smoke_run_writes_table_plot_and_json(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
     data = json.loads((out / "smoke.json").read_text())
-    http_runs = (REPO / "bot" / "web.py").exists()
-    contenders = {"seed", "naive", "engine"} | ({"http"} if http_runs else set())
-    measured = {(r["contender"], r["beams"], r["concurrency"]) for r in data["rows"]}
-    assert measured == {(c, b, n) for c in contenders for b in (1, 10) for n in (1, 8)}
+    contenders = {"seed", "naive", "engine", "engine-transformers", "http"}
+    measured = {(r["contender"], r["workload"], r["beams"], r["concurrency"]) for r in data["rows"]}
+    assert measured == {(c, w, b, n) for c in contenders for w in ("short", "full") for b in (1, 10) for n in (1, 8)}
     for row in data["rows"]:
         assert row["replies_per_s"] > 0 and row["tokens_per_s"] > 0 and row["peak_rss_mb"] > 0
-        assert 0 < row["p50_s"] <= row["p95_s"]
-    if not http_runs:
-        assert "bot/web.py does not exist" in result.stdout
+        assert 0 < row["p50_s"] <= row["p95_s"] and row["load_average"] >= 0
+    assert data["extras"]["descriptions"]["engine"].startswith("ctranslate2")
+    assert data["extras"]["descriptions"]["engine-transformers"].startswith("transformers")
     assert 0.5 < data["extras"]["fidelity"]["mean"] <= 1.0001
-    assert data["bandwidth_bytes_per_s"] > 0 and data["extras"]["decode"]["bandwidth_limit_tokens_per_s"] > 0
+    for engine in ("engine", "engine-transformers"):
+        extras = data["extras"][engine]
+        for beams in (1, 10):
+            for workload in ("short", "full"):
+                overhead = extras[f"overhead_beam{beams}"][workload]
+                assert 0 < overhead["raw_s"] <= overhead["reply_s"]
+        assert extras["decode"]["bandwidth_limit_tokens_per_s"] > 0 and extras["steady_rss_mb"] > 0
     assert {t["target"] for t in data["targets"]} and all("met" in t for t in data["targets"])
+    assert "CTranslate2 model of" in result.stdout  # converted before the contenders started
 
     table = (out / "smoke.md").read_text()
-    assert "| decoding | conversations | contender | replies/s | tokens/s | p50 s | p95 s | peak RSS MB" in table
-    assert "naive server" in table and "engine (ReplyEngine.reply)" in table and "## Targets" in table
+    assert "| decoding | workload | conversations | contender | replies/s | tokens/s | p50 s | p95 s | peak RSS MB" in table
+    assert "naive server" in table and "engine (ReplyEngine.reply, defaults)" in table and "## Targets" in table
+    assert "full window" in table and "engine on transformers" in table
     assert (out / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_beam_batches_are_split_to_stay_under_the_row_cap(make_settings, keep_threads):
-    chat_model = load_chat_model(make_settings(num_beams=4, batch_max_rows=8))
-    calls = []
-    real_generate = chat_model.model.generate
+class RowCounter:
+    """Wraps a runtime's own generate call (transformers' `generate`, CTranslate2's
+    `translate_batch`) and records the rows (conversations x beams) of each call."""
 
-    def counting_generate(**kwargs):
-        calls.append(kwargs["input_ids"].shape[0] * kwargs.get("num_beams", 1))
-        return real_generate(**kwargs)
+    def __init__(self, chat_model) -> None:
+        self.calls: list[int] = []
+        if hasattr(chat_model, "translator"):
+            self.real = chat_model.translator.translate_batch
+            chat_model.translator = self
+        else:
+            real = chat_model.model.generate
 
-    chat_model.model.generate = counting_generate
+            def generate(**kwargs):
+                self.calls.append(kwargs["input_ids"].shape[0] * kwargs.get("num_beams", 1))
+                return real(**kwargs)
+
+            chat_model.model.generate = generate
+
+    def translate_batch(self, source, **options):
+        self.calls.append(len(source) * options["beam_size"])
+        return self.real(source, **options)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_beam_batches_are_split_to_stay_under_the_row_cap(make_settings, keep_threads, runtime):
+    chat_model = load_chat_model(make_settings(num_beams=4, batch_max_rows=8, runtime=runtime))
+    calls = RowCounter(chat_model).calls
     conversations = [[f"message number {i}, about {topic}"] for i, topic in enumerate(["dogs", "cats", "rain", "tea", "jazz"])]
 
     batched = chat_model.generate(conversations)
 
-    assert calls == [8, 8, 4]  # 2 + 2 + 1 conversations of 4 beams each
+    # 2 + 2 + 1 conversations of 4 beams each (CTranslate2 may then decode one again alone:
+    # see bot/ct2_model.py on encoder_no_repeat_ngram_size)
+    assert calls[:3] == [8, 8, 4] and set(calls[3:]) <= {4}
     alone = [chat_model.generate([c])[0] for c in conversations]
     assert [g.text for g in batched] == [g.text for g in alone]  # every answer with its own conversation
     calls.clear()
     chat_model.generate(conversations, sample=True)  # sampling has one row per conversation
-    assert calls == [5]
+    assert calls[0] == 5 and set(calls[1:]) <= {1}
 
 
 def test_batch_max_rows_setting():

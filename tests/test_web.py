@@ -115,15 +115,16 @@ async def test_chat_history_reset_round_trip(client: TestClient) -> None:
     assert await (await client.post("/api/reset", json={"conversation": "round"})).json() == {"reset": False}
 
 
-async def test_busy_engine_answers_503_with_retry_after(serve) -> None:
-    client = await serve(queue_size=1, max_new_tokens=120, min_new_tokens=120)
-    engine = client.server.app[STATE].engine
+async def test_busy_engine_answers_503_with_retry_after(serve, tiny_model) -> None:
+    model = GatedModel(tiny_model)
+    model.gate.clear()  # the first reply is held in the model, so the queue stays full
+    client = await serve(queue_size=1, model=model)
     first = asyncio.create_task(client.post("/api/chat", json={"conversation": "a", "text": "hello"}))
-    while engine.metrics.registry.get_sample_value("blenderchat_queue_depth") < 1:
-        await asyncio.sleep(0.01)
+    await asyncio.to_thread(model.wait_for_calls, 1)
     response = await client.post("/api/chat", json={"conversation": "b", "text": "hello"})
     body = await response.json()
     assert (response.status, body["code"], response.headers["Retry-After"]) == (503, "busy", "5")
+    model.gate.set()
     assert (await first).status == 200
 
 

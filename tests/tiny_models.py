@@ -121,3 +121,61 @@ def _set_generation_defaults(model, *, max_length: int, min_length: int) -> None
     generation.min_length = min_length
     generation.no_repeat_ngram_size = 3
     generation.length_penalty = 0.65
+
+
+# The generation defaults of facebook/blenderbot-400M-distill (its generation_config.json).
+GENERATION_400M = dict(
+    num_beams=10,
+    min_length=20,
+    max_length=60,
+    length_penalty=0.65,
+    no_repeat_ngram_size=3,
+    encoder_no_repeat_ngram_size=3,
+    forced_eos_token_id=2,
+)
+
+# Per family: std of Linear weights and biases, std of embeddings, bias of </s> in the
+# output: found by trying, so that greedy replies differ between prompts, use many tokens
+# and end at lengths between 1 and the maximum (a median near 25 of 59 tokens).
+_VARIED = {"blenderbot": (0.3, 1.0, 2.0), "blenderbot-small": (0.4, 1.0, 4.0)}
+
+
+def build_varied(directory: Path, family: str) -> Path:
+    """A tiny checkpoint of `family` whose replies depend on the prompt, with the
+    400M checkpoint's generation defaults: for comparing runtimes. At the default
+    init (std 0.02) a random model repeats one token whatever it is asked, and a
+    comparison of two runtimes on it proves nothing."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    (build_blenderbot if family == "blenderbot" else build_blenderbot_small)(directory)
+    model = AutoModelForSeq2SeqLM.from_pretrained(directory)
+    linear_std, embedding_std, eos_bias = _VARIED[family]
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0, linear_std)
+                if module.bias is not None:
+                    module.bias.normal_(0, linear_std)
+            elif isinstance(module, torch.nn.Embedding):
+                module.weight.normal_(0, embedding_std)
+        model.final_logits_bias[0, model.config.eos_token_id] = eos_bias
+    for key, value in GENERATION_400M.items():
+        setattr(model.generation_config, key, value)
+    model.save_pretrained(directory)
+    return directory
+
+
+def sample_conversations(count: int, *, seed: int = 0, max_turns: int = 7, max_words: int = 25) -> list[list[str]]:
+    """`count` conversations of 1 to `max_turns` turns of random words from CORPUS:
+    short ones and ones longer than BlenderBot's 128-token window (which
+    bot/prompt.py cuts from the left), the same on every run."""
+    import random
+
+    rng = random.Random(seed)
+    words = " ".join(CORPUS).split()
+    return [
+        [" ".join(rng.choice(words) for _ in range(rng.randint(1, max_words))) for _ in range(1 + i % max_turns)]
+        for i in range(count)
+    ]
