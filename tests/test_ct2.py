@@ -183,7 +183,8 @@ def test_download_converts_a_cached_hub_model_keyed_by_its_revision(blenderbot_d
 
     # The run uses the converted model without converting.
     chat = subprocess.run(
-        [sys.executable, "-m", "bot", "chat"], input="hello\n/quit\n", env=subprocess_env(LOG_LEVEL="INFO", **env),
+        # DEBUG: the terminal chat shows only warnings otherwise, and the test reads the log.
+        [sys.executable, "-m", "bot", "chat"], input="hello\n/quit\n", env=subprocess_env(LOG_LEVEL="DEBUG", **env),
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert chat.returncode == 0 and "bot> " in chat.stdout
@@ -239,7 +240,8 @@ def test_run_and_chat_answer_on_either_runtime(blenderbot_dir, tmp_path, runtime
         process.close()
     chat = subprocess.run(
         [sys.executable, "-m", "bot", "chat", "--conversation", "web:c"], input="and how are you?\n/quit\n",
-        env=subprocess_env(**env, LOG_LEVEL="INFO"), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        # DEBUG: the terminal chat shows only warnings otherwise, and the test reads which runtime loaded.
+        env=subprocess_env(**env, LOG_LEVEL="DEBUG"), cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert chat.returncode == 0, chat.stderr
-    assert "1 earlier exchanges remembered" in chat.stdout and "bot> " in chat.stdout and f"({runtime}" in chat.stderr
+    assert "1 earlier exchange remembered" in chat.stdout and "bot> " in chat.stdout and f"({runtime}" in chat.stderr
