@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.engine import Reply, ReplyEngine
 from bot.errors import ReplyError
+from bot.inbox import Claim, Inbox
 from bot.locks import Ticket
 
 if TYPE_CHECKING:
@@ -53,7 +54,8 @@ class AdapterStartError(RuntimeError):
 
 class Adapter(Protocol):
     """The lifecycle `blender-chat run` drives, in this order: `mount(app)`,
-    `start()`, then on shutdown `stop_accepting()`, `drain(deadline)`, `close()`."""
+    `start()`, then on shutdown `stop_accepting()`, `drain(deadline)`, `close()`;
+    once started, `replay(claim)` for messages a stopped process left unanswered."""
 
     name: str
 
@@ -62,6 +64,11 @@ class Adapter(Protocol):
 
     async def start(self) -> None:
         """Connect; return once connected (or raise with a clear message)."""
+
+    def replay(self, claim: Claim) -> None:
+        """Answer and deliver a recorded message of this platform that its first handler
+        left unanswered: take its place in line now (synchronously), answer in a task,
+        and never post an answer that is already out (see bot/inbox)."""
 
     @property
     def connected(self) -> bool:
@@ -133,24 +140,44 @@ class ReplyTasks:
         return len(self._tasks)
 
 
+async def answer_once(inbox: Inbox, claim: Claim, work: Coroutine[Any, Any, Any]) -> None:
+    """Run `work` (answer one accepted message and deliver the answer), then mark the
+    message done in the inbox. Also when it failed: that is a bug, and answering it
+    again after every restart would not mend it. Not when a shutdown cut it short:
+    then the next process (or another replica) answers it once the claim lapses."""
+    try:
+        await work
+    except asyncio.CancelledError:
+        inbox.abandon(claim)
+        raise
+    except Exception:
+        await inbox.finish(claim)
+        raise
+    await inbox.finish(claim)
+
+
 async def answer(engine: ReplyEngine, message: IncomingMessage, ticket: Ticket | None = None) -> str | None:
     """The text to send back for `message`, or None for a deliberate silence (see `respond`)."""
     reply = await respond(engine, message, ticket)
     return None if reply is None else reply.text
 
 
-async def respond(engine: ReplyEngine, message: IncomingMessage, ticket: Ticket | None = None) -> Reply | None:
+async def respond(
+    engine: ReplyEngine, message: IncomingMessage, ticket: Ticket | None = None, *, exchange_id: str | None = None
+) -> Reply | None:
     """What to send back for `message` and the stored exchange it is (to rate it),
     or None for a deliberate silence.
 
-    `ticket` is the message's place in line, taken at intake. Expected failures
+    `ticket` is the message's place in line, taken at intake; `exchange_id` the
+    exchange that answers it (an inbox entry's, see bot/inbox). Expected failures
     (busy, too long, timeout...) become their short message; anything else is a
     bug: logged with its traceback, and the user gets an apology, never
     exception text. Neither is an exchange to rate.
     """
     try:
         return await engine.respond(
-            message.conversation, message.text, user=message.user, platform=message.platform, ticket=ticket
+            message.conversation, message.text, user=message.user, platform=message.platform, ticket=ticket,
+            exchange_id=exchange_id,
         )
     except ReplyError as error:
         if getattr(error, "notify", True) is False:

@@ -25,11 +25,21 @@ import yarl
 from aiohttp import web
 from discord import app_commands
 
-from adapters.base import AdapterStartError, IncomingMessage, ReplyTasks, forget, is_reset, respond, split_message
+from adapters.base import (
+    AdapterStartError,
+    IncomingMessage,
+    ReplyTasks,
+    answer_once,
+    forget,
+    is_reset,
+    respond,
+    split_message,
+)
 from adapters.discord_feedback import RepliesSent, exchange_sent_as, rating_for
 from bot.config import Settings
 from bot.engine import ReplyEngine
 from bot.errors import EngineClosed
+from bot.inbox import Claim, Entry, Inbox
 from bot.locks import Ticket
 from bot.memory import StoreUnavailable
 
@@ -72,12 +82,14 @@ class DiscordAdapter:
 
     name = "discord"
 
-    def __init__(self, settings: Settings, engine: ReplyEngine) -> None:
+    def __init__(self, settings: Settings, engine: ReplyEngine, inbox: Inbox | None = None) -> None:
         if not settings.discord_token:
             raise ValueError("DiscordAdapter needs DISCORD_TOKEN")
         _route_endpoints_per_context()
         self.settings = settings
         self.engine = engine
+        # Each message is recorded as it arrives, so that a crash does not lose it (bot/inbox).
+        self.inbox = inbox or Inbox.in_process(settings, engine.metrics)
         self._replies = ReplyTasks()
         self._ready = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
@@ -249,10 +261,34 @@ class DiscordAdapter:
             return
         text = self._text_to_answer(message)
         if text is not None:
+            conversation = f"discord:{message.channel.id}"
             # Its place in the channel's line, now: gateway events arrive in order, and nothing has awaited yet.
-            ticket = self.engine.take_ticket(f"discord:{message.channel.id}")
-            reply = self._respond(message, text, ticket)
-            self._replies.spawn(reply, name=f"discord-reply-{message.id}", ticket=ticket)
+            ticket = self.engine.take_ticket(conversation)
+            in_dm = isinstance(message.channel, discord.DMChannel)
+            entry = Entry(
+                key=f"discord:{message.id}", platform="discord", conversation=conversation,
+                user=str(message.author.id), text=text, arrived=message.created_at.timestamp(),
+                route={"channel": message.channel.id, "message": message.id, "dm": in_dm,
+                       "unreadable": _unreadable(message, in_dm, self.settings)},
+            )  # fmt: skip
+            self._replies.spawn(self._take(message, entry, ticket), name=f"discord-reply-{message.id}", ticket=ticket)
+
+    async def _take(self, message: discord.Message | discord.PartialMessage, entry: Entry, ticket: Ticket) -> None:
+        claim = await self.inbox.accept(entry)
+        if claim is not None:
+            await answer_once(self.inbox, claim, self._respond(message, entry, ticket))
+
+    def replay(self, claim: Claim) -> None:
+        """Answer a message a stopped process left unanswered, in the conversation's line.
+        Its answer is sent with the same nonces as before, so Discord returns a message
+        already sent instead of sending it twice."""
+        entry = claim.entry
+        ticket = self.engine.take_ticket(entry.conversation)
+        channel_id, message_id = int(entry.route["channel"]), int(entry.route["message"])
+        kind = discord.ChannelType.private if entry.route.get("dm") else None
+        channel = self._client.get_partial_messageable(channel_id, type=kind)
+        work = answer_once(self.inbox, claim, self._respond(channel.get_partial_message(message_id), entry, ticket))
+        self._replies.spawn(work, name=f"discord-replay-{message_id}", ticket=ticket)
 
     def _text_to_answer(self, message: discord.Message) -> str | None:
         """What the model should see, or None when the bot should stay silent."""
@@ -279,37 +315,42 @@ class DiscordAdapter:
         ids = {str(getattr(channel, "id", "")), str(getattr(channel, "parent_id", ""))}
         return not channels or bool(ids & channels)
 
-    async def _respond(self, message: discord.Message, text: str, ticket: Ticket) -> None:
+    async def _respond(self, message: discord.Message | discord.PartialMessage, entry: Entry, ticket: Ticket) -> None:
         """Answer `message` and send the answer, holding its place in line until sent."""
-        conversation = ticket.conversation
-        in_dm = isinstance(message.channel, discord.DMChannel)
-        if not message.content and not in_dm and not self.settings.discord_message_content:
-            await self._send(message, [CANNOT_READ])
+        conversation, text = ticket.conversation, entry.text
+        if entry.route.get("unreadable"):
+            await self._send(message, [CANNOT_READ], entry)
             return
         if is_reset(text):
-            await self._send(message, [await forget(self.engine, conversation, RESET_DONE, ticket)])
+            await self._send(message, [await forget(self.engine, conversation, RESET_DONE, ticket)], entry)
             return
-        incoming = IncomingMessage("discord", conversation, str(message.author.id), text)
+        incoming = IncomingMessage("discord", conversation, entry.user, text)
         # Alongside the reply, not before it: a slow or rate-limited typing POST must not delay the answer.
         typing = asyncio.create_task(_show_typing(message.channel), name=f"discord-typing-{message.id}")
         try:
-            reply = await respond(self.engine, incoming, ticket)
+            reply = await respond(self.engine, incoming, ticket, exchange_id=entry.exchange_id)
         finally:
             typing.cancel()  # a typing POST still waiting would show "typing..." after the answer
             await asyncio.gather(typing, return_exceptions=True)
         if reply and reply.text:
-            sent = await self._send(message, split_message(reply.text, MESSAGE_LIMIT))
+            sent = await self._send(message, split_message(reply.text, MESSAGE_LIMIT), entry)
             if reply.exchange is not None:
                 self._sent.remember(sent, reply.exchange)
 
-    async def _send(self, message: discord.Message, chunks: list[str]) -> list[int]:
-        """The first chunk replies to `message`; the rest follow it in order. The ids of those sent."""
+    async def _send(
+        self, message: discord.Message | discord.PartialMessage, chunks: list[str], entry: Entry
+    ) -> list[int]:
+        """The first chunk replies to `message`; the rest follow it in order. The ids of those sent.
+        Each chunk has a nonce of its own made from the message's key: a chunk sent again (a
+        replay after a crash) comes back as the message Discord already has, not a second one."""
         # If the message was deleted meanwhile, still answer, just without the reference.
         reference = message.to_reference(fail_if_not_exists=False)
         sent = []
         for index, chunk in enumerate(chunks):
+            nonce = f"{entry.exchange_id[:21]}{index:03d}"  # Discord takes at most 25 characters
             try:
-                sent.append((await message.channel.send(chunk, reference=reference if index == 0 else None)).id)
+                posted = await message.channel.send(chunk, reference=reference if index == 0 else None, nonce=nonce)
+                sent.append(posted.id)
             except discord.HTTPException as error:
                 # Usually missing permissions in that channel: nothing more can be sent there.
                 log.warning("Could not answer in channel %s (%s %s)", message.channel.id, error.status, error.text)
@@ -424,6 +465,12 @@ def _interaction_conversation(interaction: discord.Interaction) -> str:
     if _bot_is_member(interaction):
         return f"discord:{interaction.channel_id}"
     return f"discord:{interaction.channel_id}:user:{interaction.user.id}"
+
+
+def _unreadable(message: discord.Message, in_dm: bool, settings: Settings) -> bool:
+    """Discord blanked the message's content: it replied to the bot without mentioning
+    it, and the bot has no Message Content intent."""
+    return not message.content and not in_dm and not settings.discord_message_content
 
 
 def _guild_id(message: discord.Message) -> int | None:

@@ -31,12 +31,13 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
-from adapters.base import IncomingMessage, ReplyTasks, forget, is_reset, respond, split_message
+from adapters.base import IncomingMessage, ReplyTasks, answer_once, forget, is_reset, respond, split_message
 from adapters.dedupe import DedupeStore, InProcessDedupe
 from adapters.slack_surface import NETWORK_ERRORS, SlackSurface
 from adapters.slack_text import mentioned_users, to_model_text, to_slack_text
 from bot.config import Settings
 from bot.engine import Reply, ReplyEngine
+from bot.inbox import Claim, Entry, Inbox
 from bot.locks import Ticket
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ EVENTS_PATH = "/slack/events"
 MAX_CHUNK = 3000
 RESET_DONE = "Okay, I've forgotten our conversation here. Let's start over!"
 FILE_ONLY = "I can't look at files or images, I only read text. Tell me in words what it is about and I'll answer!"
-DEDUPE_TTL = 3600.0  # Slack retries for about 5 minutes; keep keys well past that
+# Marks each posted chunk with the message it answers, so a replay after a crash can tell what is out already.
+REPLY_EVENT = "blenderchat_reply"
 NAME_TTL = 3600.0
 MAX_NAMES = 5_000
 CONNECT_TIMEOUT = 30.0
@@ -80,14 +82,19 @@ class _Turn:
 class SlackAdapter:
     name = "slack"
 
-    def __init__(self, settings: Settings, engine: ReplyEngine, dedupe: DedupeStore | None = None) -> None:
+    def __init__(
+        self, settings: Settings, engine: ReplyEngine, dedupe: DedupeStore | None = None, inbox: Inbox | None = None
+    ) -> None:
         if not settings.slack_bot_token:
             raise ValueError("SlackAdapter needs SLACK_BOT_TOKEN")
         if not settings.slack_app_token and not settings.slack_signing_secret:
             raise ValueError("SlackAdapter needs SLACK_APP_TOKEN (Socket Mode) or SLACK_SIGNING_SECRET (HTTP mode)")
         self.settings = settings
         self.engine = engine
-        self.dedupe = dedupe or InProcessDedupe()
+        self.dedupe = dedupe or InProcessDedupe()  # who was greeted already
+        # Each event is claimed and recorded before Slack gets its ack (bot/inbox): a retry is
+        # answered only if the first handler died, and a crash loses nothing.
+        self.inbox = inbox or Inbox.in_process(settings, engine.metrics)
         self.socket_mode = bool(settings.slack_app_token)
         self.client = AsyncWebClient(token=settings.slack_bot_token, base_url=settings.slack_api_url)
         self.client.retry_handlers.append(AsyncRateLimitErrorRetryHandler(max_retry_count=3))
@@ -98,8 +105,9 @@ class SlackAdapter:
             logger=_bolt_logger(),
         )
         self.app.middleware(self._refuse_when_stopping)
-        self.app.event("app_mention")(self._on_event)
-        self.app.event("message")(self._on_event)
+        # A listener middleware runs before Bolt acks the event (the listener itself may run after).
+        self.app.event("app_mention", middleware=[self._take_in])(_acknowledge)
+        self.app.event("message", middleware=[self._take_in])(_acknowledge)
         self._tasks = ReplyTasks()
         self.surface = SlackSurface(
             settings, engine, self.client, spawn=lambda work: self._tasks.spawn(work, name="slack-surface"),
@@ -202,41 +210,42 @@ class SlackAdapter:
             return BoltResponse(status=503, body="shutting down")
         return await next()
 
-    async def _on_event(
-        self, body: dict[str, Any], event: dict[str, Any], set_status: AsyncSetStatus | None = None
+    async def _take_in(
+        self, body: dict[str, Any], event: dict[str, Any], context: Any, next: Callable[[], Awaitable[None]]
     ) -> None:
+        """Take a message in, before Slack is acked: its place in line, then its claim and
+        inbox entry (one write), then its answer in a task of its own."""
         turn = self._turn_for(body, event)
-        if turn is None:
-            return
-        # Its place in the conversation's line before anything here awaits, so the checks
-        # below, however long each takes, cannot let a later message of it overtake this one.
-        ticket = self.engine.take_ticket(turn.conversation)
-        # Bolt's set_status points at the message's thread (or the message): the status shows
-        # where the answer goes, in a DM or a thread; a reply in the channel itself gets the hourglass.
-        if set_status is not None and not (turn.in_dm or set_status.thread_ts == turn.thread_ts):
-            set_status = None
-        task = None
-        try:
-            if await self._is_new(body, turn):
-                reply = self._reply(turn, ticket, set_status)
-                task = self._tasks.spawn(reply, name=f"slack-reply-{turn.channel}-{turn.ts}", ticket=ticket)
-        finally:
-            if task is None:
-                ticket.release()
+        if turn is not None:
+            # Its place in the conversation's line before anything here awaits, so the claim,
+            # however long it takes, cannot let a later message of it overtake this one.
+            ticket = self.engine.take_ticket(turn.conversation)
+            # Bolt's set_status points at the message's thread (or the message): the status shows
+            # where the answer goes, in a DM or a thread; a reply in the channel itself gets the hourglass.
+            set_status: AsyncSetStatus | None = context.get("set_status")
+            if set_status is not None and not (turn.in_dm or set_status.thread_ts == turn.thread_ts):
+                set_status = None
+            task = None
+            try:
+                # One claim per user message: Slack retries an event with the same message, and a
+                # mention can also arrive as a `message` event with the same channel and ts.
+                claim = await self.inbox.accept(_entry(body, turn))
+                if claim is not None:
+                    work = answer_once(self.inbox, claim, self._reply(turn, ticket, claim, set_status))
+                    task = self._tasks.spawn(work, name=f"slack-reply-{turn.channel}-{turn.ts}", ticket=ticket)
+            finally:
+                if task is None:
+                    ticket.release()
+        await next()
 
-    async def _is_new(self, body: dict[str, Any], turn: _Turn) -> bool:
-        """False for what was answered already: an event Slack retried, a message also
-        delivered as another event."""
-        # One reply per user message: Slack retries an event with the same event_id,
-        # and a mention can also arrive as a `message` event with the same channel and ts.
-        event_id = body.get("event_id")
-        if event_id and not await self._first_time(f"slack:event:{event_id}"):
-            log.debug("Ignoring a repeated Slack event %s", event_id)
-            return False
-        if not await self._first_time(f"slack:message:{turn.channel}:{turn.ts}"):
-            log.debug("Ignoring a second event for message %s in %s", turn.ts, turn.channel)
-            return False
-        return True
+    def replay(self, claim: Claim) -> None:
+        """Answer a message a stopped process left unanswered, in the conversation's line;
+        the parts of its answer already in Slack are not posted again."""
+        entry = claim.entry
+        turn = _Turn(conversation=entry.conversation, user=entry.user, raw_text=entry.text, **entry.route)
+        ticket = self.engine.take_ticket(turn.conversation)
+        work = answer_once(self.inbox, claim, self._reply(turn, ticket, claim))
+        self._tasks.spawn(work, name=f"slack-replay-{turn.channel}-{turn.ts}", ticket=ticket)
 
     async def _in_thread(self, turn: _Turn, ticket: Ticket) -> bool:
         """The bot answered in this thread if it remembers the thread's conversation: the
@@ -249,14 +258,6 @@ class SlackAdapter:
         except Exception as error:  # the store is down: stay quiet rather than answer every thread message
             log.warning("Could not tell whether the bot is in thread %s of %s: %s", turn.thread_ts, turn.channel, error)
             return False
-
-    async def _first_time(self, key: str) -> bool:
-        try:
-            return await self.dedupe.first_time(key, DEDUPE_TTL)
-        except Exception:
-            # A shared store that is down must not silence the bot: a rare double answer is the lesser harm.
-            log.warning("The dedupe store failed; answering without de-duplication", exc_info=True)
-            return True
 
     def _turn_for(self, body: dict[str, Any], event: dict[str, Any]) -> _Turn | None:
         """The turn to answer for this event, or None if it is not for us."""
@@ -294,7 +295,9 @@ class SlackAdapter:
 
     # -- answering -------------------------------------------------------
 
-    async def _reply(self, turn: _Turn, ticket: Ticket, set_status: AsyncSetStatus | None = None) -> None:
+    async def _reply(
+        self, turn: _Turn, ticket: Ticket, claim: Claim, set_status: AsyncSetStatus | None = None
+    ) -> None:
         if turn.followup and not await self._in_thread(turn, ticket):
             return  # chatter in a thread the bot is not in: not even the thinking status
         # The hint goes up at once, even while an earlier message of the conversation is being answered.
@@ -303,13 +306,13 @@ class SlackAdapter:
             # The ticket is held until the answer is posted: answers go out in the order the
             # messages came, even when posting an earlier one waits out a rate limit.
             with ticket:
-                reply = await self._answer(turn, ticket)
+                reply = await self._answer(turn, ticket, claim.entry.exchange_id)
                 if reply and reply.text:
-                    await self._post(turn, reply)
+                    await self._post(turn, reply, claim)
         finally:
             await self.surface.thinking.clear(await hint)
 
-    async def _answer(self, turn: _Turn, ticket: Ticket) -> Reply | None:
+    async def _answer(self, turn: _Turn, ticket: Ticket, exchange_id: str) -> Reply | None:
         names = await self._names_for(mentioned_users(turn.raw_text))
         model_text = to_model_text(turn.raw_text, bot_user_id=self._bot_user_id, names=names)
         if is_reset(model_text):
@@ -317,19 +320,31 @@ class SlackAdapter:
         if turn.has_files and not model_text.strip():
             return Reply(FILE_ONLY)  # nothing but a file (or a mention and a file): say why there is no answer
         message = IncomingMessage("slack", turn.conversation, turn.user, model_text)
-        return await respond(self.engine, message, ticket)
+        return await respond(self.engine, message, ticket, exchange_id=exchange_id)
 
-    async def _post(self, turn: _Turn, reply: Reply) -> None:
+    async def _post(self, turn: _Turn, reply: Reply, claim: Claim) -> None:
         """Post the answer's chunks in order, the last with the feedback buttons of a stored
         exchange. A connection lost before Slack answered is tried once more; a reply that
-        arrived broken means Slack had the message: go on."""
+        arrived broken means Slack had the message: go on. Each chunk carries the message's
+        exchange id and its part number as message metadata; a replayed message first reads
+        which parts Slack has already (posted before a crash) and posts only the others."""
         chunks = _chunks(reply.text)
+        marker = claim.entry.exchange_id
+        posted = await self._parts_posted(turn, marker) if claim.replayed else set()
+        if posted:
+            self.inbox.count_duplicate("slack")
+            log.info("%d parts of an answer in %s were posted before a restart: not posting them again",
+                     len(posted), turn.channel)  # fmt: skip
         for index, chunk in enumerate(chunks):
+            if index in posted:
+                continue
             blocks = self.surface.reply_blocks(chunk, reply.exchange) if index == len(chunks) - 1 else None
+            metadata = {"event_type": REPLY_EVENT, "event_payload": {"answers": marker, "part": index}}
             for attempt in (1, 2):
                 try:
                     await self.client.chat_postMessage(
-                        channel=turn.channel, thread_ts=turn.thread_ts, text=chunk, blocks=blocks, link_names=False
+                        channel=turn.channel, thread_ts=turn.thread_ts, text=chunk, blocks=blocks, link_names=False,
+                        metadata=metadata,
                     )
                 except SlackApiError as error:
                     self._note_api_error(error)
@@ -343,6 +358,33 @@ class SlackAdapter:
                     log.warning("Could not post a reply in %s: %s: %s", turn.channel, type(error).__name__, error)
                     return
                 break
+
+    async def _parts_posted(self, turn: _Turn, marker: str) -> set[int]:
+        """Which parts of the answer marked `marker` Slack already has, read from the thread
+        (or the channel after the user's message). Nothing, with a warning, if that cannot be
+        read (the app lacks the history scope of that kind of channel): then the answer is
+        posted, at the risk of a second copy."""
+        try:
+            if turn.thread_ts:
+                response = await self.client.conversations_replies(
+                    channel=turn.channel, ts=turn.thread_ts, include_all_metadata=True, limit=200
+                )
+            else:
+                response = await self.client.conversations_history(
+                    channel=turn.channel, oldest=turn.ts, include_all_metadata=True, limit=200
+                )
+        except (SlackApiError, *NETWORK_ERRORS) as error:
+            reason = error.response.get("error") if isinstance(error, SlackApiError) else error
+            log.warning("Could not read %s to see whether an answer was posted before a restart (%s); posting it",
+                        turn.channel, reason)  # fmt: skip
+            return set()
+        parts = set()
+        for message in response.get("messages") or []:
+            metadata = message.get("metadata") or {}
+            payload = metadata.get("event_payload") or {}
+            if metadata.get("event_type") == REPLY_EVENT and payload.get("answers") == marker:
+                parts.add(int(payload.get("part", 0)))
+        return parts
 
     def _note_api_error(self, error: SlackApiError) -> None:
         code = error.response.get("error")
@@ -384,6 +426,20 @@ class SlackAdapter:
         while len(self._names) > MAX_NAMES:
             self._names.popitem(last=False)
         return name
+
+
+async def _acknowledge() -> None:
+    """The events' listener: `_take_in`, its middleware, did the work; Bolt acks."""
+
+
+def _entry(body: dict[str, Any], turn: _Turn) -> Entry:
+    """The inbox entry of a turn: the turn itself, keyed by the user's message."""
+    team = body.get("team_id") or "-"
+    route = {name: getattr(turn, name) for name in ("channel", "ts", "thread_ts", "has_files", "followup", "in_dm")}
+    return Entry(
+        key=f"slack:{team}:{turn.channel}:{turn.ts}", platform="slack", conversation=turn.conversation,
+        user=turn.user, text=turn.raw_text, route=route, arrived=float(turn.ts),
+    )  # fmt: skip
 
 
 def _bolt_logger() -> logging.Logger:

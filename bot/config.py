@@ -74,6 +74,8 @@ class Settings:
     memory_url: str = "sqlite:///data/memory.db"
     memory_max_turns: int = 20
     memory_ttl: float = 30 * 86400.0  # seconds; 0 keeps conversations forever
+    inbox_max_age: float = 600.0  # messages older than this are not answered after a crash
+    inbox_lease: float = 30.0  # a message nobody renewed for this long is answered by another process
 
     # Process and web server
     log_level: str = "INFO"
@@ -163,6 +165,8 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
         memory_url=memory_url,
         memory_max_turns=env.integer("MEMORY_MAX_TURNS", 20, minimum=1),
         memory_ttl=env.duration("MEMORY_TTL", 30 * 86400.0, minimum=0.0),
+        inbox_max_age=env.duration("INBOX_MAX_AGE", 600.0, minimum=0.0),
+        inbox_lease=env.duration("INBOX_LEASE", 30.0, minimum=1.0),
         log_level=env.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
         http_host=env.text("HTTP_HOST", "127.0.0.1"),
         http_port=env.integer("HTTP_PORT", 8080, minimum=0, maximum=65535),

@@ -187,8 +187,9 @@ class ReplyEngine:
         `user` is who the rate limit counts; without one, the conversation.
         `ticket` (from `take_ticket`) is the message's place in line; without one
         a place is taken now and released on return. `exchange_id` names the
-        stored exchange (default: a new id); storing the same id twice is a no-op,
-        so a message answered again after a crash is remembered once."""
+        stored exchange (default: a new id): if the conversation holds it already
+        (a message answered, then replayed after a crash), its stored answer is
+        given again, not generated and stored a second time."""
         reply = await self.respond(
             conversation, text, user=user, platform=platform, ticket=ticket, exchange_id=exchange_id
         )
@@ -320,6 +321,10 @@ class ReplyEngine:
                 history = await self._load_history(conversation)
             finally:
                 self._preparing -= 1  # from here to the queue there is no await
+            answered = next((exchange for exchange in history if exchange.id == exchange_id), None)
+            if answered is not None:
+                # Answered before (by a process that died before delivering it): the same answer again.
+                return clean_text(answered.bot) or NO_ANSWER, answered
             try:
                 async with asyncio.timeout_at(deadline):
                     generated = await self._generate_safely(_turns(history, text), conversation)

@@ -45,6 +45,22 @@ class Metrics:
             "blenderchat_feedback", "Ratings of replies by platform and rating (good, bad)", ["platform", "rating"],
             registry=self.registry,
         )
+        self.inbox_depth = Gauge(
+            "blenderchat_inbox_depth", "Accepted messages not yet answered and delivered", registry=self.registry
+        )
+        self.inbox_replayed = Counter(
+            "blenderchat_inbox_replayed", "Messages answered after the process first answering them stopped",
+            ["platform"], registry=self.registry,
+        )
+        self.inbox_expired = Counter(
+            "blenderchat_inbox_expired", "Unanswered messages dropped as older than INBOX_MAX_AGE", ["platform"],
+            registry=self.registry,
+        )
+        self.inbox_duplicates = Counter(
+            "blenderchat_inbox_duplicates_prevented",
+            "Retried or replayed messages not answered or delivered again, because they were already",
+            ["platform"], registry=self.registry,
+        )
         for platform in ("discord", "slack", "web", "terminal"):
             for rating in ("good", "bad"):
                 # At zero from the start, so a share of bad replies can be graphed before the first one.

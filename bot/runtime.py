@@ -21,6 +21,7 @@ from bot.startup import StartupError, cannot_listen, check_http_port, open_engin
 if TYPE_CHECKING:  # bot.engine imports torch: only once the HTTP port has been checked
     from adapters.base import Adapter
     from bot.engine import ReplyEngine
+    from bot.inbox import Inbox
     from bot.shared import SharedState
 
 log = logging.getLogger(__name__)
@@ -40,20 +41,22 @@ def run(settings: Settings) -> int:
         return error.status
 
 
-def build_adapters(settings: Settings, engine: ReplyEngine, shared: SharedState | None = None) -> list[Adapter]:
+def build_adapters(
+    settings: Settings, engine: ReplyEngine, shared: SharedState | None = None, inbox: Inbox | None = None
+) -> list[Adapter]:
     """One adapter per platform with credentials; imported only then, so a
-    deployment without Slack never loads slack_bolt. With `shared`, Slack's
-    events are de-duplicated in Redis, across replicas."""
+    deployment without Slack never loads slack_bolt. Each records what it accepts
+    in `inbox`; with `shared`, Slack's greetings are remembered in Redis."""
     adapters: list[Adapter] = []
     try:
         if settings.discord_token:
             from adapters.discord import DiscordAdapter
 
-            adapters.append(DiscordAdapter(settings, engine))
+            adapters.append(DiscordAdapter(settings, engine, inbox=inbox))
         if settings.slack_bot_token:
             from adapters.slack import SlackAdapter
 
-            adapters.append(SlackAdapter(settings, engine, dedupe=shared.dedupe if shared else None))
+            adapters.append(SlackAdapter(settings, engine, dedupe=shared.dedupe if shared else None, inbox=inbox))
     except ImportError as error:
         raise StartupError(f"a platform adapter could not be loaded: {error}") from None
     return adapters
@@ -85,15 +88,19 @@ async def _serve(settings: Settings) -> int:
 async def _serve_engine(
     settings: Settings, engine: ReplyEngine, shared: SharedState | None, stop: asyncio.Event
 ) -> None:
-    from bot.web import build_app
+    from bot.inbox import open_inbox
+    from bot.web import STATE, build_app
 
     await start_engine(settings, engine)
+    inbox = open_inbox(settings, engine.metrics)
+    await inbox.open()
     adapters: list[Adapter] = []
     runner: web.AppRunner | None = None
     try:
-        adapters = build_adapters(settings, engine, shared)
+        adapters = build_adapters(settings, engine, shared, inbox)
         app = build_app(
-            engine, settings, adapters, shared=shared, caller_limiter=shared.web_limiter if shared else None
+            engine, settings, adapters, shared=shared, caller_limiter=shared.web_limiter if shared else None,
+            inbox=inbox,
         )
         for adapter in adapters:
             adapter.mount(app)  # Slack in HTTP mode receives its events on our server
@@ -110,9 +117,12 @@ async def _serve_engine(
         log.info("Web server listening on %s", url)
         await _start_adapters(adapters)
         _log_what_runs(settings, adapters, url)
+        # Now that every platform can deliver: answer what a stopped process left unanswered.
+        inbox.start({adapter.name: adapter.replay for adapter in adapters} | {"web": app[STATE].replay})
         await stop.wait()
         await _shutdown(settings, engine, adapters, app)
     finally:
+        await inbox.close()
         await _close(engine, adapters, runner)
 
 

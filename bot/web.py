@@ -22,6 +22,7 @@ import logging
 import math
 import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +43,7 @@ from bot.errors import (
     UserBlocked,
 )
 from bot.feedback import feedback_report
+from bot.inbox import Claim, Entry, Inbox
 from bot.inflight import InFlight
 from bot.memory import RATINGS, ExchangeRef, StoreUnavailable
 from bot.ratelimit import RateLimiter, TokenBucketLimiter
@@ -81,8 +83,11 @@ class WebState:
         adapters: Sequence[Any] = (),
         shared: Pingable | None = None,
         caller_limiter: RateLimiter | None = None,
+        inbox: Inbox | None = None,
     ) -> None:
         self.engine = engine
+        self.inbox = inbox or Inbox.in_process(settings, engine.metrics)
+        self._replays: set[asyncio.Task[None]] = set()
         self.settings = settings
         self.adapters = list(adapters)
         self.shared = shared
@@ -100,6 +105,27 @@ class WebState:
         """Wait up to `timeout` s for API requests in flight; True if all finished."""
         return await self.requests.wait(timeout)
 
+    def replay(self, claim: Claim) -> None:
+        """A web API message a stopped process left unanswered: its caller is gone, so
+        it is only answered and stored, and `GET /api/history` shows it."""
+        entry = claim.entry
+        ticket = self.engine.take_ticket(entry.conversation)
+
+        async def answer() -> None:
+            with self.requests:  # a shutdown waits for it as for a request
+                try:
+                    await self.engine.respond(entry.conversation, entry.text, user=entry.user, platform="web",
+                                              ticket=ticket, exchange_id=entry.exchange_id)  # fmt: skip
+                except ReplyError:
+                    pass  # nobody to tell
+                finally:
+                    ticket.release()
+                await self.inbox.finish(claim)
+
+        task = asyncio.create_task(answer(), name=f"web-replay-{entry.key}")
+        self._replays.add(task)
+        task.add_done_callback(self._replays.discard)
+
 
 STATE = web.AppKey("state", WebState)
 
@@ -111,12 +137,14 @@ def build_app(
     *,
     shared: Pingable | None = None,
     caller_limiter: RateLimiter | None = None,
+    inbox: Inbox | None = None,
 ) -> web.Application:
     """The application; `app[STATE]` is its `WebState`. `shared` (Redis) is
     checked by /readyz along with the memory store; `caller_limiter` counts
     each web API caller's messages (default: in this process; with several
-    replicas, `SharedState.web_limiter`)."""
-    state = WebState(engine, settings, adapters, shared, caller_limiter)
+    replicas, `SharedState.web_limiter`). `inbox` records each chat message until
+    it is answered (bot/inbox)."""
+    state = WebState(engine, settings, adapters, shared, caller_limiter, inbox)
     # aiohttp's 1 MiB, or more for a JSON body around the longest text allowed (an escape takes up
     # to 12 bytes a character); Slack's events, carrying text and blocks, can be large too.
     app = web.Application(
@@ -375,13 +403,19 @@ async def api_chat(request: web.Request) -> web.Response:
         except ReplyError as error:
             state.engine.metrics.replies.labels("web", error.outcome).inc()  # as the engine counts its own
             return _reply_error(error)
+        # The user is the `user` field, else the conversation: `web:<id>`, as BLOCKED_USERS names them.
+        entry = Entry(f"web:{uuid.uuid4().hex}", "web", ticket.conversation, f"web:{user or conversation_id}", text)
+        # Recorded, so that if this process dies the exchange is still stored (the caller is gone).
+        claim = await state.inbox.accept(entry)
         try:
-            # The user is the `user` field, else the conversation: `web:<id>`, as BLOCKED_USERS names them.
             reply = await state.engine.respond(
-                ticket.conversation, text, user=f"web:{user or conversation_id}", platform="web", ticket=ticket
+                ticket.conversation, text, user=entry.user, platform="web", ticket=ticket, exchange_id=entry.exchange_id
             )
         except ReplyError as error:
             return _reply_error(error)
+        finally:
+            if claim is not None:
+                await state.inbox.finish(claim)
     # `exchange_id` names the stored exchange, for POST /api/feedback; `at` is when it was
     # stored. Both null when nothing was stored (a deflection, or the memory was down).
     exchange_id = reply.exchange.id if reply.exchange else None

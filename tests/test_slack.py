@@ -38,9 +38,11 @@ from adapters.dedupe import DedupeStore, InProcessDedupe
 from adapters.slack import FILE_ONLY, RESET_DONE, SlackAdapter, SlackStartError
 from adapters.slack_surface import PROGRESS_REACTION
 from bot.engine import ReplyEngine
+from bot.inbox import Inbox, InboxStore
+from bot.inbox.redis import RedisInbox
 from bot.memory import open_store
 from bot.memory.inprocess import InProcessStore
-from bot.shared import RedisDedupeStore, connect
+from bot.shared import connect
 from bot.web import build_app
 
 SECRET = "test-signing-secret"
@@ -97,13 +99,16 @@ async def start_bot(fake, tiny_model, make_settings):
     cleanups = []
 
     async def start(*, socket_mode: bool = False, delay: float = 0.0, reply: str | None = None, echo: bool = False,
-                    dedupe: DedupeStore | None = None, **overrides) -> Bot:
+                    dedupe: DedupeStore | None = None, inbox_store: InboxStore | None = None, **overrides) -> Bot:
         tokens = {"slack_app_token": "xapp-test"} if socket_mode else {"slack_signing_secret": SECRET}
         settings = make_settings(slack_bot_token="xoxb-test", slack_api_url=fake.api_url, **tokens, **overrides)
         model = ModelSpy(tiny_model, delay=delay, reply=reply, echo=echo)
         engine = ReplyEngine(model, open_store(settings.memory_url, max_turns=settings.memory_max_turns), settings)
         await engine.start()
-        adapter = SlackAdapter(settings, engine, dedupe=dedupe)
+        inbox = Inbox(inbox_store, settings, engine.metrics) if inbox_store else None
+        if inbox is not None:
+            await inbox.open()
+        adapter = SlackAdapter(settings, engine, dedupe=dedupe, inbox=inbox)
         app = web.Application()
         adapter.mount(app)
         runner = web.AppRunner(app)
@@ -589,17 +594,17 @@ async def slow_redis(redis_url):
     delete_prefix(redis_url, prefix)
 
 
-async def test_a_slow_first_dedupe_call_does_not_let_the_next_message_overtake(start_bot, fake, slow_redis):
+async def test_a_slow_first_claim_does_not_let_the_next_message_overtake(start_bot, fake, slow_redis):
     proxy, client, prefix = slow_redis
-    bot = await start_bot(echo=True, dedupe=RedisDedupeStore(client, prefix=prefix))  # the replicas' dedupe
-    proxy.delay_next(b"slack:event:", 1.5)  # the first message's de-duplication waits on a slow network
+    bot = await start_bot(echo=True, inbox_store=RedisInbox("", prefix=prefix, client=client))  # the replicas' inbox
+    proxy.delay_next(b"claim:slack:", 1.5)  # the first message's claim waits on a slow network
     for text in ("my name is Ada", "what is my name?"):
         assert (await bot.send(event_body(dm(text))))[0] == 200
     posts = await answered(fake, 2)
     assert [p.params["text"] for p in posts] == ["re: my name is Ada", "re: what is my name?"]
     assert [e.user for e in await bot.engine.history("slack:T1:D1")] == ["my name is Ada", "what is my name?"]
     assert bot.model.inputs[1][:2] == ["my name is Ada", "re: my name is Ada"]  # the second saw the first
-    assert proxy.count(b"slack:event:") == 2
+    assert proxy.count(b"claim:slack:") == 4  # each message: its claim, then its done mark
 
 
 async def test_a_message_with_a_file_is_answered_for_its_text(start_bot, fake):

@@ -15,7 +15,7 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import aiosqlite
@@ -99,17 +99,8 @@ class SQLiteStore:
             raise StoreUnavailable("the SQLite store is not open")
         return self._db
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
-            db = self._conn
-            try:
-                await db.execute("BEGIN IMMEDIATE")
-                yield db
-                await db.execute("COMMIT")
-            except BaseException:
-                await _roll_back(db)
-                raise
+    def _transaction(self) -> AbstractAsyncContextManager[aiosqlite.Connection]:
+        return transaction(self._conn, self._lock)
 
     async def ping(self) -> None:
         async with self._lock:
@@ -202,6 +193,20 @@ class SQLiteStore:
                 Feedback(ExchangeRef(conversation, exchange_id), rating, user, platform_, at)
                 for conversation, exchange_id, rating, user, platform_, at in await cursor.fetchall()
             ]
+
+
+@asynccontextmanager
+async def transaction(db: aiosqlite.Connection, lock: asyncio.Lock) -> AsyncIterator[aiosqlite.Connection]:
+    """`async with`: BEGIN IMMEDIATE ... COMMIT on `db` (one user at a time, by `lock`),
+    rolled back if anything fails or is cancelled."""
+    async with lock:
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            yield db
+            await db.execute("COMMIT")
+        except BaseException:
+            await _roll_back(db)
+            raise
 
 
 async def _roll_back(db: aiosqlite.Connection) -> None:

@@ -1,0 +1,379 @@
+"""Every message the bot accepted is answered exactly once, even if the process
+answering it is killed at any moment (within INBOX_MAX_AGE).
+
+Two records per message, kept in the store the memory uses (a table of the
+SQLite file; a Redis Stream and keys when Redis is configured):
+
+- A **claim** on the message's key (the platform's id of that message): held by
+  one process for a short lease (INBOX_LEASE), renewed while the reply is
+  generated and sent, then turned into a **done** mark kept for DONE_TTL, past
+  the platforms' retry windows. A retried or doubled event that finds a live
+  claim or a done mark is dropped; one that finds a lapsed claim and no done
+  mark is answered (its first handler died).
+- An **inbox entry**: what is needed to answer and deliver later (platform,
+  conversation, user, text, where to reply, when it arrived).
+
+An adapter's handler takes the message's place in line first (bot/locks.py), then
+
+    claim = await inbox.accept(entry)    # claim + record: one write, before the platform's ack
+    if claim is None: return             # a duplicate
+    ...answer (exchange id from the key), deliver (idempotently, see the adapters)...
+    await inbox.finish(claim)            # done mark + entry removed: one write
+
+`Inbox.run()` renews this process's claims and, now and every lease, answers the
+entries whose claim lapsed (a dead process's), oldest first, through each
+platform's `replay`; those older than INBOX_MAX_AGE are dropped with one log line,
+since an answer long after the question confuses people. The stored exchange's id
+comes from the message's key, so a message answered before the crash and not yet
+delivered is delivered with the answer already stored, not a second one.
+
+A store that cannot be written (a full disk, Redis down) never costs a live
+answer: the message is answered as before, without the guarantee, with one
+warning per outage and `errors{kind="inbox"}` counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from bot.config import Settings
+from bot.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# What a claim attempt found.
+ACCEPTED = "accepted"  # the message is ours to answer
+HELD = "held"  # another handler (here or in another process) is answering it now
+DONE = "done"  # it was answered
+
+# Done marks outlive Slack's retries (about 1 and 5 minutes after the event) by far.
+DONE_TTL = 3600.0
+# Entries looked at per scan; the rest wait for the next one.
+SCAN_LIMIT = 500
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One accepted message, as recorded: enough to answer and deliver it later."""
+
+    key: str  # the platform's identity of the message: "discord:<id>", "slack:<team>:<channel>:<ts>"...
+    platform: str
+    conversation: str
+    user: str
+    text: str  # as the adapter will read it again on replay
+    route: Mapping[str, Any] = field(default_factory=dict)  # where the answer goes (channel, thread, message...)
+    arrived: float = field(default_factory=time.time)  # seconds since the epoch
+    id: str = ""  # the store's id of the entry (set once recorded)
+
+    @property
+    def exchange_id(self) -> str:
+        """The id of the exchange that answers this message: the same in every
+        process, so an answer stored before a crash is found, not made again."""
+        return hashlib.sha256(self.key.encode()).hexdigest()[:32]
+
+    def dumps(self) -> str:
+        fields = {name: getattr(self, name) for name in ("key", "platform", "conversation", "user", "text", "arrived")}
+        return json.dumps({**fields, "route": dict(self.route)}, ensure_ascii=False)
+
+    @classmethod
+    def loads(cls, text: str | bytes, id: str) -> Entry:
+        return cls(**json.loads(text), id=id)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A message this process is answering. `recorded` is False when the store
+    could not be written: the message is answered without the guarantee."""
+
+    entry: Entry
+    recorded: bool = True
+    replayed: bool = False  # answered after its first handler died: its answer may be out already
+
+
+class InboxStore(Protocol):
+    """One backend (bot/inbox/sqlite.py, bot/inbox/redis.py, `InProcessInbox`). `token`
+    names the process holding a claim; times are seconds."""
+
+    durable: bool  # survives this process (else nothing is ever replayed)
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def accept(self, entry: Entry, token: str, lease: float) -> tuple[str, Entry]:
+        """Claim `entry.key` unless claimed or done, and if claimed record the entry, in one
+        atomic step. The outcome, and the entry with its store id."""
+
+    async def reclaim(self, entry: Entry, token: str, lease: float) -> str:
+        """Claim the key of a recorded entry (for a replay) unless claimed or done."""
+
+    async def renew(self, keys: list[str], token: str, lease: float) -> None:
+        """Extend the lease of these keys' claims that `token` still holds."""
+
+    async def finish(self, entry: Entry, done_ttl: float) -> None:
+        """Mark the key done for `done_ttl` and remove the entry, in one atomic step."""
+
+    async def drop(self, entry: Entry) -> None:
+        """Remove the entry only (answered under another entry, or too old)."""
+
+    async def orphans(self, lease: float, limit: int) -> list[Entry]:
+        """Recorded entries whose claim may have lapsed, oldest first."""
+
+    async def depth(self) -> int:
+        """Entries recorded and not yet removed."""
+
+
+class InProcessInbox:
+    """Claims in this process only (MEMORY_URL=memory://, or an adapter built on its
+    own): doubled and retried events are still answered once; nothing survives
+    the process, so nothing is replayed. Bounded: the oldest claims go first."""
+
+    durable = False
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self._claims: dict[str, tuple[str, float]] = {}  # key -> (token or DONE, expiry), oldest first
+        self._max_keys = max_keys
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def accept(self, entry: Entry, token: str, lease: float) -> tuple[str, Entry]:
+        return await self.reclaim(entry, token, lease), entry
+
+    async def reclaim(self, entry: Entry, token: str, lease: float) -> str:
+        now = time.monotonic()
+        held = self._claims.get(entry.key)
+        if held is not None and held[1] > now:
+            return DONE if held[0] == DONE else HELD
+        self._set(entry.key, token, now + lease)
+        return ACCEPTED
+
+    async def renew(self, keys: list[str], token: str, lease: float) -> None:
+        expires = time.monotonic() + lease
+        for key in keys:
+            if self._claims.get(key, ("", 0.0))[0] == token:
+                self._claims[key] = (token, expires)
+
+    async def finish(self, entry: Entry, done_ttl: float) -> None:
+        self._set(entry.key, DONE, time.monotonic() + done_ttl)
+
+    async def drop(self, entry: Entry) -> None:
+        pass
+
+    async def orphans(self, lease: float, limit: int) -> list[Entry]:
+        return []
+
+    async def depth(self) -> int:
+        return 0
+
+    def _set(self, key: str, holder: str, expires: float) -> None:
+        self._claims.pop(key, None)
+        self._claims[key] = (holder, expires)
+        while len(self._claims) > self._max_keys:
+            del self._claims[next(iter(self._claims))]
+
+
+Replayer = Callable[[Claim], None]
+"""A platform's `replay(claim)`: synchronously takes the message's place in line and
+starts answering and delivering it (so replays keep their arrival order)."""
+
+
+class Inbox:
+    """The claims and the inbox as adapters use them, with the metrics, the renewal
+    of this process's claims, the replay of dead processes' messages, and the
+    degradation to answering without a guarantee while the store is unusable."""
+
+    def __init__(self, store: InboxStore, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.store = store
+        self.lease = settings.inbox_lease
+        self.max_age = settings.inbox_max_age
+        self.metrics = metrics or Metrics()
+        self.token = uuid.uuid4().hex  # this process, as the holder of its claims
+        self._held: dict[str, Entry] = {}  # key -> the entry being answered here
+        self._replayers: dict[str, Replayer] = {}
+        self._failing = False  # the store failed last time: warned once, until it works again
+        self._runner: asyncio.Task[None] | None = None
+
+    @classmethod
+    def in_process(cls, settings: Settings, metrics: Metrics | None = None) -> Inbox:
+        return cls(InProcessInbox(), settings, metrics)
+
+    async def open(self) -> None:
+        try:
+            await self.store.open()
+        except Exception as error:
+            self._failed("open", error)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+            self._runner = None
+        await self.store.close()
+
+    # -- what adapters call ---------------------------------------------------
+
+    async def accept(self, entry: Entry) -> Claim | None:
+        """Claim and record a message as it arrives; None: it is answered already, or
+        being answered (a duplicate, counted). Never raises: with the store unusable
+        the message is answered all the same, unrecorded."""
+        try:
+            outcome, entry = await self.store.accept(entry, self.token, self.lease)
+        except Exception as error:
+            self._failed("record a message in", error)
+            return Claim(entry, recorded=False)
+        self._worked()
+        if outcome != ACCEPTED:
+            self.metrics.inbox_duplicates.labels(entry.platform).inc()
+            log.debug("Message %s is %s: not answered again", entry.key, outcome)
+            return None
+        self._held[entry.key] = entry
+        return Claim(entry)
+
+    async def finish(self, claim: Claim) -> None:
+        """The message was answered and its answer delivered (or deliberately not
+        sent): mark it done and remove it from the inbox."""
+        self._held.pop(claim.entry.key, None)
+        if not claim.recorded:
+            return
+        try:
+            await self.store.finish(claim.entry, DONE_TTL)
+        except Exception as error:
+            # It will look unanswered once its lease lapses: the replay's delivery check catches that.
+            self._failed("mark a message answered in", error)
+        else:
+            self._worked()
+
+    def abandon(self, claim: Claim) -> None:
+        """Stop renewing a claim whose answer was cut short (a shutdown): once the
+        lease lapses, another process or the next start answers it."""
+        self._held.pop(claim.entry.key, None)
+
+    def count_duplicate(self, platform: str) -> None:
+        """A delivery found already done (a replay whose answer was out before the crash)."""
+        self.metrics.inbox_duplicates.labels(platform).inc()
+
+    # -- renewal and replay ------------------------------------------------
+
+    def start(self, replayers: Mapping[str, Replayer]) -> None:
+        """Renew this process's claims and replay lapsed entries through `replayers`
+        (platform -> replay), now and periodically, until `close()`."""
+        self._replayers = dict(replayers)
+        self._runner = asyncio.create_task(self._run(), name="inbox")
+
+    async def _run(self) -> None:
+        renew_every = self.lease / 3
+        next_scan = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_scan:
+                await self.scan()
+                next_scan = now + self.lease / 2
+            await asyncio.sleep(min(renew_every, max(0.0, next_scan - time.monotonic())))
+            await self._renew()
+
+    async def _renew(self) -> None:
+        if not self._held:
+            return
+        try:
+            await self.store.renew(list(self._held), self.token, self.lease)
+        except Exception as error:
+            self._failed("renew claims in", error)
+
+    async def scan(self) -> int:
+        """Answer the entries no live process is answering, oldest first; how many were started."""
+        if not self.store.durable:
+            return 0
+        try:
+            entries = await self.store.orphans(self.lease, SCAN_LIMIT)
+            self.metrics.inbox_depth.set(await self.store.depth())
+            claims, expired = await self._claim_orphans(entries)
+        except Exception as error:
+            self._failed("replay messages from", error)
+            return 0
+        self._worked()
+        if expired:
+            counts = ", ".join(f"{platform} {count}" for platform, count in sorted(expired.items()))
+            log.warning(
+                "Dropped %d unanswered messages older than INBOX_MAX_AGE=%gs (%s): too late to answer",
+                sum(expired.values()), self.max_age, counts,
+            )  # fmt: skip
+        if claims:
+            log.info("Answering %d messages left unanswered by a stopped process", len(claims))
+        # Synchronously, oldest first: each takes its place in its conversation's line in arrival order.
+        for claim in claims:
+            self.metrics.inbox_replayed.labels(claim.entry.platform).inc()
+            self._replayers[claim.entry.platform](claim)
+        return len(claims)
+
+    async def _claim_orphans(self, entries: list[Entry]) -> tuple[list[Claim], Counter[str]]:
+        claims: list[Claim] = []
+        expired: Counter[str] = Counter()
+        now = time.time()
+        for entry in entries:
+            if entry.key in self._held or entry.platform not in self._replayers:
+                continue  # answered here right now, or by a platform another process serves
+            outcome = await self.store.reclaim(entry, self.token, self.lease)
+            if outcome == DONE:
+                await self.store.drop(entry)  # answered under another entry (a retried event)
+            elif outcome == ACCEPTED and now - entry.arrived > self.max_age:
+                await self.store.finish(entry, DONE_TTL)
+                expired[entry.platform] += 1
+                self.metrics.inbox_expired.labels(entry.platform).inc()
+            elif outcome == ACCEPTED:
+                self._held[entry.key] = entry
+                claims.append(Claim(entry, replayed=True))
+        return claims, expired
+
+    # -- the store's health --------------------------------------------------
+
+    def _failed(self, doing: str, error: Exception) -> None:
+        self.metrics.errors.labels("inbox").inc()
+        self.metrics.dependency_up.labels("inbox").set(0)
+        if not self._failing:
+            self._failing = True
+            log.warning(
+                "Could not %s the inbox (%s: %s): messages are still answered, but one cut short by a crash "
+                "now would be lost; retrying with each message",
+                doing, type(error).__name__, error,
+            )  # fmt: skip
+
+    def _worked(self) -> None:
+        self.metrics.dependency_up.labels("inbox").set(1)
+        if self._failing:
+            self._failing = False
+            log.info("The inbox works again: accepted messages survive a crash again")
+
+
+def open_inbox(settings: Settings, metrics: Metrics | None = None) -> Inbox:
+    """The inbox next to the memory: in Redis when one is configured (shared by every
+    replica), else in the SQLite file, else in this process only (not yet opened)."""
+    from bot.shared import shared_redis_url, split_prefix
+
+    url = shared_redis_url(settings)
+    if url is not None:
+        from bot.inbox.redis import RedisInbox
+
+        url, prefix = split_prefix(url)
+        return Inbox(RedisInbox(url, prefix=prefix), settings, metrics)
+    if settings.memory_path is not None:
+        from bot.inbox.sqlite import SQLiteInbox
+
+        return Inbox(SQLiteInbox(settings.memory_path), settings, metrics)
+    return Inbox.in_process(settings, metrics)
+
+
+def with_id(entry: Entry, id: str) -> Entry:
+    return replace(entry, id=id)

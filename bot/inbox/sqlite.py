@@ -1,0 +1,140 @@
+"""The inbox in the memory's SQLite file (two tables of its own, on a connection of
+its own, so recording a message never waits behind a history write).
+
+`claims` holds one row per message key: the process holding it and until when,
+or a done mark and until when it is kept. `inbox` holds the entries. Accepting
+(claim + entry) and finishing (done mark + entry removed) are one transaction
+each, so a crash leaves either both or neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+import aiosqlite
+
+from bot.inbox import ACCEPTED, DONE, HELD, Entry, with_id
+from bot.memory.sqlite import transaction
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS inbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL,
+    entry TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS inbox_by_key ON inbox (key);
+CREATE TABLE IF NOT EXISTS claims (
+    key TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    done INTEGER NOT NULL,
+    expires REAL NOT NULL
+);
+"""
+
+# Take the key unless a live claim or a done mark is on it.
+CLAIM = """
+INSERT INTO claims (key, holder, done, expires) VALUES (?, ?, 0, ?)
+ON CONFLICT (key) DO UPDATE SET holder = excluded.holder, done = 0, expires = excluded.expires
+WHERE claims.expires <= ?
+"""
+
+
+class SQLiteInbox:
+    durable = True
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA busy_timeout=5000")
+            await db.execute("PRAGMA secure_delete=ON")  # message texts, like the history
+            await db.executescript(SCHEMA)
+        except BaseException:
+            await db.close()
+            raise
+        self._db = db
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def accept(self, entry: Entry, token: str, lease: float) -> tuple[str, Entry]:
+        async with self._transaction() as db:
+            outcome = await self._claim(db, entry.key, token, lease)
+            if outcome != ACCEPTED:
+                return outcome, entry
+            cursor = await db.execute("INSERT INTO inbox (key, entry) VALUES (?, ?)", (entry.key, entry.dumps()))
+            return outcome, with_id(entry, str(cursor.lastrowid))
+
+    async def reclaim(self, entry: Entry, token: str, lease: float) -> str:
+        async with self._transaction() as db:
+            return await self._claim(db, entry.key, token, lease)
+
+    async def renew(self, keys: list[str], token: str, lease: float) -> None:
+        # One statement renews every claim this process holds.
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE claims SET expires = ? WHERE holder = ? AND done = 0", (time.time() + lease, token)
+            )
+
+    async def finish(self, entry: Entry, done_ttl: float) -> None:
+        now = time.time()
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO claims (key, holder, done, expires) VALUES (?, '', 1, ?) "
+                "ON CONFLICT (key) DO UPDATE SET holder = '', done = 1, expires = excluded.expires",
+                (entry.key, now + done_ttl),
+            )
+            # Every entry of the message: a retried event may have recorded it twice.
+            await db.execute("DELETE FROM inbox WHERE key = ?", (entry.key,))
+            # Forgotten done marks and lapsed claims of finished messages: the table stays small.
+            await db.execute(
+                "DELETE FROM claims WHERE expires <= ? AND key NOT IN (SELECT key FROM inbox)", (now,)
+            )
+
+    async def drop(self, entry: Entry) -> None:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM inbox WHERE id = ?", (int(entry.id),))
+
+    async def orphans(self, lease: float, limit: int) -> list[Entry]:
+        query = (
+            "SELECT inbox.id, inbox.entry FROM inbox LEFT JOIN claims ON claims.key = inbox.key "
+            "WHERE claims.key IS NULL OR claims.done = 1 OR claims.expires <= ? ORDER BY inbox.id LIMIT ?"
+        )
+        async with self._lock:
+            rows = await self._conn.execute_fetchall(query, (time.time(), limit))
+        return [Entry.loads(text, str(id)) for id, text in rows]
+
+    async def depth(self) -> int:
+        async with self._lock:
+            rows = await self._conn.execute_fetchall("SELECT COUNT(*) FROM inbox")
+        return int(list(rows)[0][0])
+
+    @staticmethod
+    async def _claim(db: aiosqlite.Connection, key: str, token: str, lease: float) -> str:
+        now = time.time()
+        cursor = await db.execute(CLAIM, (key, token, now + lease, now))
+        if cursor.rowcount:
+            return ACCEPTED
+        rows = list(await db.execute_fetchall("SELECT done FROM claims WHERE key = ?", (key,)))
+        return DONE if rows and rows[0][0] else HELD
+
+    @property
+    def _conn(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("the SQLite inbox is not open")
+        return self._db
+
+    def _transaction(self) -> AbstractAsyncContextManager[aiosqlite.Connection]:
+        return transaction(self._conn, self._lock)
