@@ -93,6 +93,7 @@ class DiscordAdapter:
         self._replies = ReplyTasks()
         self._ready = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
+        self._context = contextvars.copy_context()
         self._sent = RepliesSent()  # which exchange each recent reply message is, for reactions
         self._failure: str | None = None
         self._closing = False
@@ -110,6 +111,7 @@ class DiscordAdapter:
         context = contextvars.copy_context()
         context.run(_api_base.set, self.settings.discord_api_url.rstrip("/"))
         context.run(_gateway.set, yarl.URL(self.settings.discord_gateway_url))
+        self._context = context  # replays run in it too (they do not come from the client)
         self._runner = asyncio.create_task(self._run(), name="discord-client", context=context)
         ready = asyncio.create_task(self._ready.wait())
         try:
@@ -267,7 +269,7 @@ class DiscordAdapter:
             in_dm = isinstance(message.channel, discord.DMChannel)
             entry = Entry(
                 key=f"discord:{message.id}", platform="discord", conversation=conversation,
-                user=str(message.author.id), text=text, arrived=message.created_at.timestamp(),
+                user=str(message.author.id), text=text,
                 route={"channel": message.channel.id, "message": message.id, "dm": in_dm,
                        "unreadable": _unreadable(message, in_dm, self.settings)},
             )  # fmt: skip
@@ -288,7 +290,8 @@ class DiscordAdapter:
         kind = discord.ChannelType.private if entry.route.get("dm") else None
         channel = self._client.get_partial_messageable(channel_id, type=kind)
         work = answer_once(self.inbox, claim, self._respond(channel.get_partial_message(message_id), entry, ticket))
-        self._replies.spawn(work, name=f"discord-replay-{message_id}", ticket=ticket)
+        # In a copy of the client's context, which says where Discord's API is.
+        self._context.copy().run(self._replies.spawn, work, name=f"discord-replay-{message_id}", ticket=ticket)
 
     def _text_to_answer(self, message: discord.Message) -> str | None:
         """What the model should see, or None when the bot should stay silent."""

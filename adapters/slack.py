@@ -438,7 +438,7 @@ def _entry(body: dict[str, Any], turn: _Turn) -> Entry:
     route = {name: getattr(turn, name) for name in ("channel", "ts", "thread_ts", "has_files", "followup", "in_dm")}
     return Entry(
         key=f"slack:{team}:{turn.channel}:{turn.ts}", platform="slack", conversation=turn.conversation,
-        user=turn.user, text=turn.raw_text, route=route, arrived=float(turn.ts),
+        user=turn.user, text=turn.raw_text, route=route,
     )  # fmt: skip
 
 

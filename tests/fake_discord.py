@@ -4,12 +4,14 @@ discord.py client (see ../shared/docs/platforms.md).
 One aiohttp server on 127.0.0.1 (port 0): REST under `/api/v10`, the gateway
 websocket at `/gateway`. It knows one guild with two text channels and a
 thread, a DM channel, a few users; it records every REST call, echoes the
-bot's own messages back on the gateway as Discord does, and can answer 429,
-hold a request for a while, reject the token (401), refuse intents (4014) or
-drop the gateway (4000; 4004 ends a session for good). It also dispatches
-reactions and interactions (slash commands, the message context menu) from a
-server install or from a user's install in places the bot is no member of, and
-answers their callbacks and followups.
+bot's own messages back on the gateway as Discord does, answers a message sent
+again with the same nonce (`enforce_nonce`) with the one created first, and can
+answer 429, hold a request for a while before handling it, handle a request but
+withhold its answer (`hold_response`), reject the token (401), refuse intents
+(4014) or drop the gateway (4000; 4004 ends a session for good). It also
+dispatches reactions and interactions (slash commands, the message context
+menu) from a server install or from a user's install in places the bot is no
+member of, and answers their callbacks and followups.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ WEBHOOK_ID = 860000000000000001
 
 MESSAGE_CONTENT_INTENT = 1 << 15
 EPHEMERAL = 1 << 6
+NONCE_LENGTH = 25  # Discord refuses a longer nonce
+NONCE_WINDOW = 300.0  # seconds Discord remembers a nonce ("the past few minutes")
 
 
 @dataclass
@@ -56,6 +60,7 @@ class Call:
     status: int = 200
     query: dict[str, str] = field(default_factory=dict)
     response: Any = None  # what the fake answered
+    deduplicated: bool = False  # a repeated nonce: answered with the message created before, none created
 
 
 def _user(user_id: int, name: str, *, bot: bool = False, global_name: str | None = None) -> dict[str, Any]:
@@ -100,6 +105,11 @@ class FakeDiscord:
         self._rate_limits: list[tuple[str, str, float]] = []
         self._delays: list[tuple[str, str, float]] = []
         self.held = 0  # requests being held by `delay` right now
+        self._holds: list[tuple[str, str]] = []  # (method, path) whose next answer is withheld
+        self.withheld: list[Call] = []  # handled requests whose answer `hold_response` keeps back right now
+        self._release = asyncio.Event()  # set (and replaced) by release_held()
+        self._nonces: dict[str, tuple[int, float]] = {}  # the bot's nonce -> (its message id, when created)
+        self.nonce_window = NONCE_WINDOW
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -118,6 +128,7 @@ class FakeDiscord:
 
     async def stop(self) -> None:
         self._stopping.set()  # lets held requests go
+        self.release_held()
         for socket in list(self._sockets):
             await socket.ws.close()
         if self._runner is not None:
@@ -285,8 +296,19 @@ class FakeDiscord:
         self._rate_limits.append((method, path, retry_after))
 
     def delay(self, method: str, path: str, seconds: float) -> None:
-        """Hold the next `method path` request for `seconds` (or until the fake stops) before answering it."""
+        """Hold the next `method path` request for `seconds` (or until the fake stops) before handling it."""
         self._delays.append((method, path, seconds))
+
+    def hold_response(self, method: str, path: str) -> None:
+        """Handle the next `method path` request as usual (a message is created, recorded and
+        dispatched) but leave its connection open, unanswered, until `release_held()` or `stop()`:
+        the platform did it, the client never learned that it did."""
+        self._holds.append((method, path))
+
+    def release_held(self) -> None:
+        """Send every answer `hold_response` is keeping back now."""
+        self._release.set()
+        self._release = asyncio.Event()  # later holds wait for the next release
 
     async def wait_for(self, predicate: Callable[[], Any], *, timeout: float = 30.0, what: str = "") -> Any:
         deadline = time.monotonic() + timeout
@@ -301,12 +323,13 @@ class FakeDiscord:
     # -- what tests read ----------------------------------------------------
 
     def created(self, channel_id: int | None = None) -> list[Call]:
-        """Messages the bot created (successful POSTs), in order."""
+        """Messages the bot created (successful POSTs, not those a repeated nonce answered), in order."""
         return [
             call
             for call in self.calls
             if call.method == "POST"
             and call.status == 200
+            and not call.deduplicated
             and call.path.startswith("/channels/")
             and call.path.endswith("/messages")
             and (channel_id is None or call.path == f"/channels/{channel_id}/messages")
@@ -352,6 +375,9 @@ class FakeDiscord:
                 return _rate_limited(limit[2])
         status, payload = self._route(request.method, path, body, call)
         call.status, call.response = status, payload
+        if (request.method, path) in self._holds:
+            self._holds.remove((request.method, path))
+            await self._withhold(call)
         if status == 204:
             return web.Response(status=204)
         return _json(payload, status=status)
@@ -376,10 +402,7 @@ class FakeDiscord:
                 return 404, {"message": "Unknown Message", "code": 10008}
             return 200, message
         if method == "POST" and parts[0] == "channels" and parts[-1] == "messages":
-            message = self._bot_message(int(parts[1]), body)
-            # Discord echoes the bot's own messages back on the gateway.
-            asyncio.get_running_loop().create_task(self.dispatch("MESSAGE_CREATE", message))
-            return 200, message
+            return self._create_message(int(parts[1]), body, call)
         if method == "POST" and parts[0] == "interactions" and parts[-1] == "callback":
             kind = body["type"]
             interaction = {
@@ -398,6 +421,37 @@ class FakeDiscord:
         if method in ("DELETE", "PATCH") and parts[0] == "webhooks":
             return 204, None
         return 404, {"message": "404: Not Found", "code": 0}
+
+    def _create_message(self, channel_id: int, body: dict[str, Any], call: Call) -> tuple[int, Any]:
+        """POST /channels/{id}/messages. With `enforce_nonce`, a nonce the bot used in the last
+        few minutes (in any channel) answers the message it created then, and nothing is created."""
+        nonce = body.get("nonce")
+        if nonce is not None and len(str(nonce)) > NONCE_LENGTH:
+            error = {"code": "BASE_TYPE_BAD_LENGTH", "message": f"Must be {NONCE_LENGTH} or fewer in length."}
+            return 400, {"message": "Invalid Form Body", "code": 50035, "errors": {"nonce": {"_errors": [error]}}}
+        earlier = self._nonces.get(str(nonce)) if nonce is not None and body.get("enforce_nonce") else None
+        if earlier is not None and time.monotonic() - earlier[1] < self.nonce_window:
+            call.deduplicated = True
+            return 200, {**self.messages[earlier[0]], "nonce": nonce}
+        message = self._bot_message(channel_id, body)
+        if nonce is not None:
+            # Only the create answer and the gateway echo carry the nonce, not a message fetched later.
+            self._nonces[str(nonce)] = (int(message["id"]), time.monotonic())
+            message = {**message, "nonce": nonce}
+        # Discord echoes the bot's own messages back on the gateway.
+        asyncio.get_running_loop().create_task(self.dispatch("MESSAGE_CREATE", message))
+        return 200, message
+
+    async def _withhold(self, call: Call) -> None:
+        """Keep the answer to `call` back until release_held() or stop()."""
+        if self._stopping.is_set():
+            return
+        release = self._release
+        self.withheld.append(call)
+        try:
+            await release.wait()
+        finally:
+            self.withheld = [c for c in self.withheld if c is not call]
 
     def _bot_message(self, channel_id: int, body: dict[str, Any]) -> dict[str, Any]:
         message: dict[str, Any] = {

@@ -3,11 +3,14 @@
 One aiohttp server on 127.0.0.1 (port 0). `FakeSlack.api_url` is what
 SLACK_API_URL points at; `apps.connections.open` hands out its own
 `ws://127.0.0.1:.../socket` URL. Every Web API call is recorded; a method can
-be told to answer one 429 with Retry-After, and a scope can be withheld so the
-methods needing it answer `missing_scope`. It keeps what users would see of the
-AI-app surface: each thread's assistant status, the reactions, the published
-Home tabs, ephemeral messages. The websocket side sends `events_api` and
-`interactive` envelopes, records the client's acks and can ask it to reconnect.
+be told to answer one 429 with Retry-After or to do its next call but withhold
+the answer (`hold_response`), and a scope can be withheld so the methods needing
+it answer `missing_scope`. It keeps what users would see: the messages posted
+(and those a test adds) per channel, read back by `conversations.history` and
+`conversations.replies`; and of the AI-app surface each thread's assistant
+status, the reactions, the published Home tabs, ephemeral messages. The
+websocket side sends `events_api` and `interactive` envelopes, records the
+client's acks and can ask it to reconnect.
 """
 
 from __future__ import annotations
@@ -28,12 +31,16 @@ from slack_sdk.signature import SignatureVerifier
 BOT_USER_ID = "UBOT"
 BOT_ID = "BBOT"
 TEAM_ID = "T1"
-# The scope each method needs (only those a test withholds matter).
-SCOPES = {
+# Reading a conversation needs the history scope of its kind (see FakeSlack.channel_kind).
+HISTORY_SCOPES = {"public": "channels:history", "private": "groups:history", "im": "im:history", "mpim": "mpim:history"}
+# The scope each method needs (only those a test withholds matter): one, or one per kind of conversation.
+SCOPES: dict[str, str | dict[str, str]] = {
     "assistant.threads.setStatus": "assistant:write",
     "assistant.threads.setSuggestedPrompts": "assistant:write",
     "reactions.add": "reactions:write",
     "reactions.remove": "reactions:write",
+    "conversations.history": HISTORY_SCOPES,
+    "conversations.replies": HISTORY_SCOPES,
 }
 
 
@@ -56,12 +63,17 @@ class FakeSlack:
     statuses: dict[tuple[str, str], str] = field(default_factory=dict)  # (channel, thread) -> its status now
     reactions: set[tuple[str, str, str]] = field(default_factory=set)  # (channel, ts, name) on messages now
     home_views: dict[str, dict[str, Any]] = field(default_factory=dict)  # user -> published Home tab
+    messages: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # channel -> its messages, as stored
+    mpims: set[str] = field(default_factory=set)  # channels that are group DMs (their ids do not tell)
+    withheld: list[Call] = field(default_factory=list)  # calls done whose answer hold_response keeps back now
+    _holds: list[str] = field(default_factory=list)  # methods whose next answer is withheld
+    _release: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) by release_held()
+    _closing: bool = False
     _rate_limit: dict[str, int] = field(default_factory=dict)
     _breaks: list[tuple[str, str]] = field(default_factory=list)  # (method, "disconnect" | "payload")
     revoked: bool = False  # the bot token was revoked: every call with it answers token_revoked
     _runner: web.AppRunner | None = None
     _port: int = 0
-    _ts: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     # -- server ----------------------------------------------------------
 
@@ -77,6 +89,8 @@ class FakeSlack:
         return self
 
     async def close(self) -> None:
+        self._closing = True
+        self.release_held()
         for ws in self.sockets:
             await ws.close()
         if self._runner is not None:
@@ -96,6 +110,30 @@ class FakeSlack:
         """The next `times` calls of `method`: "disconnect" closes the connection before
         answering (nothing done); "payload" does the call, then breaks off its answer."""
         self._breaks += [(method, how)] * times
+
+    def hold_response(self, method: str) -> None:
+        """Do the next call of `method` as usual (recorded, a message stored) but leave its connection
+        open, unanswered, until `release_held()` or `close()`: Slack did it, the client never learned that."""
+        self._holds.append(method)
+
+    def release_held(self) -> None:
+        """Send every answer `hold_response` is keeping back now."""
+        self._release.set()
+        self._release = asyncio.Event()  # later holds wait for the next release
+
+    def add_message(self, channel: str, ts: str, text: str, user: str, thread_ts: str | None = None) -> dict[str, Any]:
+        """Store a user's message as Slack would have it (e.g. the mention a thread hangs off); returns it."""
+        message = {"type": "message", "ts": ts, "user": user, "text": text, "team": TEAM_ID}
+        if thread_ts:
+            message["thread_ts"] = thread_ts
+        self.messages.setdefault(channel, []).append(message)
+        return message
+
+    def channel_kind(self, channel: str) -> str:
+        """Which history scope reading `channel` needs: "public", "private", "im" or "mpim"."""
+        if channel in self.mpims:
+            return "mpim"
+        return {"D": "im", "G": "private"}.get(channel[:1], "public")
 
     def calls_to(self, method: str, *, ok_only: bool = True) -> list[Call]:
         return [c for c in self.calls if c.method == method and (c.status == 200 or not ok_only)]
@@ -147,13 +185,35 @@ class FakeSlack:
             return web.json_response(
                 {"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": str(retry_after)}
             )
-        scope = SCOPES.get(method)
+        scope = self._scope_needed(method, params)
         if scope in self.missing_scopes:
             self.calls.append(Call(method, params, token, status=403))
-            return web.json_response({"ok": False, "error": "missing_scope", "needed": scope,
-                                      "provided": "chat:write,im:history"})
-        self.calls.append(Call(method, params, token))
-        return web.json_response(self._answer(method, params, token))
+            provided = ",".join(s for s in ("chat:write", "im:history") if s not in self.missing_scopes)
+            return web.json_response({"ok": False, "error": "missing_scope", "needed": scope, "provided": provided})
+        call = Call(method, params, token)
+        self.calls.append(call)
+        answer = self._answer(method, params, token)
+        if method in self._holds:
+            self._holds.remove(method)
+            await self._withhold(call)
+        return web.json_response(answer)
+
+    def _scope_needed(self, method: str, params: dict[str, Any]) -> str | None:
+        scope = SCOPES.get(method)
+        if isinstance(scope, dict):
+            return scope[self.channel_kind(str(params.get("channel", "")))]
+        return scope
+
+    async def _withhold(self, call: Call) -> None:
+        """Keep the answer to `call` back until release_held() or close()."""
+        if self._closing:
+            return
+        release = self._release
+        self.withheld.append(call)
+        try:
+            await release.wait()
+        finally:
+            self.withheld = [c for c in self.withheld if c is not call]
 
     def _answer(self, method: str, params: dict[str, Any], token: str | None) -> dict[str, Any]:
         if self.revoked and (token or "").startswith("xoxb-"):
@@ -168,10 +228,14 @@ class FakeSlack:
                 return {"ok": False, "error": "invalid_auth"}
             return {"ok": True, "url": f"ws://127.0.0.1:{self._port}/socket?ticket={uuid.uuid4().hex}"}
         if method == "chat.postMessage":
-            ts = f"{int(time.time())}.{next(self._ts):06d}"
-            self.calls[-1].response_ts = ts
-            return {"ok": True, "channel": params.get("channel"), "ts": ts,
-                    "message": {"text": params.get("text"), "user": BOT_USER_ID, "bot_id": BOT_ID, "ts": ts}}
+            message = self._store_post(params)
+            self.calls[-1].response_ts = message["ts"]
+            shown = {key: value for key, value in message.items() if key != "metadata"}
+            return {"ok": True, "channel": params.get("channel"), "ts": message["ts"], "message": shown}
+        if method == "conversations.history":
+            return self._history(params)
+        if method == "conversations.replies":
+            return self._replies(params)
         if method == "reactions.add":
             self.reactions.add((params["channel"], params["timestamp"], params["name"]))
             return {"ok": True}
@@ -188,7 +252,7 @@ class FakeSlack:
             self.home_views[params["user_id"]] = view
             return {"ok": True, "view": {"id": "V" + uuid.uuid4().hex[:8].upper(), **view}}
         if method == "chat.postEphemeral":
-            return {"ok": True, "message_ts": f"{int(time.time())}.{next(self._ts):06d}"}
+            return {"ok": True, "message_ts": new_ts()}
         if method == "users.info":
             user = params.get("user")
             if user not in self.users:
@@ -196,6 +260,91 @@ class FakeSlack:
             return {"ok": True, "user": {"id": user, "name": self.users[user].lower(),
                                          "profile": {"display_name": self.users[user], "real_name": ""}}}
         return {"ok": False, "error": "unknown_method"}
+
+    # -- the message store -----------------------------------------------
+
+    def _store_post(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Keep what chat.postMessage posts as Slack stores it. Form bodies carry blocks and
+        metadata JSON-encoded, JSON bodies as they are."""
+        # The module's ts counter, which user events use too: ts order is the order things happened.
+        message: dict[str, Any] = {
+            "type": "message",
+            "ts": new_ts(),
+            "user": BOT_USER_ID,
+            "bot_id": BOT_ID,
+            "team": TEAM_ID,
+            "text": params.get("text") or "",
+        }
+        if params.get("thread_ts"):
+            message["thread_ts"] = str(params["thread_ts"])
+        for key in ("blocks", "metadata"):
+            value = params.get(key)
+            if value:
+                message[key] = json.loads(value) if isinstance(value, str) else value
+        self.messages.setdefault(str(params.get("channel", "")), []).append(message)
+        return message
+
+    def _history(self, params: dict[str, Any]) -> dict[str, Any]:
+        """conversations.history: the channel's top-level messages (thread parents among them), newest
+        first, after `oldest` and before `latest` (either one included only with `inclusive`)."""
+        channel = str(params.get("channel", ""))
+        oldest, latest = _ts_key(params.get("oldest") or "0"), params.get("latest")
+        inclusive = _true(params.get("inclusive"))
+
+        def in_range(ts: str) -> bool:
+            key = _ts_key(ts)
+            after = key > oldest or (inclusive and key == oldest)
+            before = latest is None or key < _ts_key(latest) or (inclusive and key == _ts_key(latest))
+            return after and before
+
+        top = [m for m in self._stored(channel) if m.get("thread_ts", m["ts"]) == m["ts"] and in_range(m["ts"])]
+        top.reverse()
+        limit = _limit(params, 100)
+        shown = [self._shown(channel, m, _true(params.get("include_all_metadata"))) for m in top[:limit]]
+        return {"ok": True, "messages": shown, "has_more": len(top) > limit}
+
+    def _replies(self, params: dict[str, Any]) -> dict[str, Any]:
+        """conversations.replies: a thread oldest first, its parent first; a message that starts no thread,
+        or a reply's ts, answers that message alone. Replies under a parent the fake never stored (a user's
+        message no test added) come without it."""
+        channel, ts = str(params.get("channel", "")), str(params.get("ts", ""))
+        stored = self._stored(channel)
+        message = next((m for m in stored if m["ts"] == ts), None)
+        if message is not None and message.get("thread_ts", ts) != ts:
+            thread = [message]
+        else:
+            thread = [m for m in stored if m["ts"] == ts or m.get("thread_ts") == ts]
+        if not thread:
+            return {"ok": False, "error": "thread_not_found"}
+        limit = _limit(params, 1000)
+        shown = [self._shown(channel, m, _true(params.get("include_all_metadata"))) for m in thread[:limit]]
+        return {"ok": True, "messages": shown, "has_more": len(thread) > limit}
+
+    def _stored(self, channel: str) -> list[dict[str, Any]]:
+        """The channel's messages, oldest first."""
+        return sorted(self.messages.get(channel, []), key=lambda m: _ts_key(m["ts"]))
+
+    def _shown(self, channel: str, message: dict[str, Any], with_metadata: bool) -> dict[str, Any]:
+        """A stored message as the read methods return it: metadata only when asked for all of
+        it; a thread parent with its reply summary, a reply with its parent's author."""
+        shown = {key: value for key, value in message.items() if key != "metadata" or with_metadata}
+        ts, thread_ts = message["ts"], message.get("thread_ts")
+        if thread_ts and thread_ts != ts:
+            parent = next((m for m in self.messages.get(channel, []) if m["ts"] == thread_ts), None)
+            if parent is not None:
+                shown["parent_user_id"] = parent["user"]
+            return shown
+        replies = [m for m in self._stored(channel) if m.get("thread_ts") == ts and m["ts"] != ts]
+        if replies:
+            users = list(dict.fromkeys(m["user"] for m in replies))
+            shown.update(
+                thread_ts=ts,
+                reply_count=len(replies),
+                reply_users=users,
+                reply_users_count=len(users),
+                latest_reply=replies[-1]["ts"],
+            )
+        return shown
 
     # -- Socket Mode -----------------------------------------------------
 
@@ -237,6 +386,22 @@ class FakeSlack:
 
     def acked(self, envelope_id: str) -> bool:
         return any(ack.get("envelope_id") == envelope_id for ack in self.acks)
+
+
+def _ts_key(ts: str) -> tuple[int, int]:
+    """A message ts ("1700000000.000123") as two numbers, to order and compare exactly (a float cannot)."""
+    seconds, _, fraction = str(ts).partition(".")
+    return int(seconds or 0), int(fraction.ljust(6, "0"))
+
+
+def _true(value: Any) -> bool:
+    """A boolean argument as slack_sdk sends it: "1"/"0" in a query, true/false in JSON."""
+    return str(value).lower() in ("1", "true")
+
+
+def _limit(params: dict[str, Any], default: int) -> int:
+    limit = int(params.get("limit") or 0)
+    return limit if limit > 0 else default
 
 
 # -- building and signing events ------------------------------------------

@@ -71,7 +71,7 @@ class Entry:
     user: str
     text: str  # as the adapter will read it again on replay
     route: Mapping[str, Any] = field(default_factory=dict)  # where the answer goes (channel, thread, message...)
-    arrived: float = field(default_factory=time.time)  # seconds since the epoch
+    arrived: float = field(default_factory=time.time)  # when this bot received it, seconds since the epoch
     id: str = ""  # the store's id of the entry (set once recorded)
 
     @property
