@@ -2,8 +2,8 @@
 
 `connect(url)` builds the one kind of Redis client every shared piece uses (a
 bounded connection pool, short timeouts, lost connections retried with
-exponential backoff). `SharedState.from_settings(settings)` opens it for the
-de-duplication of platform events (`RedisDedupeStore`), the per-user rate
+exponential backoff). `SharedState.from_settings(settings)` opens it for
+remembering whom Slack greeted (`RedisDedupeStore`), the per-user rate
 limits (`RedisRateLimiter`) and the per-conversation locks
 (`bot.locks.RedisLocks`); conversation history has its own client in
 `bot.memory.redis.RedisStore`. Every key starts with a prefix (`blenderchat:`

@@ -119,8 +119,29 @@ def _bot(tmp_path, fake: FakeDiscord, blenderbot_dir, name: str, **extra: str) -
     return BotProcess(tmp_path / f"{name}.log", **env)
 
 
-async def _ready(process: BotProcess) -> None:
-    await asyncio.to_thread(process.wait_ready, 120)
+@pytest.fixture
+async def discord_bots(tmp_path, blenderbot_dir):
+    """The fake Discord, and `start(name, **env)`: a ready `blender-chat run` on it
+    (one SQLite file for all of them); every process is killed at the end."""
+    fake = FakeDiscord()
+    await fake.start()
+    processes: list[BotProcess] = []
+
+    async def start(name: str, **extra: str) -> BotProcess:
+        process = _bot(tmp_path, fake, blenderbot_dir, name, **extra)
+        processes.append(process)
+        await asyncio.to_thread(process.wait_ready, 120)
+        return process
+
+    yield fake, start
+    for process in processes:
+        process.close()
+    await fake.stop()
+
+
+def _kill(process: BotProcess) -> None:
+    process.signal(signal.SIGKILL)
+    process.wait(30)
 
 
 def _answers(fake: FakeDiscord) -> list[dict]:
@@ -182,95 +203,60 @@ async def _send_in_flight(fake: FakeDiscord) -> dict[int, list[int]]:
 
 
 @pytest.mark.timeout(300)
-async def test_killed_with_20_messages_in_flight_every_one_is_answered_once_after_the_restart(
-    tmp_path, blenderbot_dir
-):
-    fake = FakeDiscord()
-    await fake.start()
-    first = _bot(tmp_path, fake, blenderbot_dir, "first")
-    second = None
-    try:
-        await _ready(first)
-        sent = await _send_in_flight(fake)
-        assert _answers(fake) == []  # nothing delivered yet
-        first.signal(signal.SIGKILL)
-        first.wait(30)
+async def test_killed_with_20_messages_in_flight_every_one_is_answered_once_after_the_restart(discord_bots):
+    fake, start = discord_bots
+    first = await start("first")
+    sent = await _send_in_flight(fake)
+    assert _answers(fake) == []  # nothing delivered yet
+    _kill(first)
 
-        second = _bot(tmp_path, fake, blenderbot_dir, "second")
-        await _ready(second)
-        everything = [message for messages in sent.values() for message in messages]
-        await fake.wait_for(lambda: len(_answers(fake)) >= 20, timeout=120, what="20 answers after the restart")
-        await asyncio.sleep(3)  # a second scan, to be sure nothing is answered twice
-        assert sorted(len(_replies_to(fake, message)) for message in everything) == [1] * 20
-        assert len(_answers(fake)) == 20
-        for channel, messages in sent.items():
-            texts = [fake.messages[message]["content"].removeprefix(MENTION).strip() for message in messages]
-            assert await _history(second, channel) == texts  # each conversation in the order it was said
-        assert _metric(second, "blenderchat_inbox_replayed_total", platform="discord") == 20
-        assert _metric(second, "blenderchat_inbox_depth") == 0
-        assert "Answering 20 messages left unanswered by a stopped process" in second.log
-    finally:
-        for process in (first, second):
-            if process is not None:
-                process.close()
-        await fake.stop()
+    second = await start("second")
+    everything = [message for messages in sent.values() for message in messages]
+    await fake.wait_for(lambda: len(_answers(fake)) >= 20, timeout=120, what="20 answers after the restart")
+    await asyncio.sleep(3)  # a second scan, to be sure nothing is answered twice
+    assert sorted(len(_replies_to(fake, message)) for message in everything) == [1] * 20
+    assert len(_answers(fake)) == 20
+    for channel, messages in sent.items():
+        texts = [fake.messages[message]["content"].removeprefix(MENTION).strip() for message in messages]
+        assert await _history(second, channel) == texts  # each conversation in the order it was said
+    assert _metric(second, "blenderchat_inbox_replayed_total", platform="discord") == 20
+    assert _metric(second, "blenderchat_inbox_depth") == 0
+    assert "Answering 20 messages left unanswered by a stopped process" in second.log
 
 
 @pytest.mark.timeout(300)
-async def test_an_answer_posted_just_before_the_kill_is_not_posted_again(tmp_path, blenderbot_dir):
-    fake = FakeDiscord()
-    await fake.start()
-    first = _bot(tmp_path, fake, blenderbot_dir, "first")
-    second = None
-    try:
-        await _ready(first)
-        # Discord creates the answer, and the process dies before it hears so (before the inbox ack).
-        fake.hold_response("POST", f"/channels/{CHANNEL_ID}/messages")
-        message = await fake.send_message(f"{MENTION} hello there", mentions=(BOT_ID,))
-        await fake.wait_for(lambda: fake.withheld, timeout=60, what="the answer created")
-        first.signal(signal.SIGKILL)
-        first.wait(30)
-        fake.release_held()
+async def test_an_answer_posted_just_before_the_kill_is_not_posted_again(discord_bots):
+    fake, start = discord_bots
+    first = await start("first")
+    # Discord creates the answer, and the process dies before it hears so (before the inbox ack).
+    fake.hold_response("POST", f"/channels/{CHANNEL_ID}/messages")
+    message = await fake.send_message(f"{MENTION} hello there", mentions=(BOT_ID,))
+    await fake.wait_for(lambda: fake.withheld, timeout=60, what="the answer created")
+    _kill(first)
+    fake.release_held()
 
-        second = _bot(tmp_path, fake, blenderbot_dir, "second")
-        await _ready(second)
-        await fake.wait_for(
-            lambda: _metric(second, "blenderchat_inbox_replayed_total", platform="discord") == 1,
-            timeout=60, what="the replay",
-        )  # fmt: skip
-        await fake.wait_for(lambda: any(call.deduplicated for call in fake.calls), timeout=30, what="the resend")
-        assert len(_replies_to(fake, message)) == 1  # Discord knew the nonce: one answer, not two
-        assert await _history(second, CHANNEL_ID) == ["hello there"]  # and remembered once
-    finally:
-        for process in (first, second):
-            if process is not None:
-                process.close()
-        await fake.stop()
+    second = await start("second")
+    await fake.wait_for(
+        lambda: _metric(second, "blenderchat_inbox_replayed_total", platform="discord") == 1,
+        timeout=60, what="the replay",
+    )  # fmt: skip
+    await fake.wait_for(lambda: any(call.deduplicated for call in fake.calls), timeout=30, what="the resend")
+    assert len(_replies_to(fake, message)) == 1  # Discord knew the nonce: one answer, not two
+    assert await _history(second, CHANNEL_ID) == ["hello there"]  # and remembered once
 
 
 @pytest.mark.timeout(300)
-async def test_messages_older_than_inbox_max_age_are_not_answered_after_a_restart(tmp_path, blenderbot_dir):
-    fake = FakeDiscord()
-    await fake.start()
-    first = _bot(tmp_path, fake, blenderbot_dir, "first")
-    second = None
-    try:
-        await _ready(first)
-        await _send_in_flight(fake)
-        first.signal(signal.SIGKILL)
-        first.wait(30)
-        await asyncio.sleep(3)
+async def test_messages_older_than_inbox_max_age_are_not_answered_after_a_restart(discord_bots):
+    fake, start = discord_bots
+    first = await start("first")
+    await _send_in_flight(fake)
+    _kill(first)
+    await asyncio.sleep(3)
 
-        second = _bot(tmp_path, fake, blenderbot_dir, "second", INBOX_MAX_AGE="2s")
-        await _ready(second)
-        await fake.wait_for(
-            lambda: _metric(second, "blenderchat_inbox_expired_total", platform="discord") == 20,
-            timeout=60, what="the old messages dropped",
-        )  # fmt: skip
-        assert _answers(fake) == []
-        assert "Dropped 20 unanswered messages older than INBOX_MAX_AGE=2s (discord 20)" in second.log
-    finally:
-        for process in (first, second):
-            if process is not None:
-                process.close()
-        await fake.stop()
+    second = await start("second", INBOX_MAX_AGE="2s")
+    await fake.wait_for(
+        lambda: _metric(second, "blenderchat_inbox_expired_total", platform="discord") == 20,
+        timeout=60, what="the old messages dropped",
+    )  # fmt: skip
+    assert _answers(fake) == []
+    assert "Dropped 20 unanswered messages older than INBOX_MAX_AGE=2s (discord 20)" in second.log

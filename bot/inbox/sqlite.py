@@ -17,7 +17,7 @@ from pathlib import Path
 import aiosqlite
 
 from bot.inbox import ACCEPTED, DONE, HELD, Entry, with_id
-from bot.memory.sqlite import transaction
+from bot.memory.sqlite import connect, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbox (
@@ -51,13 +51,8 @@ class SQLiteInbox:
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(self.path, isolation_level=None)
+        db = await connect(self.path)
         try:
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA synchronous=NORMAL")
-            await db.execute("PRAGMA busy_timeout=5000")
-            await db.execute("PRAGMA secure_delete=ON")  # message texts, like the history
             await db.executescript(SCHEMA)
         except BaseException:
             await db.close()

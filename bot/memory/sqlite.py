@@ -66,15 +66,8 @@ class SQLiteStore:
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: we say BEGIN/COMMIT ourselves, so one exchange is one transaction.
-        db = await aiosqlite.connect(self.path, isolation_level=None)
+        db = await connect(self.path)
         try:
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA synchronous=NORMAL")
-            await db.execute("PRAGMA busy_timeout=5000")
-            # Forgotten and expired conversations are overwritten, not just unlinked (many builds default to this).
-            await db.execute("PRAGMA secure_delete=ON")
             # Off by default in SQLite: tables referring to exchanges or conversations get their constraints kept.
             await db.execute("PRAGMA foreign_keys=ON")
             await db.executescript(SCHEMA)
@@ -193,6 +186,24 @@ class SQLiteStore:
                 Feedback(ExchangeRef(conversation, exchange_id), rating, user, platform_, at)
                 for conversation, exchange_id, rating, user, platform_, at in await cursor.fetchall()
             ]
+
+
+async def connect(path: Path) -> aiosqlite.Connection:
+    """A connection to the file at `path` (made, with its folder, if missing) as every
+    user of it here wants one: WAL, and deleted rows overwritten, not just unlinked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: we say BEGIN/COMMIT ourselves (see `transaction`).
+    db = await aiosqlite.connect(path, isolation_level=None)
+    try:
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute("PRAGMA busy_timeout=5000")
+        # Forgotten and expired conversations, and answered messages, are overwritten (many builds default to this).
+        await db.execute("PRAGMA secure_delete=ON")
+    except BaseException:
+        await db.close()
+        raise
+    return db
 
 
 @asynccontextmanager
