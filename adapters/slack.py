@@ -211,7 +211,7 @@ class SlackAdapter:
         return await next()
 
     async def _take_in(
-        self, body: dict[str, Any], event: dict[str, Any], context: Any, next: Callable[[], Awaitable[None]]
+        self, body: dict[str, Any], event: dict[str, Any], next: Callable[[], Awaitable[None]]
     ) -> None:
         """Take a message in, before Slack is acked: its place in line, then its claim and
         inbox entry (one write), then its answer in a task of its own."""
@@ -220,18 +220,13 @@ class SlackAdapter:
             # Its place in the conversation's line before anything here awaits, so the claim,
             # however long it takes, cannot let a later message of it overtake this one.
             ticket = self.engine.take_ticket(turn.conversation)
-            # Bolt's set_status points at the message's thread (or the message): the status shows
-            # where the answer goes, in a DM or a thread; a reply in the channel itself gets the hourglass.
-            set_status: AsyncSetStatus | None = context.get("set_status")
-            if set_status is not None and not (turn.in_dm or set_status.thread_ts == turn.thread_ts):
-                set_status = None
             task = None
             try:
                 # One claim per user message: Slack retries an event with the same message, and a
                 # mention can also arrive as a `message` event with the same channel and ts.
                 claim = await self.inbox.accept(_entry(body, turn))
                 if claim is not None:
-                    work = answer_once(self.inbox, claim, self._reply(turn, ticket, claim, set_status))
+                    work = answer_once(self.inbox, claim, self._reply(turn, ticket, claim))
                     task = self._tasks.spawn(work, name=f"slack-reply-{turn.channel}-{turn.ts}", ticket=ticket)
             finally:
                 if task is None:
@@ -246,6 +241,15 @@ class SlackAdapter:
         ticket = self.engine.take_ticket(turn.conversation)
         work = answer_once(self.inbox, claim, self._reply(turn, ticket, claim))
         self._tasks.spawn(work, name=f"slack-replay-{turn.channel}-{turn.ts}", ticket=ticket)
+
+    def _status_for(self, turn: _Turn) -> AsyncSetStatus | None:
+        """Where the thinking status goes: Bolt's set_status (made as Bolt makes it for the
+        event, so a replay clears the one a stopped process left up) for a DM or the thread
+        the answer goes to; None for a reply in the channel itself, which gets the hourglass."""
+        thread = turn.thread_ts or turn.ts  # Bolt's: the message's thread, else the message
+        if turn.in_dm or thread == turn.thread_ts:
+            return AsyncSetStatus(client=self.client, channel_id=turn.channel, thread_ts=thread)
+        return None
 
     async def _in_thread(self, turn: _Turn, ticket: Ticket) -> bool:
         """The bot answered in this thread if it remembers the thread's conversation: the
@@ -295,13 +299,11 @@ class SlackAdapter:
 
     # -- answering -------------------------------------------------------
 
-    async def _reply(
-        self, turn: _Turn, ticket: Ticket, claim: Claim, set_status: AsyncSetStatus | None = None
-    ) -> None:
+    async def _reply(self, turn: _Turn, ticket: Ticket, claim: Claim) -> None:
         if turn.followup and not await self._in_thread(turn, ticket):
             return  # chatter in a thread the bot is not in: not even the thinking status
         # The hint goes up at once, even while an earlier message of the conversation is being answered.
-        hint = asyncio.create_task(self.surface.thinking.show(turn.channel, turn.ts, set_status))
+        hint = asyncio.create_task(self.surface.thinking.show(turn.channel, turn.ts, self._status_for(turn)))
         try:
             # The ticket is held until the answer is posted: answers go out in the order the
             # messages came, even when posting an earlier one waits out a rate limit.

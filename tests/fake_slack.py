@@ -67,6 +67,9 @@ class FakeSlack:
     mpims: set[str] = field(default_factory=set)  # channels that are group DMs (their ids do not tell)
     withheld: list[Call] = field(default_factory=list)  # calls done whose answer hold_response keeps back now
     _holds: list[str] = field(default_factory=list)  # methods whose next answer is withheld
+    _delays: list[tuple[str, float]] = field(default_factory=list)  # (method, seconds) to hold a call before doing it
+    held: int = 0  # calls `delay` is holding back right now
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set by close(): held calls go on
     _release: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) by release_held()
     _closing: bool = False
     _rate_limit: dict[str, int] = field(default_factory=dict)
@@ -90,6 +93,7 @@ class FakeSlack:
 
     async def close(self) -> None:
         self._closing = True
+        self._stopping.set()
         self.release_held()
         for ws in self.sockets:
             await ws.close()
@@ -110,6 +114,11 @@ class FakeSlack:
         """The next `times` calls of `method`: "disconnect" closes the connection before
         answering (nothing done); "payload" does the call, then breaks off its answer."""
         self._breaks += [(method, how)] * times
+
+    def delay(self, method: str, seconds: float) -> None:
+        """Hold the next call of `method` for `seconds` (or until `close()`) before doing it: the
+        request is on its way, Slack has not done it yet (a process killed now never posts it)."""
+        self._delays.append((method, seconds))
 
     def hold_response(self, method: str) -> None:
         """Do the next call of `method` as usual (recorded, a message stored) but leave its connection
@@ -179,6 +188,16 @@ class FakeSlack:
             assert request.transport is not None
             request.transport.close()
             return response
+        delay = next((d for d in self._delays if d[0] == method), None)
+        if delay is not None:
+            self._delays.remove(delay)
+            self.held += 1
+            try:
+                await asyncio.wait_for(self._stopping.wait(), delay[1])
+            except TimeoutError:
+                pass
+            finally:
+                self.held -= 1
         if method in self._rate_limit:
             retry_after = self._rate_limit.pop(method)
             self.calls.append(Call(method, params, token, status=429))
