@@ -8,7 +8,7 @@ here, the Host, Origin and Content-Type rules in bot/webaccess.py.
 
 /healthz fails once a platform has stopped for good (a reset token), so the
 process gets restarted; /readyz is about answering: a platform reconnecting
-makes it 503, a memory store or Redis that cannot be reached only "degraded"
+makes it 503, a memory store, Redis or an inbox that cannot be used only "degraded"
 (the bot answers without them), reported in its body and in
 `blenderchat_dependency_up`.
 """
@@ -278,7 +278,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def _dependencies(state: WebState) -> list[str]:
-    """Check the memory store and Redis now; what cannot be reached, and `dependency_up` set to match."""
+    """Check the memory store and Redis now, and whether the inbox's last write worked; what
+    cannot be used, and `dependency_up` set to match (the inbox sets its own)."""
     store_error, shared_error = await asyncio.gather(_ping(state.engine.store), _ping(state.shared))
     gauge = state.engine.metrics.dependency_up
     degraded = []
@@ -290,6 +291,11 @@ async def _dependencies(state: WebState) -> list[str]:
         gauge.labels("redis").set(shared_error is None)
     if shared_error is not None:
         degraded.append(f"Redis for locks, rate limits and de-duplication is unavailable ({shared_error})")
+    if state.inbox.failure is not None:  # as of its last write (every message, and a scan every INBOX_LEASE/2)
+        degraded.append(
+            f"the inbox cannot be written ({state.inbox.store.name}: {state.inbox.failure}): messages are "
+            "still answered, but one cut short by a crash now would be lost"
+        )
     return degraded
 
 

@@ -19,7 +19,8 @@ from bot_process import BotProcess, http, port_env
 from fake_discord import BOT_ID, CHANNEL_ID, DM_CHANNEL_ID, OTHER_CHANNEL_ID, FakeDiscord
 from fake_slack import BOT_USER_ID, TEAM_ID, FakeSlack, dm, event_body, mention, signed_headers, wait_for
 from prometheus_client.parser import text_string_to_metric_families
-from redis_servers import delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
+from aiohttp.test_utils import TestClient, TestServer
+from redis_servers import PrivateRedis, delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
 
 from bot.config import Settings
 from bot.inbox import ACCEPTED, DONE, HELD, Claim, Entry, Inbox
@@ -27,6 +28,8 @@ from bot.inbox.redis import RedisInbox
 from bot.inbox.sqlite import SQLiteInbox
 from bot.memory import open_store
 from bot.metrics import Metrics
+from bot.startup import open_engine
+from bot.web import build_app
 
 MENTION = f"<@{BOT_ID}>"
 
@@ -109,6 +112,34 @@ async def test_an_inbox_that_cannot_be_written_still_lets_messages_through_with_
     assert "still answered" in warnings[0].getMessage()
     assert _sample(metrics, "blenderchat_errors_total", kind="inbox") >= 3
     await inbox.close()
+
+
+async def test_readyz_names_an_inbox_that_cannot_be_written_until_it_works_again(make_settings, tmp_path):
+    server = PrivateRedis(tmp_path)  # its port chosen, not started: Redis is down
+    settings = make_settings()
+    engine, _ = await open_engine(settings)
+    inbox = Inbox(RedisInbox(server.url, prefix=unique_prefix()), settings, engine.metrics)
+    await inbox.open()
+    async with engine:
+        client = TestClient(TestServer(build_app(engine, settings, inbox=inbox), host="127.0.0.1", port=0))
+        await client.start_server()
+        try:
+            response = await client.post("/api/chat", json={"conversation": "c", "text": "hello", "user": "u"})
+            assert response.status == 200 and (await response.json())["reply"].strip()  # answered, unrecorded
+            response = await client.get("/readyz")
+            body = await response.json()
+            assert response.status == 200 and len(body["degraded"]) == 1, body  # ready: it answers
+            assert "inbox cannot be written (redis" in body["degraded"][0], body
+            assert str(server.port) not in body["degraded"][0]  # no addresses on an open endpoint
+            server.start()
+            response = await client.post("/api/chat", json={"conversation": "c", "text": "and now?", "user": "u"})
+            assert response.status == 200
+            response = await client.get("/readyz")
+            assert (await response.json())["degraded"] == []
+        finally:
+            await client.close()
+            await inbox.close()
+            server.stop()
 
 
 async def test_a_dead_processes_messages_are_replayed_once_in_arrival_order(tmp_path):

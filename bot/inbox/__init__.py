@@ -103,6 +103,7 @@ class InboxStore(Protocol):
     """One backend (bot/inbox/sqlite.py, bot/inbox/redis.py, `InProcessInbox`). `token`
     names the process holding a claim; times are seconds."""
 
+    name: str  # "sqlite", "redis"...: what an operator knows it by
     durable: bool  # survives this process (else nothing is ever replayed)
 
     async def open(self) -> None: ...
@@ -137,6 +138,7 @@ class InProcessInbox:
     own): doubled and retried events are still answered once; nothing survives
     the process, so nothing is replayed. Bounded: the oldest claims go first."""
 
+    name = "in-process"
     durable = False
 
     def __init__(self, max_keys: int = 100_000) -> None:
@@ -203,7 +205,7 @@ class Inbox:
         self.token = uuid.uuid4().hex  # this process, as the holder of its claims
         self._held: dict[str, Entry] = {}  # key -> the entry being answered here
         self._replayers: dict[str, Replayer] = {}
-        self._failing = False  # the store failed last time: warned once, until it works again
+        self.failure: str | None = None  # why the store failed last time (warned once), until it works again
         self._runner: asyncio.Task[None] | None = None
 
     @classmethod
@@ -342,18 +344,18 @@ class Inbox:
     def _failed(self, doing: str, error: Exception) -> None:
         self.metrics.errors.labels("inbox").inc()
         self.metrics.dependency_up.labels("inbox").set(0)
-        if not self._failing:
-            self._failing = True
+        if self.failure is None:
             log.warning(
                 "Could not %s the inbox (%s: %s): messages are still answered, but one cut short by a crash "
                 "now would be lost; retrying with each message",
                 doing, type(error).__name__, error,
             )  # fmt: skip
+        self.failure = type(error).__name__  # its kind: the text can name hosts and paths (for /readyz)
 
     def _worked(self) -> None:
         self.metrics.dependency_up.labels("inbox").set(1)
-        if self._failing:
-            self._failing = False
+        if self.failure is not None:
+            self.failure = None
             log.info("The inbox works again: accepted messages survive a crash again")
 
 

@@ -64,6 +64,7 @@ return 0
 
 
 class RedisInbox:
+    name = "redis"
     durable = True
 
     def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX, client: Redis | None = None) -> None:

@@ -43,6 +43,7 @@ WHERE claims.expires <= ?
 
 
 class SQLiteInbox:
+    name = "sqlite"
     durable = True
 
     def __init__(self, path: str | Path) -> None:
