@@ -214,3 +214,13 @@ async def test_a_held_slack_answer_comes_only_once_released(slack, client):
     assert (await client.chat_postMessage(channel="C1", text="not held"))["ok"]
     slack.release_held()
     assert (await asyncio.wait_for(held, 5))["ts"] == slack.posts[0].response_ts
+
+
+async def test_a_delayed_slack_call_is_not_done_until_its_time_or_the_close(slack, client):
+    slack.delay("chat.postMessage", 600)
+    delayed = asyncio.get_running_loop().create_task(client.chat_postMessage(channel="C1", text="on its way"))
+    await wait_for(lambda: slack.held == 1, what="the call held")
+    assert (await client.chat_postMessage(channel="C1", text="not delayed"))["ok"]  # the next one is not
+    assert [m["text"] for m in slack.messages["C1"]] == ["not delayed"] and len(slack.posts) == 1
+    await slack.close()  # a process killed now would never have posted it; a live one gets it done
+    assert (await asyncio.wait_for(delayed, 5))["ok"] and slack.held == 0
