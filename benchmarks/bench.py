@@ -122,9 +122,12 @@ class Worker:
 class HttpWorker:
     """The whole bot (`python -m bot run`, default settings) in a subprocess,
     driven over POST /api/chat. Its memory is a SQLite file: the history of a
-    conversation is written there before the run, as earlier exchanges leave it."""
+    conversation is written there before the run, as earlier exchanges leave it
+    (in a scratch directory of its own, removed when the worker closes)."""
 
-    def __init__(self, model: Path, beams: int, log, directory: Path) -> None:
+    def __init__(self, model: Path, beams: int, log) -> None:
+        self._scratch = tempfile.TemporaryDirectory(prefix="blender-chat-bench-http-")
+        directory = Path(self._scratch.name)
         with socket.socket() as probe:  # a free port for the server (it is told which)
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
@@ -208,6 +211,7 @@ class HttpWorker:
             self.process.wait(60)
         except subprocess.TimeoutExpired:
             self.process.kill()
+        self._scratch.cleanup()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -254,7 +258,7 @@ def run(args: argparse.Namespace) -> dict:
         for kind in contenders:
             print(f"starting {kind} (beams {beams})", flush=True)
             if kind == "http":
-                workers[kind] = HttpWorker(model, beams, log, out)
+                workers[kind] = HttpWorker(model, beams, log)
             else:
                 workers[kind] = Worker(kind, model, beams, log)
             extras["descriptions"][kind] = workers[kind].description
