@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from bot_process import BotProcess, http, port_env
 from fake_discord import BOT_ID, CHANNEL_ID, DM_CHANNEL_ID, OTHER_CHANNEL_ID, FakeDiscord
 from fake_slack import BOT_USER_ID, TEAM_ID, FakeSlack, dm, event_body, mention, signed_headers, wait_for
 from prometheus_client.parser import text_string_to_metric_families
-from aiohttp.test_utils import TestClient, TestServer
 from redis_servers import PrivateRedis, delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
 
 from bot.config import Settings
