@@ -126,7 +126,12 @@ def metric(base: str, name: str, **labels: str) -> float:
     """The value of one sample on the bot's /metrics (0 if absent)."""
     status, _, text = http("GET", base + "/metrics")
     assert status == 200
-    for family in text_string_to_metric_families(text):
+    return sample(text, name, **labels)
+
+
+def sample(exposition: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text (0 if absent)."""
+    for family in text_string_to_metric_families(exposition):
         for sample in family.samples:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value

@@ -16,10 +16,9 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from bot_process import BotProcess, http, port_env
+from bot_process import BotProcess, http, metric, port_env, sample
 from fake_discord import BOT_ID, CHANNEL_ID, DM_CHANNEL_ID, OTHER_CHANNEL_ID, FakeDiscord
 from fake_slack import BOT_USER_ID, TEAM_ID, FakeSlack, dm, event_body, mention, signed_headers, wait_for
-from prometheus_client.parser import text_string_to_metric_families
 from redis_servers import PrivateRedis, delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
 
 from bot.config import Settings
@@ -224,17 +223,11 @@ def _kill(process: BotProcess) -> None:
 
 
 def _metric(process: BotProcess, name: str, **labels: str) -> float:
-    from bot_process import metric
-
     return metric(process.base, name, **labels)
 
 
 def _sample(metrics: Metrics, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(metrics.render().decode()):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
+    return sample(metrics.render().decode(), name, **labels)
 
 
 async def _remembered(memory_url: str, conversation: str) -> list[str]:

@@ -607,6 +607,20 @@ async def test_a_slow_first_claim_does_not_let_the_next_message_overtake(start_b
     assert proxy.count(b"claim:slack:") == 4  # each message: its claim, then its done mark
 
 
+async def test_socket_mode_acks_an_event_only_once_it_is_recorded(start_bot, fake, slow_redis):
+    proxy, client, prefix = slow_redis
+    await start_bot(socket_mode=True, echo=True, inbox_store=RedisInbox("", prefix=prefix, client=client))
+    proxy.delay_next(b"claim:slack:", 1.0)  # recording the message waits on a slow network
+    event = dm("remember this one")
+    envelope = await fake.send_envelope(event_body(event))
+    await asyncio.sleep(0.5)
+    assert not fake.acked(envelope)  # not recorded yet: killed now, Slack would deliver it again
+    await wait_for(lambda: fake.acked(envelope), what="the ack once recorded")
+    [post] = await answered(fake, 1)
+    assert post.params["text"] == "re: remember this one"
+    assert await client.get(f"{prefix}claim:slack:T1:D1:{event['ts']}") == b"done"
+
+
 async def test_a_message_with_a_file_is_answered_for_its_text(start_bot, fake):
     bot = await start_bot(echo=True, slack_thread_followups=True)
     files = [{"id": "F1", "name": "screenshot.png", "mimetype": "image/png"}]
