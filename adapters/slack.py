@@ -3,7 +3,8 @@
 Answers mentions in channels and messages in DMs (and, optionally, follow-ups
 in threads it already answered, known from the thread's conversation memory,
 so every replica and a restarted bot know them too), once per user message, in
-a thread by default; a message with a file is answered for its text. Each
+a thread: a DM's in the thread of the user's message (Slack's agent messaging
+experience), a channel's by default; a message with a file is answered for its text. Each
 event takes its place in its conversation's line first thing (before the
 de-duplication and name lookups await), and keeps it until its answer is
 posted, so a conversation's answers go out in the order its messages came.
