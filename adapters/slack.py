@@ -3,7 +3,8 @@
 Answers mentions in channels and messages in DMs (and, optionally, follow-ups
 in threads it already answered, known from the thread's conversation memory,
 so every replica and a restarted bot know them too), once per user message, in
-a thread by default; a message with a file is answered for its text. Each
+a thread: a DM's in the thread of the user's message (Slack's agent messaging
+experience), a channel's by default; a message with a file is answered for its text. Each
 event takes its place in its conversation's line first thing (before the
 de-duplication and name lookups await), and keeps it until its answer is
 posted, so a conversation's answers go out in the order its messages came.
@@ -243,13 +244,13 @@ class SlackAdapter:
         self._tasks.spawn(work, name=f"slack-replay-{turn.channel}-{turn.ts}", ticket=ticket)
 
     def _status_for(self, turn: _Turn) -> AsyncSetStatus | None:
-        """Where the thinking status goes: Bolt's set_status (made as Bolt makes it for the
-        event, so a replay clears the one a stopped process left up) for a DM or the thread
-        the answer goes to; None for a reply in the channel itself, which gets the hourglass."""
-        thread = turn.thread_ts or turn.ts  # Bolt's: the message's thread, else the message
-        if turn.in_dm or thread == turn.thread_ts:
-            return AsyncSetStatus(client=self.client, channel_id=turn.channel, thread_ts=thread)
-        return None
+        """Where the thinking status goes: Bolt's set_status on the thread the answer goes to
+        (a DM's answer too), so the answer clears it; a replay makes the same one and clears
+        what a stopped process left up. None for an answer in the channel itself: no thread
+        to show a status in, so the hourglass."""
+        if turn.thread_ts is None:
+            return None
+        return AsyncSetStatus(client=self.client, channel_id=turn.channel, thread_ts=turn.thread_ts)
 
     async def _in_thread(self, turn: _Turn, ticket: Ticket) -> bool:
         """The bot answered in this thread if it remembers the thread's conversation: the
@@ -285,7 +286,9 @@ class SlackAdapter:
         if followup and not (self.settings.slack_thread_followups and thread):
             return None  # channel messages reach us only as thread follow-ups (message.channels scope)
         if is_dm:
-            conversation, reply_to = f"slack:{team}:{channel}", thread
+            # Slack's agent experience shows a DM as threads, the user's message the root of each
+            # (its samples answer at `thread_ts or ts`): the answer goes in that thread, one memory per DM.
+            conversation, reply_to = f"slack:{team}:{channel}", thread or ts
         elif self.settings.slack_reply_in_thread:
             reply_to = thread or ts
             conversation = f"slack:{team}:{channel}:{reply_to}"

@@ -1,10 +1,15 @@
 """Slack's AI-app surface around the answers, built from Bolt's own helpers.
 
-- While a reply is generated in a DM or a thread: Slack's "is thinking..." status
-  (`set_status` with loading messages); elsewhere, or without the scope, the
-  hourglass reaction instead. Never both.
-- When someone opens the Messages tab or starts an assistant thread: suggested
-  prompts (`set_suggested_prompts`) and a one-line greeting, once per person.
+- While a reply is generated: Slack's "is thinking..." status (`set_status` with
+  loading messages, `chat:write`) on the thread the reply goes to (a DM's reply
+  goes in the thread of the user's message, as Slack's agent experience shows
+  it). Where the reply has no thread (a channel message answered in the
+  channel), or Slack refuses the status, the hourglass reaction instead. Never both.
+- When someone opens the Messages tab (Slack's agent experience, `agent_view`):
+  a one-line greeting, once per person, and SLACK_SUGGESTED_PROMPTS when they are
+  not the manifest's own (set the agent way: no `thread_ts`). Apps still on the
+  legacy assistant experience (`assistant_view`) get both in each new assistant
+  thread (`assistant_thread_started`).
 - The Home tab (`views.publish`): what the bot is, what it remembers and for how
   long, and a "Forget my conversations" button.
 - Feedback buttons under every reply that is a stored exchange; a click is acked
@@ -45,7 +50,7 @@ from slack_sdk.models.blocks import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.dedupe import DedupeStore, InProcessDedupe
-from bot.config import Settings
+from bot.config import DEFAULT_SLACK_PROMPTS, Settings
 from bot.engine import ReplyEngine
 from bot.memory import BAD, GOOD, ExchangeRef, StoreUnavailable
 
@@ -56,6 +61,9 @@ STATUS = "is thinking..."
 LOADING_MESSAGES = ["Thinking...", "Finding the right words...", "Putting a reply together..."]
 GREETING = "Hi! I'm BlenderBot, a chat bot running on our own server. Ask me anything, or pick a suggestion."
 PROMPTS_TITLE = "Try asking me"
+# The suggested prompts slack-manifest.yml gives agent_view (tests/test_manifest.py holds the two equal):
+# Slack shows them by itself, so the bot sets prompts only when SLACK_SUGGESTED_PROMPTS is something else.
+MANIFEST_PROMPTS = DEFAULT_SLACK_PROMPTS
 FEEDBACK_ACTION = "reply_feedback"
 FORGET_ACTION = "forget_my_conversations"
 THANKS = {
@@ -126,7 +134,8 @@ class Shown:
 
 
 class Thinking:
-    """Slack's native status where it can be set, else the hourglass reaction."""
+    """Slack's status on the reply's thread; the hourglass reaction where there is no
+    thread for it, or Slack refused it."""
 
     def __init__(self, client: AsyncWebClient, niceties: Niceties) -> None:
         self.client = client
@@ -135,7 +144,7 @@ class Thinking:
 
     async def show(self, channel: str, ts: str, set_status: AsyncSetStatus | None) -> Shown:
         """`set_status`: Bolt's helper for the thread the reply goes to; None where the
-        reply does not go to a thread or DM (a channel message answered in the channel)."""
+        reply goes to no thread (a channel message answered in the channel)."""
         if set_status is not None:
             key = (set_status.channel_id, set_status.thread_ts)
             self._pending[key] += 1
@@ -225,8 +234,7 @@ class SlackSurface:
 
     # -- the Messages tab and assistant threads -----------------------------
 
-    async def _on_home_opened(self, body: dict[str, Any], event: dict[str, Any], say: Any,
-                              set_suggested_prompts: Any = None) -> None:
+    async def _on_home_opened(self, body: dict[str, Any], event: dict[str, Any], say: Any) -> None:
         user, channel, team = event.get("user"), event.get("channel"), _team(body, event)
         if not user or not self._welcome(team, user):
             return
@@ -234,22 +242,42 @@ class SlackSurface:
             conversation = f"slack:{team}:{channel}" if channel else None
             await self._publish_home(user, conversation)
         elif event.get("tab") == "messages" and channel:
-            await self._start_dm(f"slack:{team}:{channel}", team, user, set_suggested_prompts, say)
+            # The agent experience's start of a DM (it replaces assistant_thread_started).
+            prompts = self._prompts_beyond_the_manifest()
+            if prompts:
+                # Without thread_ts, always: with it an agent app's call silently fails (Slack's reference).
+                await self.niceties.call(
+                    "assistant.threads.setSuggestedPrompts",
+                    lambda: self.client.assistant_threads_setSuggestedPrompts(
+                        channel_id=channel, prompts=prompts, title=PROMPTS_TITLE),
+                )
+            await self._greet_once(f"slack:{team}:{channel}", team, user, say)
 
     async def _on_thread_started(self, body: dict[str, Any], event: dict[str, Any], say: Any,
                                  set_suggested_prompts: Any = None) -> None:
+        """An app still on the legacy assistant experience: a new assistant thread gets the
+        prompts (on that thread: Bolt's helper passes its thread_ts) and the greeting in it."""
         thread = event.get("assistant_thread") or {}
         user, channel, team = thread.get("user_id"), thread.get("channel_id"), _team(body, event)
-        if user and channel and self._welcome(team, user):
-            await self._start_dm(f"slack:{team}:{channel}", team, user, set_suggested_prompts, say)
-
-    async def _start_dm(self, conversation: str, team: str, user: str, set_suggested_prompts: Any, say: Any) -> None:
+        if not (user and channel and self._welcome(team, user)):
+            return
         prompts = self.settings.slack_suggested_prompts
         if prompts and set_suggested_prompts is not None:
             await self.niceties.call(
                 "assistant.threads.setSuggestedPrompts",
                 lambda: set_suggested_prompts(prompts=list(prompts), title=PROMPTS_TITLE),
             )
+        await self._greet_once(f"slack:{team}:{channel}", team, user, say)
+
+    def _prompts_beyond_the_manifest(self) -> list[dict[str, str]]:
+        """SLACK_SUGGESTED_PROMPTS as Slack takes them, when they are not the manifest's own
+        (which Slack shows by itself); else none. `off` sets none: the manifest's still show."""
+        prompts = self.settings.slack_suggested_prompts
+        if not prompts or prompts == MANIFEST_PROMPTS:
+            return []
+        return [{"title": prompt, "message": prompt} for prompt in prompts]
+
+    async def _greet_once(self, conversation: str, team: str, user: str, say: Any) -> None:
         if await self._first_greeting(conversation, team, user):
             await self.niceties.call("chat.postMessage", lambda: say(text=GREETING))
 

@@ -33,9 +33,11 @@ BOT_ID = "BBOT"
 TEAM_ID = "T1"
 # Reading a conversation needs the history scope of its kind (see FakeSlack.channel_kind).
 HISTORY_SCOPES = {"public": "channels:history", "private": "groups:history", "im": "im:history", "mpim": "mpim:history"}
-# The scope each method needs (only those a test withholds matter): one, or one per kind of conversation.
-SCOPES: dict[str, str | dict[str, str]] = {
-    "assistant.threads.setStatus": "assistant:write",
+# The scope each method needs (only those a test withholds matter): one, one per kind of conversation,
+# or a tuple of scopes any one of which will do.
+SCOPES: dict[str, str | dict[str, str] | tuple[str, ...]] = {
+    # Slack's reference: chat:write, and assistant:write still accepted "for the time being".
+    "assistant.threads.setStatus": ("chat:write", "assistant:write"),
     "assistant.threads.setSuggestedPrompts": "assistant:write",
     "reactions.add": "reactions:write",
     "reactions.remove": "reactions:write",
@@ -63,6 +65,10 @@ class FakeSlack:
     statuses: dict[tuple[str, str], str] = field(default_factory=dict)  # (channel, thread) -> its status now
     reactions: set[tuple[str, str, str]] = field(default_factory=set)  # (channel, ts, name) on messages now
     home_views: dict[str, dict[str, Any]] = field(default_factory=dict)  # user -> published Home tab
+    # The app's messaging experience, as its manifest says: "agent" (agent_view) or "assistant" (assistant_view).
+    experience: str = "agent"
+    # (channel, thread_ts or None) -> the suggested prompts (with their title) shown there now.
+    suggested: dict[tuple[str, str | None], dict[str, Any]] = field(default_factory=dict)
     messages: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # channel -> its messages, as stored
     mpims: set[str] = field(default_factory=set)  # channels that are group DMs (their ids do not tell)
     withheld: list[Call] = field(default_factory=list)  # calls done whose answer hold_response keeps back now
@@ -221,6 +227,8 @@ class FakeSlack:
         scope = SCOPES.get(method)
         if isinstance(scope, dict):
             return scope[self.channel_kind(str(params.get("channel", "")))]
+        if isinstance(scope, tuple):  # the first one granted; all missing: the first is named
+            return next((s for s in scope if s not in self.missing_scopes), scope[0])
         return scope
 
     async def _withhold(self, call: Call) -> None:
@@ -265,7 +273,7 @@ class FakeSlack:
             self.statuses[(params["channel_id"], params["thread_ts"])] = params["status"]
             return {"ok": True}
         if method == "assistant.threads.setSuggestedPrompts":
-            return {"ok": True}
+            return self._suggest(params)
         if method == "views.publish":
             view = params["view"] if isinstance(params["view"], dict) else json.loads(params["view"])
             self.home_views[params["user_id"]] = view
@@ -279,6 +287,17 @@ class FakeSlack:
             return {"ok": True, "user": {"id": user, "name": self.users[user].lower(),
                                          "profile": {"display_name": self.users[user], "real_name": ""}}}
         return {"ok": False, "error": "unknown_method"}
+
+    def _suggest(self, params: dict[str, Any]) -> dict[str, Any]:
+        """assistant.threads.setSuggestedPrompts as its reference page says: `thread_ts` only in the
+        legacy assistant experience; an agent app's call with it "silently fails" (ok, nothing shown);
+        without it the prompts go to the latest message in the channel, here kept under (channel, None)."""
+        thread = params.get("thread_ts")
+        if thread and self.experience == "agent":
+            return {"ok": True}
+        prompts = params["prompts"] if isinstance(params["prompts"], list) else json.loads(params["prompts"])
+        self.suggested[(params["channel_id"], thread or None)] = {"title": params.get("title"), "prompts": prompts}
+        return {"ok": True}
 
     # -- the message store -----------------------------------------------
 
@@ -451,17 +470,21 @@ def mention(text: str, *, channel: str = "C1", user: str = "U2", thread_ts: str 
 
 
 def dm(text: str, *, channel: str = "D1", user: str = "U2", **extra: Any) -> dict[str, Any]:
+    """A `message.im` event (the fields of its reference page's example); `thread_ts=` for a reply in a thread."""
     return {"type": "message", "channel_type": "im", "user": user, "text": text, "ts": new_ts(), "channel": channel,
             **extra}
 
 
 def home_opened(tab: str, *, user: str = "U2", channel: str = "D1") -> dict[str, Any]:
-    """An `app_home_opened` event: the person opened the bot's Home or Messages tab."""
+    """An `app_home_opened` event: the person opened the bot's Home or Messages tab (the fields of the
+    event's reference example and java-slack-sdk's AppHomeOpenedPayload; `view` only comes with a Home tab
+    published before, so it is left out). In the agent experience `tab == "messages"` starts a DM."""
     return {"type": "app_home_opened", "user": user, "channel": channel, "tab": tab, "event_ts": new_ts()}
 
 
 def thread_started(*, user: str = "U2", channel: str = "D1") -> dict[str, Any]:
-    """An `assistant_thread_started` event: the person opened a new assistant thread."""
+    """An `assistant_thread_started` event (its reference page's example): the person opened a new
+    assistant thread. Only apps on the legacy assistant experience (`assistant_view`) get it."""
     ts = new_ts()
     return {"type": "assistant_thread_started", "event_ts": ts,
             "assistant_thread": {"user_id": user, "channel_id": channel, "thread_ts": ts,

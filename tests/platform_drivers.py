@@ -123,7 +123,7 @@ class SlackDriver:
     def conversation(self, sent: tuple[str, str | None, str, int]) -> str:
         """The conversation a message belongs to (a thread, or a whole DM)."""
         channel, thread, _, _ = sent
-        return f"slack:T1:{channel}" if thread is None else f"slack:T1:{channel}:{thread}"
+        return f"slack:T1:{channel}" if thread is None or channel.startswith("D") else f"slack:T1:{channel}:{thread}"
 
     async def say(self, text: str, *, user: str = "first", where: str = "channel",
                   thread: str | None = None, channel: str | None = None) -> tuple[str, str | None, str, int]:
@@ -144,7 +144,7 @@ class SlackDriver:
         else:
             status, _ = await self.bot.send(body)
             assert status == 200
-        reply_thread = None if where == "dm" else (thread or event["ts"])
+        reply_thread = thread or event["ts"]  # a DM's answer too: in the thread of the user's message
         return event["channel"], reply_thread, event["ts"], before
 
     def replies(self, sent: tuple[str, str | None, str, int]) -> list[str]:

@@ -36,7 +36,7 @@ from tcp_proxy import TcpProxy
 
 from adapters.dedupe import DedupeStore, InProcessDedupe
 from adapters.slack import FILE_ONLY, RESET_DONE, SlackAdapter, SlackStartError
-from adapters.slack_surface import PROGRESS_REACTION
+from adapters.slack_surface import PROGRESS_REACTION, STATUS
 from bot.engine import ReplyEngine
 from bot.inbox import Inbox, InboxStore
 from bot.inbox.redis import RedisInbox
@@ -293,11 +293,13 @@ async def test_http_channel_mode_replies_in_the_channel_with_memory_per_channel(
 
 async def test_http_direct_messages_have_memory_per_dm_channel(start_bot, fake):
     bot = await start_bot()
-    await bot.send(event_body(dm("hello bot")))
+    first, second = dm("hello bot"), dm("still me")
+    await bot.send(event_body(first))
     await answered(fake, 1)
-    await bot.send(event_body(dm("still me")))
+    await bot.send(event_body(second))
     posts = await answered(fake, 2)
-    assert all(p.params["channel"] == "D1" and "thread_ts" not in p.params for p in posts)
+    # Each answer in the thread of its message (Slack's agent experience), one memory for the DM.
+    assert [(p.params["channel"], p.params["thread_ts"]) for p in posts] == [("D1", first["ts"]), ("D1", second["ts"])]
     assert [e.user for e in await bot.engine.history("slack:T1:D1")] == ["hello bot", "still me"]
 
 
@@ -664,7 +666,6 @@ async def test_thread_followups_survive_a_restart(start_bot, fake, tmp_path):
 
 
 async def test_a_followup_sent_while_the_mention_is_being_answered_counts(start_bot, fake):
-    fake.missing_scopes.add("assistant:write")  # the hourglass, which shows which message is being answered
     bot = await start_bot(delay=1.0, echo=True, slack_thread_followups=True)
     top = mention("start a thread")
     await bot.send(event_body(top))
@@ -672,7 +673,9 @@ async def test_a_followup_sent_while_the_mention_is_being_answered_counts(start_
     await bot.send(event_body(in_thread("and one more thing", top["ts"])))  # before the answer is there
     posts = await answered(fake, 2)
     assert [p.params["text"] for p in posts] == ["re: start a thread", "re: and one more thing"]
-    assert fake.calls_to("reactions.add")[1].params["timestamp"] != top["ts"]
+    # The thinking status went up for each of the two, on the thread both answers went to.
+    statuses = [(c.params["thread_ts"], c.params["status"]) for c in fake.status_calls("C1")]
+    assert statuses.count((top["ts"], STATUS)) >= 2 and statuses[-1] == (top["ts"], "")
 
 
 async def test_a_broken_connection_while_posting_still_sends_the_whole_answer(start_bot, fake):
@@ -691,9 +694,8 @@ async def test_a_broken_connection_while_posting_still_sends_the_whole_answer(st
 
 @pytest.mark.parametrize("method", ["assistant.threads.setStatus", "reactions.add"])
 async def test_a_dropped_connection_on_the_thinking_hint_costs_only_the_hint(start_bot, fake, caplog, method):
-    if method == "reactions.add":
-        fake.missing_scopes.add("assistant:write")  # the hourglass instead of the status
-    bot = await start_bot()
+    # The hourglass goes on a channel message answered in the channel: no thread for a status.
+    bot = await start_bot(slack_reply_in_thread=(method != "reactions.add"))
     fake.break_next(method, "disconnect", times=2)  # slack_sdk retries once by itself
     await bot.send(event_body(mention("hello")))
     [post] = await answered(fake, 1)
@@ -701,7 +703,7 @@ async def test_a_dropped_connection_on_the_thinking_hint_costs_only_the_hint(sta
     await wait_for(lambda: len(bot.adapter._tasks) == 0, what="the reply task to end")
     if method == "reactions.add":  # the hourglass never went up: nothing to take down
         assert fake.calls_to("reactions.remove", ok_only=False) == []
-    else:  # no status: the hourglass instead, as without the scope, and taken down
+    else:  # Slack did not take the status: the hourglass instead, and taken down
         assert fake.calls_to("reactions.add") and fake.calls_to("reactions.remove")
     assert not fake.thinking
     assert "A reply task failed" not in caplog.text

@@ -1,7 +1,8 @@
 """Slack's AI-app surface (adapters/slack_surface.py) through the real slack_bolt /
 slack_sdk against the local fake of Slack: the thinking status and its hourglass
 fallback, suggested prompts and the greeting, the Home tab and its forget button,
-feedback buttons clicked over HTTP (signed) and Socket Mode."""
+feedback buttons clicked over HTTP (signed) and Socket Mode. Slack's agent experience by default
+(a DM answered in the thread of its message); the legacy assistant experience still served."""
 
 from __future__ import annotations
 
@@ -60,21 +61,41 @@ def order(fake: FakeSlack, *calls) -> list[int]:
     return [next(i for i, seen in enumerate(fake.calls) if seen is call) for call in calls]
 
 
-# -- the thinking status -----------------------------------------------------------
+# -- the thinking status: on the thread the answer goes to ----------------------------------
 
 
-async def test_status_is_set_then_cleared_around_a_reply_in_a_dm(start_bot, fake):
+async def test_a_dm_is_answered_in_the_thread_of_the_message_with_the_status_there(start_bot, fake):
+    """Slack's agent experience: the user's message is the root of a thread, the answer goes in it
+    (Slack's agent samples: `thread_ts or ts`), and the thinking status is on that same thread."""
     bot = await start_bot()
     event = dm("hello, are you there?")
     await bot.send(event_body(event))
     [post] = await answered(fake)
+    assert (post.params["channel"], post.params["thread_ts"]) == ("D1", event["ts"])
     shown, cleared = fake.status_calls("D1")
     assert (shown.params["thread_ts"], shown.params["status"], shown.params["loading_messages"]) == (
         event["ts"], STATUS, LOADING_MESSAGES)
     assert (cleared.params["thread_ts"], cleared.params["status"]) == (event["ts"], "")
     first, then, last = order(fake, shown, post, cleared)
     assert first < then < last
+    assert fake.statuses == {("D1", event["ts"]): ""}  # nothing left behind anywhere
     assert fake.calls_to("reactions.add") == []  # never both
+
+
+async def test_a_reply_in_a_dm_thread_is_answered_in_that_thread(start_bot, fake):
+    bot = await start_bot(echo=True)
+    top = dm("first")
+    await bot.send(event_body(top))
+    await answered(fake, 1)
+    reply = dm("and in the thread", thread_ts=top["ts"])
+    await bot.send(event_body(reply))
+    posts = await answered(fake, 2)
+    assert (posts[1].params["thread_ts"], posts[1].params["text"]) == (top["ts"], "re: and in the thread")
+    assert [(c.params["thread_ts"], c.params["status"]) for c in fake.status_calls("D1")] == [
+        (top["ts"], STATUS), (top["ts"], ""), (top["ts"], STATUS), (top["ts"], "")]
+    assert fake.calls_to("reactions.add") == []
+    # One memory per DM, whichever thread the user writes in.
+    assert [e.user for e in await bot.engine.history("slack:T1:D1")] == ["first", "and in the thread"]
 
 
 async def test_status_is_set_then_cleared_around_a_reply_in_a_thread(start_bot, fake):
@@ -85,7 +106,7 @@ async def test_status_is_set_then_cleared_around_a_reply_in_a_thread(start_bot, 
     follow_up = mention("and in the thread", thread_ts=top["ts"])
     await bot.send(event_body(follow_up))
     posts = await answered(fake, 2)
-    assert posts[1].params["thread_ts"] == top["ts"]
+    assert [p.params["thread_ts"] for p in posts] == [top["ts"], top["ts"]]
     calls = fake.status_calls("C1")
     assert [(c.params["thread_ts"], c.params["status"]) for c in calls] == [
         (top["ts"], STATUS), (top["ts"], ""), (top["ts"], STATUS), (top["ts"], "")]
@@ -105,50 +126,82 @@ async def test_a_second_reply_still_on_its_way_keeps_the_status_up(start_bot, fa
     assert statuses == [STATUS, STATUS, STATUS, ""]
 
 
-async def test_hourglass_when_the_status_scope_is_missing_and_it_is_logged_once(start_bot, fake, caplog):
+async def test_the_status_takes_chat_write_and_a_missing_assistant_write_costs_only_the_prompts(
+        start_bot, fake, caplog):
     caplog.set_level(logging.WARNING, logger="adapters")
     fake.missing_scopes.add("assistant:write")
-    bot = await start_bot(echo=True)
-    events = [dm("one"), dm("two"), mention("three")]
+    bot = await start_bot(echo=True, slack_suggested_prompts=("How are you?",))
+    events = [dm("one"), mention("two")]
     for count, event in enumerate(events, 1):
         await bot.send(event_body(event))
         await answered(fake, count)
-    added = [(c.params["channel"], c.params["timestamp"], c.params["name"]) for c in fake.calls_to("reactions.add")]
-    assert added == [(e["channel"], e["ts"], PROGRESS_REACTION) for e in events]
-    assert len(fake.calls_to("reactions.remove")) == 3
-    # Tried once, then left alone rather than failing on every message; one warning naming the scope.
-    assert len(fake.status_calls()) == 0 and len(fake.calls_to("assistant.threads.setStatus", ok_only=False)) == 1
-    warnings = [r.getMessage() for r in caplog.records if "assistant.threads.setStatus" in r.getMessage()]
+    assert [(c.params["channel_id"], c.params["thread_ts"], c.params["status"]) for c in fake.status_calls()] == [
+        ("D1", events[0]["ts"], STATUS), ("D1", events[0]["ts"], ""),
+        ("C1", events[1]["ts"], STATUS), ("C1", events[1]["ts"], "")]
+    assert fake.calls_to("reactions.add", ok_only=False) == []
+    # The prompts need assistant:write: refused, said once with the scope's name; the greeting still comes.
+    await bot.send(event_body(home_opened("messages", user="U3", channel="D3")))
+    await wait_for(lambda: [p for p in fake.posts if p.params["channel"] == "D3"], what="the greeting")
+    assert fake.suggested == {}
+    warnings = [r.getMessage() for r in caplog.records if "setSuggestedPrompts" in r.getMessage()]
     assert len(warnings) == 1 and "assistant:write" in warnings[0]
-    assert all("one" not in w and "two" not in w for w in warnings)
 
 
-async def test_without_any_scope_for_hints_the_answer_still_arrives(start_bot, fake):
-    fake.missing_scopes |= {"assistant:write", "reactions:write"}
-    bot = await start_bot()
-    await bot.send(event_body(dm("hello")))
+async def test_hourglass_only_where_the_answer_has_no_thread(start_bot, fake):
+    bot = await start_bot(slack_reply_in_thread=False, echo=True)
+    in_channel, direct = mention("in the channel"), dm("in a DM")
+    await bot.send(event_body(in_channel))
+    await answered(fake, 1)
+    await bot.send(event_body(direct))
+    posts = await answered(fake, 2)
+    assert "thread_ts" not in posts[0].params and posts[1].params["thread_ts"] == direct["ts"]
+    added = [(c.params["channel"], c.params["timestamp"], c.params["name"]) for c in fake.calls_to("reactions.add")]
+    assert added == [("C1", in_channel["ts"], PROGRESS_REACTION)]
+    assert len(fake.calls_to("reactions.remove")) == 1
+    assert [(c.params["channel_id"], c.params["thread_ts"]) for c in fake.status_calls()] == [
+        ("D1", direct["ts"]), ("D1", direct["ts"])]
+
+
+async def test_without_the_reactions_scope_the_answer_in_the_channel_still_arrives(start_bot, fake):
+    fake.missing_scopes.add("reactions:write")
+    bot = await start_bot(slack_reply_in_thread=False)
+    await bot.send(event_body(mention("hello")))
     [post] = await answered(fake)
     assert post.params["text"].strip()
     assert len(fake.calls_to("reactions.remove", ok_only=False)) == 0  # nothing added, nothing to remove
 
 
-# -- starting a DM: suggested prompts and a greeting once -----------------------------
+# -- the Messages tab: a greeting once, and prompts other than the manifest's ----------------
 
 
-async def test_messages_tab_shows_suggested_prompts_and_greets_once(start_bot, fake):
-    bot = await start_bot()
+async def test_messages_tab_greets_once_and_leaves_the_manifests_prompts_to_slack(start_bot, fake):
+    bot = await start_bot()  # SLACK_SUGGESTED_PROMPTS unset: the manifest's own, which Slack shows by itself
     for _ in range(3):
         assert (await bot.send(event_body(home_opened("messages"))))[0] == 200
-    await wait_for(lambda: len(fake.calls_to("assistant.threads.setSuggestedPrompts")) == 3, what="prompts")
-    prompts = fake.calls_to("assistant.threads.setSuggestedPrompts")[0].params
-    assert prompts["channel_id"] == "D1" and prompts["title"] == PROMPTS_TITLE
-    assert [p["message"] for p in prompts["prompts"]] == list(DEFAULT_SLACK_PROMPTS)
     await bot.send(event_body(home_opened("messages", user="U3", channel="D3")))  # someone else
     await wait_for(lambda: len(fake.posts) == 2, what="the second person's greeting")
     await asyncio.sleep(0.3)  # a third greeting would have been posted by now
-    assert [(p.params["channel"], p.params["text"]) for p in fake.posts] == [("D1", GREETING), ("D3", GREETING)]
+    assert [(p.params["channel"], p.params.get("thread_ts"), p.params["text"]) for p in fake.posts] == [
+        ("D1", None, GREETING), ("D3", None, GREETING)]
+    assert fake.calls_to("assistant.threads.setSuggestedPrompts", ok_only=False) == []
     assert bot.model.inputs == []  # a greeting is no exchange: not stored, no model call
     assert await bot.engine.history("slack:T1:D1") == []
+
+
+async def test_messages_tab_sets_other_prompts_the_agent_way(start_bot, fake):
+    prompts = ("How are you?", "Tell me a joke")
+    bot = await start_bot(slack_suggested_prompts=prompts)
+    for _ in range(2):
+        assert (await bot.send(event_body(home_opened("messages"))))[0] == 200
+    calls = await wait_for(lambda: fake.calls_to("assistant.threads.setSuggestedPrompts")[1:] and
+                           fake.calls_to("assistant.threads.setSuggestedPrompts"), what="the prompts")
+    # No thread_ts: with it an agent app's call silently fails (the fake, like Slack, then shows nothing).
+    assert all("thread_ts" not in call.params for call in calls)
+    assert fake.suggested == {("D1", None): {"title": PROMPTS_TITLE,
+                                             "prompts": [{"title": p, "message": p} for p in prompts]}}
+    await wait_for(lambda: fake.posts, what="the greeting")
+    await asyncio.sleep(0.3)
+    assert [p.params["text"] for p in fake.posts] == [GREETING]
 
 
 async def test_no_greeting_for_someone_who_already_talked_with_the_bot(start_bot, fake):
@@ -156,30 +209,10 @@ async def test_no_greeting_for_someone_who_already_talked_with_the_bot(start_bot
     await bot.send(event_body(dm("hello")))
     await answered(fake)
     await bot.send(event_body(home_opened("messages")))
-    await wait_for(lambda: fake.calls_to("assistant.threads.setSuggestedPrompts"), what="prompts")
-    assert [p["title"] for p in fake.calls_to("assistant.threads.setSuggestedPrompts")[0].params["prompts"]] == [
-        "How are you?"]
+    await wait_for(lambda: fake.suggested, what="the prompts")
+    assert [p["title"] for p in fake.suggested[("D1", None)]["prompts"]] == ["How are you?"]
     await asyncio.sleep(0.3)
     assert len(fake.posts) == 1  # only the answer
-
-
-async def test_assistant_thread_started_gets_prompts_and_greeting_in_the_thread(start_bot, fake):
-    bot = await start_bot(socket_mode=True)
-    event = thread_started(channel="D5")
-    envelope = await fake.send_envelope(event_body(event))
-    await wait_for(lambda: fake.acked(envelope), what="the ack")
-    [greeting] = await wait_for(lambda: fake.posts, what="the greeting")
-    thread = event["assistant_thread"]["thread_ts"]
-    assert (greeting.params["channel"], greeting.params["thread_ts"], greeting.params["text"]) == ("D5", thread,
-                                                                                                   GREETING)
-    [prompts] = fake.calls_to("assistant.threads.setSuggestedPrompts")
-    assert (prompts.params["channel_id"], prompts.params["thread_ts"]) == ("D5", thread)
-    again = await fake.send_envelope(event_body(thread_started(channel="D5")))
-    await wait_for(lambda: fake.acked(again) and len(fake.calls_to("assistant.threads.setSuggestedPrompts")) == 2,
-                   what="the second thread's prompts")
-    await asyncio.sleep(0.3)
-    assert len(fake.posts) == 1
-    assert bot.model.inputs == []
 
 
 async def test_prompts_can_be_turned_off_and_blocked_users_get_nothing(start_bot, fake):
@@ -192,6 +225,37 @@ async def test_prompts_can_be_turned_off_and_blocked_users_get_nothing(start_bot
     assert fake.calls_to("assistant.threads.setSuggestedPrompts") == []
     assert [p.params["channel"] for p in fake.posts] == ["D1"]
     assert fake.home_views == {}
+
+
+# -- apps still on the legacy assistant experience (assistant_view) ---------------------------
+
+
+async def test_legacy_assistant_thread_gets_prompts_greeting_and_answers_in_the_thread(start_bot, fake):
+    fake.experience = "assistant"  # an app created before agent_view, its manifest unchanged
+    bot = await start_bot(socket_mode=True)
+    event = thread_started(channel="D5")
+    envelope = await fake.send_envelope(event_body(event))
+    await wait_for(lambda: fake.acked(envelope), what="the ack")
+    [greeting] = await wait_for(lambda: fake.posts, what="the greeting")
+    thread = event["assistant_thread"]["thread_ts"]
+    assert (greeting.params["channel"], greeting.params["thread_ts"], greeting.params["text"]) == ("D5", thread,
+                                                                                                   GREETING)
+    # The legacy way: the prompts on the assistant thread (its manifest had none of its own).
+    assert fake.suggested == {("D5", thread): {"title": PROMPTS_TITLE, "prompts": [
+        {"title": p, "message": p} for p in DEFAULT_SLACK_PROMPTS]}}
+    again = await fake.send_envelope(event_body(thread_started(channel="D5")))
+    await wait_for(lambda: fake.acked(again) and len(fake.suggested) == 2, what="the second thread's prompts")
+    await asyncio.sleep(0.3)
+    assert len(fake.posts) == 1  # greeted once
+    assert bot.model.inputs == []
+
+    # The user writes in the assistant thread: answered there, with the status on it.
+    asked = await fake.send_envelope(event_body(dm("hello assistant", channel="D5", thread_ts=thread)))
+    await wait_for(lambda: fake.acked(asked), what="the message's ack")
+    posts = await answered(fake, 2)
+    assert (posts[1].params["channel"], posts[1].params["thread_ts"]) == ("D5", thread)
+    assert [(c.params["thread_ts"], c.params["status"]) for c in fake.status_calls("D5")] == [
+        (thread, STATUS), (thread, "")]
 
 
 # -- the Home tab ---------------------------------------------------------------
@@ -283,7 +347,8 @@ async def test_socket_mode_feedback_click_is_acked_stored_and_counted(start_bot,
                                                          channel="D1"))
     await wait_for(lambda: fake.acked(click_id), what="the click's ack")
     [note] = await wait_for(lambda: ephemerals(fake), what="the note to the clicker")
-    assert note.params["text"] == THANKS["good"] and note.params.get("thread_ts") is None
+    # In the thread of the answer clicked, where the DM's answer went.
+    assert note.params["text"] == THANKS["good"] and note.params["thread_ts"] == post.params["thread_ts"]
     [exchange] = await bot.engine.history("slack:T1:D1")
     [row] = await bot.engine.store.list_feedback()
     assert (row.exchange, row.rating, row.user) == (ExchangeRef("slack:T1:D1", exchange.id), "good", "U2")
@@ -317,31 +382,3 @@ async def test_forged_or_foreign_feedback_values_are_ignored(start_bot, fake):
     await asyncio.sleep(0.3)
     assert await bot.engine.store.list_feedback() == [] and ephemerals(fake) == []
     assert counted(bot.engine, "slack", "good") == 0
-
-
-# -- the manifest -------------------------------------------------------------------
-
-
-async def test_manifest_subscribes_to_exactly_the_events_the_bot_handles(start_bot, fake):
-    import yaml
-
-    from conftest import REPO
-
-    manifest = yaml.safe_load((REPO / "slack-manifest.yml").read_text())
-    events = manifest["settings"]["event_subscriptions"]["bot_events"]
-    scopes = manifest["oauth_config"]["scopes"]["bot"]
-    assert sorted(scopes) == ["app_mentions:read", "assistant:write", "chat:write", "im:history", "reactions:write",
-                              "users:read"]
-    assert manifest["settings"]["interactivity"]["is_enabled"] and manifest["features"]["app_home"]["home_tab_enabled"]
-    assert "assistant_view" in manifest["features"]
-    bot = await start_bot(slack_suggested_prompts=())
-    samples = {"app_home_opened": home_opened("messages"), "app_mention": mention("hi"),
-               "assistant_thread_started": thread_started(), "message.im": dm("hi")}
-    assert sorted(events) == sorted(samples)
-    for name in events:
-        # Bolt answers 404 to an event no listener takes; Slack then counts a failure and retries.
-        assert (await bot.send(event_body(samples[name])))[0] == 200, name
-    unsubscribed = {"type": "reaction_added", "user": "U2", "reaction": "+1", "event_ts": "1.2",
-                    "item": {"type": "message", "channel": "C1", "ts": "1.1"}}
-    assert (await bot.send(event_body(unsubscribed)))[0] == 404
-    await answered(fake, 2)
