@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from bot.prompt import persona_lines
+
 DEFAULT_MODEL = "facebook/blenderbot-400M-distill"
 DISCORD_API_DEFAULT = "https://discord.com/api/v10"
 DISCORD_GATEWAY_DEFAULT = "wss://gateway.discord.gg"
@@ -60,6 +62,9 @@ class Settings:
     threads: int | None = None  # None: the cores available to the process
     runtime: str = "auto"  # auto | ctranslate2 | transformers
     ct2_dir: Path = Path("data/ctranslate2")  # converted models, built once per checkpoint
+
+    # What the bot says about itself (bot/prompt.py); a channel's own persona replaces it
+    persona: tuple[str, ...] = ()
 
     # Engine
     batch_size: int = 32  # conversations per batch
@@ -162,6 +167,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
         conversation_queue_size=env.integer("CONVERSATION_QUEUE_SIZE", 8, minimum=1),
         reply_timeout=env.duration("REPLY_TIMEOUT", 120.0, minimum=1.0),
         max_input_chars=env.integer("MAX_INPUT_CHARS", 2000, minimum=1),
+        persona=persona_lines(env.text("PERSONA", "")),
         memory_url=memory_url,
         memory_max_turns=env.integer("MEMORY_MAX_TURNS", 20, minimum=1),
         memory_ttl=env.duration("MEMORY_TTL", 30 * 86400.0, minimum=0.0),

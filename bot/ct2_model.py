@@ -54,7 +54,7 @@ from bot.model import (
     rows_per_call,
     snapshot,
 )
-from bot.prompt import Family, encode_turns
+from bot.prompt import Family, check_persona, encode_turns
 
 log = logging.getLogger(__name__)
 
@@ -119,21 +119,28 @@ class CTranslate2Model:
         self.special = set(self.tokenizer.all_special_ids)
         self.description = description
 
-    def encode(self, turns: Sequence[str]) -> list[int]:
-        return encode_turns(self.tokenizer, self.family, turns, self.max_positions)
+    def encode(self, turns: Sequence[str], persona: Sequence[str] = ()) -> list[int]:
+        return encode_turns(self.tokenizer, self.family, turns, self.max_positions, persona)
 
-    def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False) -> list[Generated]:
+    def check_persona(self, persona: Sequence[str]) -> None:
+        check_persona(self.tokenizer, self.family, persona, self.max_positions)
+
+    def generate(
+        self, conversations: Sequence[Sequence[str]], *, sample: bool = False,
+        personas: Sequence[Sequence[str]] | None = None,
+    ) -> list[Generated]:
         """Batched generation for several conversations, in as few calls as
         `max_rows` allows (see `rows_per_call`)."""
         per_call = rows_per_call(self.max_rows, self.beams, sample)
+        personas = personas or [()] * len(conversations)
+        sources = [self.encode(turns, persona) for turns, persona in zip(conversations, personas)]
         results: list[Generated] = []
-        for start in range(0, len(conversations), per_call):
-            results += self._generate(conversations[start : start + per_call], sample=sample)
+        for start in range(0, len(sources), per_call):
+            results += self._generate(sources[start : start + per_call], sample=sample)
         release_free_memory()  # see the transformers runtime: the batch's buffers go back to the OS
         return results
 
-    def _generate(self, conversations: Sequence[Sequence[str]], *, sample: bool) -> list[Generated]:
-        sources = [self.encode(turns) for turns in conversations]
+    def _generate(self, sources: list[list[int]], *, sample: bool) -> list[Generated]:
         replies = []
         for source, hypotheses in zip(sources, self._decode(sources, sample)):
             best = self._best_clean(source, hypotheses)

@@ -38,6 +38,7 @@ from bot.errors import (
     EngineClosed,
     GenerationFailed,
     MessageTooLong,
+    PersonaRefused,
     ReplyError,
     ReplyTimeout,
 )
@@ -46,6 +47,7 @@ from bot.locks import ConversationLines, ConversationLock, ConversationLocks, Ti
 from bot.memory import RATINGS, ConversationStore, Exchange, ExchangeRef, Feedback, StoreUnavailable, new_exchange_id
 from bot.metrics import Metrics
 from bot.model import ChatModel, Generated
+from bot.prompt import PersonaTooLong, persona_lines
 from bot.ratelimit import RateLimiter, TokenBucketLimiter
 from bot.safety import SafetyFilter
 from bot.text import clean_text, neutralize_mentions
@@ -84,6 +86,7 @@ def shown_text(bot_text: str) -> str:
 @dataclass
 class _Request:
     turns: list[str]
+    persona: tuple[str, ...]
     sample: bool
     future: asyncio.Future[Generated] = field(repr=False)
 
@@ -261,6 +264,21 @@ class ReplyEngine:
     async def history(self, conversation: str) -> list[Exchange]:
         return await self.store.history(conversation)
 
+    async def check_persona(self, text: str) -> tuple[str, ...]:
+        """The facts of a persona written as text (`|` or newlines between them), if the
+        bot may take it: safe, and short enough to leave the conversation half the
+        model's window. Raises `PersonaRefused` saying what to change."""
+        persona = persona_lines(clean_text(text))
+        if not persona:
+            raise PersonaRefused("A persona needs at least one line, e.g. 'I love hiking | I have a dog'.")
+        try:
+            self.model.check_persona(persona)
+        except PersonaTooLong as error:
+            raise PersonaRefused(str(error)) from None
+        if any(await asyncio.gather(*(self._unsafe(line, "persona", "-") for line in persona))):
+            raise PersonaRefused("That persona did not pass the safety filter; nothing was changed.")
+        return persona
+
     # -- internals -------------------------------------------------------
 
     async def _reply(self, ticket: Ticket, text: str, user: str, exchange_id: str) -> tuple[str, Exchange | None]:
@@ -327,7 +345,7 @@ class ReplyEngine:
                 return clean_text(answered.bot) or NO_ANSWER, answered
             try:
                 async with asyncio.timeout_at(deadline):
-                    generated = await self._generate_safely(_turns(history, text), conversation)
+                    generated = await self._generate_safely(_turns(history, text), self.settings.persona, conversation)
             except TimeoutError:
                 raise ReplyTimeout() from None
             if generated is None:
@@ -354,12 +372,14 @@ class ReplyEngine:
             self.metrics.errors.labels("memory_read").inc()
             return []
 
-    async def _generate_safely(self, turns: list[str], conversation: str) -> Generated | None:
+    async def _generate_safely(
+        self, turns: list[str], persona: tuple[str, ...], conversation: str
+    ) -> Generated | None:
         """A reply that passes the safety filter: the usual decoding, else one
         sampled retry; None if that is unsafe too."""
-        generated = await self._generate(turns)
+        generated = await self._generate(turns, persona)
         if await self._unsafe(clean_text(generated.text), "output", conversation):
-            generated = await self._generate(turns, sample=True)
+            generated = await self._generate(turns, persona, sample=True)
             if await self._unsafe(clean_text(generated.text), "output", conversation):
                 return None
         return generated
@@ -380,11 +400,11 @@ class ReplyEngine:
             self.metrics.errors.labels("memory_write").inc()
             return None
 
-    async def _generate(self, turns: list[str], *, sample: bool = False) -> Generated:
+    async def _generate(self, turns: list[str], persona: tuple[str, ...], *, sample: bool = False) -> Generated:
         if self._worker is None:
             raise EngineClosed()
         future: asyncio.Future[Generated] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Request(turns, sample, future))
+        self._queue.put_nowait(_Request(turns, persona, sample, future))
         return await future
 
     async def _sweep_idle_conversations(self) -> None:
@@ -436,7 +456,8 @@ class ReplyEngine:
         self.metrics.batch_size.observe(len(group))
         try:
             results = await loop.run_in_executor(
-                self._executor, lambda: self.model.generate([r.turns for r in group], sample=sample)
+                self._executor,
+                lambda: self.model.generate([r.turns for r in group], sample=sample, personas=[r.persona for r in group]),
             )
         except Exception:
             log.exception("generate failed for a batch of %d", len(group))

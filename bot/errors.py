@@ -100,3 +100,7 @@ class UserBlocked(ReplyError):
     user_message = ""
     outcome = "blocked_user"
     notify = False
+
+
+class PersonaRefused(ValueError):
+    """A persona that cannot be used; `str(error)` says why and what to change."""

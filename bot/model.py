@@ -58,11 +58,18 @@ class Generated:
 class ChatModel(Protocol):
     """What the engine needs of a model: batched replies, one per conversation
     (each a list of turns, oldest first), in order. `beams` is how many rows a
-    conversation costs in a batch, so the engine can cap a batch's rows."""
+    conversation costs in a batch, so the engine can cap a batch's rows. `personas`,
+    when given, holds each conversation's persona facts (bot/prompt.py), in order."""
 
     beams: int
 
-    def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False) -> list[Generated]: ...
+    def generate(
+        self, conversations: Sequence[Sequence[str]], *, sample: bool = False,
+        personas: Sequence[Sequence[str]] | None = None,
+    ) -> list[Generated]: ...
+
+    def check_persona(self, persona: Sequence[str]) -> None:
+        """Raise `bot.prompt.PersonaTooLong` for a persona that leaves the conversation too little room."""
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,14 @@ async def start_engine(settings: Settings, engine: ReplyEngine) -> None:
         store = safe_url(settings.memory_url)
         raise StartupError(f"the memory store ({store}) could not be opened: {error}") from None
     log.info("Conversations are kept %s", memory_location(settings))
+    if settings.persona:
+        from bot.errors import PersonaRefused
+
+        try:
+            await engine.check_persona("|".join(settings.persona))
+        except PersonaRefused as error:
+            await engine.close(timeout=0)
+            raise StartupError(f"PERSONA cannot be used: {error}", status=2) from None
 
 
 def memory_location(settings: Settings) -> str:

@@ -24,7 +24,7 @@ from bot.model import (
     release_free_memory,
     rows_per_call,
 )
-from bot.prompt import Family, encode_turns, pad_right
+from bot.prompt import Family, check_persona, encode_turns, pad_right
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -87,21 +87,28 @@ class TransformersModel:
         precision = "int8" if quantized else str(model.dtype).removeprefix("torch.")
         self.description = f"transformers, {family.model_type}, {device.type}, {precision}, {torch.get_num_threads()} threads"
 
-    def encode(self, turns: Sequence[str]) -> list[int]:
-        return encode_turns(self.tokenizer, self.family, turns, self.max_positions)
+    def encode(self, turns: Sequence[str], persona: Sequence[str] = ()) -> list[int]:
+        return encode_turns(self.tokenizer, self.family, turns, self.max_positions, persona)
 
-    def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False) -> list[Generated]:
+    def check_persona(self, persona: Sequence[str]) -> None:
+        check_persona(self.tokenizer, self.family, persona, self.max_positions)
+
+    def generate(
+        self, conversations: Sequence[Sequence[str]], *, sample: bool = False,
+        personas: Sequence[Sequence[str]] | None = None,
+    ) -> list[Generated]:
         """Batched generation for several conversations, in as few `generate`
         calls as `max_rows` allows (see `rows_per_call`)."""
         per_call = rows_per_call(self.max_rows, self.beams, sample)
+        personas = personas or [()] * len(conversations)
+        sources = [self.encode(turns, persona) for turns, persona in zip(conversations, personas)]
         results: list[Generated] = []
-        for start in range(0, len(conversations), per_call):
-            results += self._generate(conversations[start : start + per_call], sample=sample)
+        for start in range(0, len(sources), per_call):
+            results += self._generate(sources[start : start + per_call], sample=sample)
         return results
 
     @torch.inference_mode()
-    def _generate(self, conversations: Sequence[Sequence[str]], *, sample: bool) -> list[Generated]:
-        rows = [self.encode(turns) for turns in conversations]
+    def _generate(self, rows: list[list[int]], *, sample: bool) -> list[Generated]:
         ids, mask = pad_right(rows, self.tokenizer.pad_token_id)
         kwargs = dict(self.generation_kwargs)
         if sample:  # another decoding, for a second try at an answer

@@ -16,21 +16,29 @@ class GatedModel:
         self.model = model
         self.batches: list[list[list[str]]] = []  # every generate call: its conversations' turns
         self.samples: list[bool] = []
+        self.personas: list[list[tuple[str, ...]]] = []  # every generate call: its conversations' personas
         self.gate = threading.Event()
         self.gate.set()
         self.delay = 0.0
         self.failures = 0  # how many next calls raise
 
-    def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False) -> list[Generated]:
+    def generate(
+        self, conversations: Sequence[Sequence[str]], *, sample: bool = False,
+        personas: Sequence[Sequence[str]] | None = None,
+    ) -> list[Generated]:
         self.batches.append([list(turns) for turns in conversations])
         self.samples.append(sample)
+        self.personas.append([tuple(persona) for persona in personas or [()] * len(conversations)])
         self.gate.wait(30)
         if self.delay:
             time.sleep(self.delay)
         if self.failures:
             self.failures -= 1
             raise RuntimeError("simulated CUDA out of memory")
-        return self.model.generate(conversations, sample=sample)
+        return self.model.generate(conversations, sample=sample, personas=personas)
+
+    def check_persona(self, persona: Sequence[str]) -> None:
+        self.model.check_persona(persona)
 
     def wait_for_calls(self, count: int, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout

@@ -52,8 +52,11 @@ class Scripted(GatedModel):
         super().__init__(model)
         self.rewrite = rewrite
 
-    def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False) -> list[Generated]:
-        results = super().generate(conversations, sample=sample)
+    def generate(
+        self, conversations: Sequence[Sequence[str]], *, sample: bool = False,
+        personas: Sequence[Sequence[str]] | None = None,
+    ) -> list[Generated]:
+        results = super().generate(conversations, sample=sample, personas=personas)
         return [
             Generated(self.rewrite(result.text, list(turns), sample), result.new_tokens)
             for result, turns in zip(results, conversations)

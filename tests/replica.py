@@ -38,11 +38,17 @@ class RecordingModel:
         self.delay = delay
         self.seen: dict[str, list[str]] = {}  # last turn (the message) -> all turns
 
-    def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False) -> list[Generated]:
+    def generate(
+        self, conversations: Sequence[Sequence[str]], *, sample: bool = False,
+        personas: Sequence[Sequence[str]] | None = None,
+    ) -> list[Generated]:
         for turns in conversations:
             self.seen[turns[-1]] = list(turns)
         time.sleep(self.delay)
-        return self.model.generate(conversations, sample=sample)
+        return self.model.generate(conversations, sample=sample, personas=personas)
+
+    def check_persona(self, persona: Sequence[str]) -> None:
+        self.model.check_persona(persona)
 
 
 async def serve(args: argparse.Namespace) -> None:
