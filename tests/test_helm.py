@@ -501,3 +501,39 @@ def test_notes_say_the_shape(rendered) -> None:
     sharded = notes(ci_values("redis-discord"))
     assert "3 replica(s) on Redis" in sharded and "pod i of 3 serves shards i*2 to i*2+1 of 6" in sharded
     assert "https://chat.example.com/slack/events" in notes(ci_values("slack-http"))
+
+
+# -- README's install commands ----------------------------------------------------
+
+
+def readme_install_commands() -> list[str]:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Kubernetes\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    return [line.strip() for line in block.splitlines() if line.startswith("helm install")]
+
+
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def test_readmes_install_commands_render() -> None:
+    """Each `helm install` in README's Kubernetes section, its --set and -f read as helm would."""
+    commands = readme_install_commands()
+    assert len(commands) == 5
+    shell = {"$WEB_API_TOKEN": "web-token", "$SLACK_BOT_TOKEN": "xoxb-1-readme", "$SLACK_SIGNING_SECRET": "secret"}
+    for command in commands:
+        words = command.split()
+        assert words[:4] == ["helm", "install", "chat", "deploy/helm/blender-chat"]
+        values: dict[str, Any] = {}
+        for flag, argument in zip(words[4::2], words[5::2], strict=True):
+            if flag == "-f":
+                values = merged(values, yaml.safe_load((REPO / argument).read_text()))
+                continue
+            assert flag == "--set", command
+            key, _, value = argument.partition("=")
+            values = merged(values, helm.parse_set_string(f"{key}={shell.get(value, value)}"))
+        assert bot_workload(render(values))["metadata"]["name"] == FULLNAME, command
