@@ -411,7 +411,8 @@ def _shard_ids(env: _Reader) -> tuple[int, ...]:
         )
     if per_process is None:
         raise ConfigError(
-            "DISCORD_SHARDS_PER_PROCESS", None, "DISCORD_PROCESS_INDEX is set, so set how many shards each process serves"
+            "DISCORD_SHARDS_PER_PROCESS", None,
+            "DISCORD_PROCESS_INDEX is set, so set how many shards each process serves",
         )
     count = env.integer("DISCORD_SHARD_COUNT", None, minimum=1)
     if count is None:

@@ -46,7 +46,11 @@ def render(values: dict[str, Any] | None) -> list[dict[str, Any]]:
     with helm.Chart.load(CHART) as chart:
         manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE)
     return [
-        obj for name, text in sorted(manifests.items()) if name.endswith(".yaml") for obj in yaml.safe_load_all(text) if obj
+        obj
+        for name, text in sorted(manifests.items())
+        if name.endswith(".yaml")
+        for obj in yaml.safe_load_all(text)
+        if obj
     ]
 
 
@@ -197,9 +201,8 @@ def test_pod_i_serves_its_own_shards(tmp_path, pods: int) -> None:
     assert workload["kind"] == "StatefulSet" and workload["spec"]["replicas"] == pods
     assert workload["spec"]["serviceName"] == named(objects, "Service", f"{FULLNAME}-pods")["metadata"]["name"]
     index_from = [v for v in bot_container(objects)["env"] if v["name"] == "DISCORD_PROCESS_INDEX"]
-    assert index_from == [
-        {"name": "DISCORD_PROCESS_INDEX", "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{POD_INDEX_LABEL}']"}}}
-    ]
+    from_label = {"fieldRef": {"fieldPath": f"metadata.labels['{POD_INDEX_LABEL}']"}}
+    assert index_from == [{"name": "DISCORD_PROCESS_INDEX", "valueFrom": from_label}]
     served = []
     for index in range(pods):
         settings = pod_settings(objects, index, tmp_path / f"pod-{index}")
@@ -411,7 +414,8 @@ def test_tokens_come_only_from_a_secret(rendered) -> None:
     # An existing Secret: the chart creates none and reads the operator's by name.
     existing = rendered["autoscaling"]
     assert kinds(existing, "Secret") == []
-    refs = {v["name"]: v["valueFrom"]["secretKeyRef"]["name"] for v in bot_container(existing)["env"] if "valueFrom" in v}
+    env = bot_container(existing)["env"]
+    refs = {v["name"]: v["valueFrom"]["secretKeyRef"]["name"] for v in env if "valueFrom" in v}
     assert refs == {
         "SLACK_BOT_TOKEN": "blender-chat-tokens", "SLACK_APP_TOKEN": "blender-chat-tokens",
         "WEB_API_TOKEN": "blender-chat-tokens", "MEMORY_URL": "blender-chat-redis",
@@ -424,7 +428,8 @@ def test_network_policies(rendered) -> None:
     assert bot["spec"]["ingress"] == [{"ports": [{"port": 8080, "protocol": "TCP"}]}]
     egress_ports = sorted(port["port"] for rule in bot["spec"]["egress"] for port in rule["ports"])
     assert egress_ports == [53, 53, 443, 6379]
-    assert redis["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == bot["spec"]["podSelector"]["matchLabels"]
+    allowed = redis["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    assert allowed == bot["spec"]["podSelector"]["matchLabels"]
     assert kinds(rendered["default"], "NetworkPolicy") == []
 
 
@@ -456,7 +461,8 @@ REDIS = {"url": "redis://redis:6379/0"}
           "secrets": {"discordToken": DISCORD_TOKEN}},
          "autoscaling with Discord on: DISCORD_SHARD_COUNT is replicas x discord.shardsPerPod"),
         ({"discord": {"enabled": True}}, "secrets.discordToken is empty"),
-        ({"redis": {"url": "redis://r:6379/0", "inChart": {"enabled": True}}}, "redis.inChart.enabled and redis.url/redis.urlSecret both name a Redis: choose one"),
+        ({"redis": {"url": "redis://r:6379/0", "inChart": {"enabled": True}}},
+         "redis.inChart.enabled and redis.url/redis.urlSecret both name a Redis: choose one"),
         ({"ingress": {"enabled": True}}, "ingress.enabled needs ingress.host"),
         ({"env": {"DISCORD_TOKEN": DISCORD_TOKEN}}, "env.DISCORD_TOKEN would put a credential in a ConfigMap"),
         ({"env": {"MEMORY_URL": "sqlite:////tmp/x.db"}}, "env.MEMORY_URL is set by the chart from its values"),
