@@ -7,6 +7,7 @@ loader and web server. Each values file in the chart's ci/ directory is one shap
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -161,9 +162,10 @@ def test_every_rendered_object_is_valid_kubernetes(rendered, shape: str, version
     assert checked >= 4
 
 
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
 @pytest.mark.parametrize("shape", sorted(CI_VALUES))
-def test_helm_lint_passes(shape: str) -> None:
-    report = helm.lint(str(CHART), ci_values(shape), strict=True, namespace=NAMESPACE)
+def test_helm_lint_passes(shape: str, version: str) -> None:
+    report = helm.lint(str(CHART), ci_values(shape), strict=True, namespace=NAMESPACE, kube_version=f"v{version}")
     assert report["total_charts_linted"] == 1
     assert report["errors"] == []
     # Severity 2 is a warning, 3 an error; "icon is recommended" (1) is all there is.
@@ -259,7 +261,7 @@ def test_the_model_is_baked_in_or_downloaded_by_an_init_container(rendered) -> N
     baked = bot_workload(rendered["default"])["spec"]["template"]["spec"]
     (copy,) = baked["initContainers"]
     # The image's /data (model and conversion) copied into the volume that hides it.
-    assert copy["command"] == ["cp", "-a", "-n", "/data/.", "/seed/"]
+    assert copy["command"] == ["cp", "-a", "-u", "/data/.", "/seed/"]
     assert {m["mountPath"]: m["name"] for m in copy["volumeMounts"]}["/seed"] == "data"
     fetched = bot_workload(rendered["in-chart-redis"])["spec"]["template"]["spec"]
     (download,) = fetched["initContainers"]
@@ -287,11 +289,14 @@ def test_probes_use_the_bots_endpoints(rendered) -> None:
 
 
 @pytest.mark.timeout(60)
-async def test_the_probes_answer_on_the_bots_own_server(tiny_model, make_settings, rendered) -> None:
+async def test_the_probes_answer_on_the_bots_own_server(tmp_path, tiny_model, make_settings, rendered) -> None:
     """The kubelet calls the pod's IP: the probe paths must answer whatever the Host, as
     the bot's web server does for them (its Host check guards the web chat only)."""
     container = bot_container(rendered["default"])
-    settings = make_settings(http_host="0.0.0.0")
+    pod = pod_settings(rendered["default"], 0, tmp_path)  # listening on 0.0.0.0, the web API behind a token
+    assert pod.web_api_token
+    settings = replace(make_settings(), http_host=pod.http_host, web_api_token=pod.web_api_token,
+                       web_allowed_hosts=pod.web_allowed_hosts)  # fmt: skip
     engine = ReplyEngine(tiny_model, open_store("memory://", max_turns=5), settings)
     await engine.start()
     client = TestClient(TestServer(build_app(engine, settings), host="127.0.0.1", port=0))

@@ -44,8 +44,9 @@ spec:
             name: {{ include "blender-chat.fullname" . }}
       {{- else }}
       # The image's /data holds the baked model; the volume mounted over /data would hide it, so it
-      # is copied in (files already there are kept).
-      command: ["cp", "-a", "-n", "/data/.", "/seed/"]
+      # is copied in. -u: only what is missing or newer in the image (a later image's model), so a
+      # restart on the same volume copies nothing.
+      command: ["cp", "-a", "-u", "/data/.", "/seed/"]
       {{- end }}
       securityContext:
         {{- include "blender-chat.containerSecurity" . | nindent 8 }}
