@@ -511,6 +511,8 @@ def test_notes_say_the_shape(rendered) -> None:
     assert "one pod on SQLite" in notes(ci_values("default"))
     sharded = notes(ci_values("redis-discord"))
     assert "3 replica(s) on Redis" in sharded and "pod i of 3 serves shards i*2 to i*2+1 of 6" in sharded
+    assert "the old one stopped first" in sharded and "overlap" not in sharded
+    assert "Rolling updates overlap old and new pods" in notes(ci_values("autoscaling"))
     assert "https://chat.example.com/slack/events" in notes(ci_values("slack-http"))
 
 
