@@ -189,7 +189,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
         discord_dms=env.flag("DISCORD_DMS", True),
         discord_message_content=env.flag("DISCORD_MESSAGE_CONTENT", False),
         discord_shard_count=env.integer("DISCORD_SHARD_COUNT", None, minimum=1),
-        discord_shard_ids=tuple(int(i) for i in sorted(env.ids("DISCORD_SHARD_IDS", digits=True), key=int)),
+        discord_shard_ids=_shard_ids(env),
         slack_bot_token=env.optional("SLACK_BOT_TOKEN"),
         slack_app_token=env.optional("SLACK_APP_TOKEN"),
         slack_signing_secret=env.optional("SLACK_SIGNING_SECRET"),
@@ -393,6 +393,53 @@ def _check_prompts(value: str | None) -> tuple[str, ...]:
             "or off",
         )
     return prompts
+
+
+def _shard_ids(env: _Reader) -> tuple[int, ...]:
+    """This process's Discord shards: listed in DISCORD_SHARD_IDS, or the block of
+    DISCORD_SHARDS_PER_PROCESS ids at DISCORD_PROCESS_INDEX (process i serves i*n .. i*n+n-1),
+    the form a Kubernetes StatefulSet can give every pod from its index without a manifest per pod."""
+    listed = env.ids("DISCORD_SHARD_IDS", digits=True)
+    per_process = env.integer("DISCORD_SHARDS_PER_PROCESS", None, minimum=1)
+    index = env.integer("DISCORD_PROCESS_INDEX", None, minimum=0)
+    if per_process is None and index is None:
+        return tuple(int(i) for i in sorted(listed, key=int))
+    if listed:
+        raise ConfigError(
+            "DISCORD_SHARD_IDS", ",".join(sorted(listed, key=int)),
+            "set either DISCORD_SHARD_IDS or DISCORD_PROCESS_INDEX with DISCORD_SHARDS_PER_PROCESS, not both",
+        )
+    if index is None:
+        raise ConfigError(
+            "DISCORD_PROCESS_INDEX", None,
+            "DISCORD_SHARDS_PER_PROCESS is set, so set this process's number from 0 (on Kubernetes 1.28 and later "
+            "the pod's apps.kubernetes.io/pod-index label gives it)",
+        )
+    if per_process is None:
+        raise ConfigError(
+            "DISCORD_SHARDS_PER_PROCESS", None,
+            "DISCORD_PROCESS_INDEX is set, so set how many shards each process serves",
+        )
+    count = env.integer("DISCORD_SHARD_COUNT", None, minimum=1)
+    if count is None:
+        raise ConfigError(
+            "DISCORD_SHARD_COUNT", None,
+            "DISCORD_SHARDS_PER_PROCESS is set, so set DISCORD_SHARD_COUNT to the total number of shards",
+        )
+    if count % per_process:
+        # The shards past the last whole block would have no process: their guilds never answered.
+        raise ConfigError(
+            "DISCORD_SHARDS_PER_PROCESS", str(per_process),
+            f"use a divisor of DISCORD_SHARD_COUNT ({count}), so that every shard has a process",
+        )
+    processes = count // per_process
+    if index >= processes:
+        raise ConfigError(
+            "DISCORD_PROCESS_INDEX", str(index),
+            f"DISCORD_SHARD_COUNT={count} at {per_process} shards a process makes {processes} processes: "
+            f"use 0 to {processes - 1}",
+        )
+    return tuple(range(index * per_process, (index + 1) * per_process))
 
 
 def _check_ct2_dir(value: str) -> Path:

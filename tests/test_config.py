@@ -155,6 +155,50 @@ def test_combinations_are_checked():
         load_settings({"SLACK_THREAD_FOLLOWUPS": "on", "SLACK_REPLY_IN_THREAD": "off"})
 
 
+def test_shards_by_process_number_give_each_process_its_block():
+    shards = {"DISCORD_SHARD_COUNT": "6", "DISCORD_SHARDS_PER_PROCESS": "2"}
+    assert [load_settings(shards | {"DISCORD_PROCESS_INDEX": str(i)}).discord_shard_ids for i in range(3)] == [
+        (0, 1), (2, 3), (4, 5)
+    ]
+    one = load_settings({"DISCORD_SHARD_COUNT": "3", "DISCORD_SHARDS_PER_PROCESS": "1", "DISCORD_PROCESS_INDEX": "2"})
+    assert (one.discord_shard_count, one.discord_shard_ids) == (3, (2,))
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"DISCORD_SHARD_COUNT": "4", "DISCORD_SHARDS_PER_PROCESS": "2", "DISCORD_PROCESS_INDEX": "2"},
+         "DISCORD_PROCESS_INDEX='2' is not valid: DISCORD_SHARD_COUNT=4 at 2 shards a process makes 2 processes: "
+         "use 0 to 1"),
+        ({"DISCORD_SHARD_COUNT": "5", "DISCORD_SHARDS_PER_PROCESS": "2", "DISCORD_PROCESS_INDEX": "0"},
+         "DISCORD_SHARDS_PER_PROCESS='2' is not valid: use a divisor of DISCORD_SHARD_COUNT (5), "
+         "so that every shard has a process"),
+        # A cluster without the pod-index label gives the variable an empty value.
+        ({"DISCORD_SHARD_COUNT": "4", "DISCORD_SHARDS_PER_PROCESS": "2", "DISCORD_PROCESS_INDEX": ""},
+         "DISCORD_PROCESS_INDEX is missing: DISCORD_SHARDS_PER_PROCESS is set, so set this process's number from 0 "
+         "(on Kubernetes 1.28 and later the pod's apps.kubernetes.io/pod-index label gives it)"),
+        ({"DISCORD_SHARD_COUNT": "4", "DISCORD_PROCESS_INDEX": "1"},
+         "DISCORD_SHARDS_PER_PROCESS is missing: DISCORD_PROCESS_INDEX is set, so set how many shards each process "
+         "serves"),
+        ({"DISCORD_SHARDS_PER_PROCESS": "2", "DISCORD_PROCESS_INDEX": "1"},
+         "DISCORD_SHARD_COUNT is missing: DISCORD_SHARDS_PER_PROCESS is set, so set DISCORD_SHARD_COUNT to the total "
+         "number of shards"),
+        ({"DISCORD_SHARD_COUNT": "4", "DISCORD_SHARD_IDS": "0,1", "DISCORD_SHARDS_PER_PROCESS": "2",
+          "DISCORD_PROCESS_INDEX": "0"},
+         "DISCORD_SHARD_IDS='0,1' is not valid: set either DISCORD_SHARD_IDS or DISCORD_PROCESS_INDEX with "
+         "DISCORD_SHARDS_PER_PROCESS, not both"),
+        ({"DISCORD_SHARD_COUNT": "4", "DISCORD_SHARDS_PER_PROCESS": "2", "DISCORD_PROCESS_INDEX": "-1"},
+         "DISCORD_PROCESS_INDEX='-1' is not valid: use a whole number >= 0"),
+        ({"DISCORD_SHARD_COUNT": "4", "DISCORD_SHARDS_PER_PROCESS": "0", "DISCORD_PROCESS_INDEX": "0"},
+         "DISCORD_SHARDS_PER_PROCESS='0' is not valid: use a whole number >= 1"),
+    ],
+)
+def test_shards_by_process_number_are_checked_like_every_setting(env, message):
+    with pytest.raises(ConfigError) as error:
+        load_settings(env)
+    assert str(error.value) == message
+
+
 def test_web_settings_are_parsed():
     settings = load_settings({"WEB_ALLOWED_HOSTS": "Bot.Example.com, .corp.example [::1] *",
                               "WEB_RATE_LIMIT_PER_MINUTE": "0", "WEB_QUEUE_PERCENT": "25",
@@ -204,7 +248,7 @@ def test_env_example_lists_every_setting_and_loads_cleanly(tmp_path):
 
     import bot.config
 
-    read = set(re.findall(r'env\.\w+\(\s*"([A-Z0-9_]+)"', inspect.getsource(bot.config.load_settings)))
+    read = set(re.findall(r'env\.\w+\(\s*"([A-Z0-9_]+)"', inspect.getsource(bot.config)))
     example = dotenv_values(Path(bot.config.__file__).parent.parent / ".env.example")
     assert read == set(example)
     values = {k: v for k, v in example.items() if v and k != "BLENDERBOT_MODEL"}
