@@ -181,6 +181,9 @@ def _remove_stale_scratch(cache: Path) -> None:
             lock.acquire(blocking=False)
         except Timeout:
             continue  # a live conversion of that target: its directory is its own
+        except OSError as error:  # a read-only cache, say: tidying up must not stop a start
+            log.warning("Could not check %s for a live conversion (%s); leaving it", paths[0], _first_line(error))
+            continue
         try:
             for path in paths:
                 log.info("Removing %s, left by a conversion that did not finish", path)

@@ -6,6 +6,7 @@ namespace, as replicas do in their containers."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, subprocess_env
+
+from bot.ct2_convert import checkpoint_id, conversion_stamp, ensure_converted
 
 SCRIPT = REPO / "tests" / "ct2_cache_process.py"
 DEADLINE = 180  # seconds for something that should happen within a few: only a hang hits it
@@ -154,3 +157,25 @@ def test_after_a_conversion_killed_half_way_the_next_start_converts_and_removes_
     assert_served_by_ctranslate2(result, cache)
     assert restarted.conversions() == 1
     assert not leftover.exists() and scratch_dirs(cache) == []
+
+
+def test_a_damaged_conversion_another_process_rebuilt_meanwhile_is_used_not_rebuilt(blenderbot_dir, tmp_path, caplog):
+    """Two replicas both fail to load one damaged conversion: the first to take
+    the lock rebuilds it, the second then finds the rebuilt one and uses it
+    (rebuilding again would delete it under the first one's feet)."""
+    caplog.set_level(logging.INFO, logger="bot.ct2_convert")
+    cache, source = tmp_path / "ct2", checkpoint_id(str(blenderbot_dir), blenderbot_dir)
+
+    def converted(damaged=None) -> Path:
+        return ensure_converted(str(blenderbot_dir), source, cache, "int8", lambda: blenderbot_dir, damaged)
+
+    target = converted()
+    (target / "model.bin").write_bytes(b"half a file")  # a disk that filled up
+    damaged = conversion_stamp(target)
+    caplog.clear()
+    assert converted(damaged) == target  # the first replica rebuilds it
+    rebuilt = conversion_stamp(target)
+    assert len([r for r in caplog.records if "Converting" in r.getMessage()]) == 1 and rebuilt != damaged
+    caplog.clear()
+    assert converted(damaged) == target  # the second, with the same damaged stamp
+    assert [r for r in caplog.records if "Converting" in r.getMessage()] == [] and conversion_stamp(target) == rebuilt
