@@ -8,21 +8,24 @@ The converted model is cached under `BLENDERBOT_CT2_DIR` in a directory named
 by what it was made from: the checkpoint (its hub revision, or a hash of a
 local directory's files), the quantization, CTranslate2's version and this
 converter's own version. A change to any of them converts again; nothing
-else does. Converting needs torch and the full checkpoint (for the 400M
-model ~5 s and ~2.2 GB of memory); loading a converted model needs neither.
+else does. Processes sharing the cache (replicas on one volume) convert one
+target at a time, under a file lock, each in a scratch directory of its own.
+Converting needs torch and the full checkpoint (for the 400M model ~5 s and
+~2.2 GB of memory); loading a converted model needs neither.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bot.model import ModelLoadError
@@ -66,34 +69,127 @@ def converted_dir(cache: Path, model: str, source: str, quantization: str) -> Pa
     return cache / f"{name}-{quantization}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
+# What tells one conversion's files from another's: model.bin's inode and modification time.
+Stamp = tuple[int, int]
+
+
+def conversion_stamp(target: Path) -> Stamp | None:
+    """The stamp of the conversion in `target`, None if it has no model.bin."""
+    try:
+        status = (target / "model.bin").stat()
+    except OSError:
+        return None
+    return status.st_ino, status.st_mtime_ns
+
+
 def ensure_converted(
-    model: str, source: str, cache: Path, quantization: str, fetch_checkpoint: Callable[[], Path]
+    model: str,
+    source: str,
+    cache: Path,
+    quantization: str,
+    fetch_checkpoint: Callable[[], Path],
+    damaged: Stamp | None = None,
 ) -> Path:
     """The converted model of `model` whose content is `source` (`checkpoint_id`),
     converting it first if the cache does not have it yet: `fetch_checkpoint()`
-    then gives the directory holding the full checkpoint."""
+    then gives the directory holding the full checkpoint. `damaged` is the
+    `conversion_stamp` of a cached conversion that failed to load: it is built
+    again unless another process has rebuilt it meanwhile.
+
+    Processes sharing the cache (replicas on one volume) convert one target at a
+    time, under a file lock next to it; the others wait and then reuse it. Each
+    conversion writes into its own scratch directory, made and removed under the
+    lock, so a scratch directory whose lock is free is a dead conversion's and is
+    removed here."""
     target = converted_dir(cache, model, source, quantization)
-    if (target / "model.bin").is_file():
-        return target
-    log.info("Converting %s for CTranslate2 (%s) into %s; this happens once", model, quantization, target)
-    started = time.monotonic()
-    building = target.with_name(f"{target.name}.building-{os.getpid()}")
     try:
+        if cache.is_dir():
+            _remove_stale_scratch(cache)
+        if damaged is None and (target / "model.bin").is_file():
+            return target
         cache.mkdir(parents=True, exist_ok=True)
-        convert(fetch_checkpoint(), building, quantization)
-        try:
-            building.rename(target)  # a half-written conversion never looks finished
-        except OSError:
-            if not (target / "model.bin").is_file():  # not another process finishing first
-                raise
+        with _conversion_lock(target):
+            if (target / "model.bin").is_file() and conversion_stamp(target) != damaged:
+                return target  # converted (or rebuilt) by another process while this one waited
+            return _convert_locked(model, target, quantization, fetch_checkpoint)
     except (ConversionError, ModelLoadError):
         raise
-    except Exception as error:  # torch, transformers and CTranslate2 raise many kinds
+    except Exception as error:  # torch, transformers, CTranslate2 and the file system raise many kinds
         raise ConversionError(f"could not convert {model} for CTranslate2: {_first_line(error)}") from error
+
+
+def _convert_locked(model: str, target: Path, quantization: str, fetch_checkpoint: Callable[[], Path]) -> Path:
+    """Convert into `target` while holding its lock: in a scratch directory of
+    this conversion's own, moved into place when complete (a half-written
+    conversion never looks finished), the scratch directory removed after."""
+    log.info("Converting %s for CTranslate2 (%s) into %s; this happens once", model, quantization, target)
+    started = time.monotonic()
+    scratch = Path(tempfile.mkdtemp(prefix=f"{target.name}{_SCRATCH}", dir=target.parent))
+    try:
+        if target.exists():  # damaged or incomplete: removed with the scratch directory
+            target.rename(scratch / "replaced")
+        output = scratch / "model"
+        convert(fetch_checkpoint(), output, quantization)
+        output.rename(target)
     finally:
-        shutil.rmtree(building, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     log.info("Converted %s for CTranslate2 in %.1fs", model, time.monotonic() - started)
     return target
+
+
+# Scratch directories are named `<target>.building-<unique>`; ones named after a
+# process id (`.building-<pid>`), left by earlier versions, match too.
+_SCRATCH = ".building-"
+
+
+def _lock_path(cache: Path, target_name: str) -> Path:
+    return cache / f"{target_name}.lock"
+
+
+@contextlib.contextmanager
+def _conversion_lock(target: Path) -> Iterator[None]:
+    """Hold the lock on converting into `target`, waiting (with a log line) while
+    another process holds it. An OS lock (flock): the kernel releases it when its
+    holder dies, however it dies."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(_lock_path(target.parent, target.name))
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        log.info("Waiting for another process converting into %s", target)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _remove_stale_scratch(cache: Path) -> None:
+    """Remove the scratch directories of conversions that died (killed, out of
+    memory): those whose target's lock nobody holds. One held by a live
+    conversion is left alone."""
+    from filelock import FileLock, Timeout
+
+    leftovers: dict[str, list[Path]] = {}
+    for path in cache.iterdir():
+        if _SCRATCH in path.name and path.is_dir():
+            leftovers.setdefault(path.name.rsplit(_SCRATCH, 1)[0], []).append(path)
+    for target_name, paths in leftovers.items():
+        lock = FileLock(_lock_path(cache, target_name))
+        try:
+            lock.acquire(blocking=False)
+        except Timeout:
+            continue  # a live conversion of that target: its directory is its own
+        except OSError as error:  # a read-only cache, say: tidying up must not stop a start
+            log.warning("Could not check %s for a live conversion (%s); leaving it", paths[0], _first_line(error))
+            continue
+        try:
+            for path in paths:
+                log.info("Removing %s, left by a conversion that did not finish", path)
+                shutil.rmtree(path, ignore_errors=True)
+        finally:
+            lock.release()
 
 
 def convert(checkpoint: Path, output: Path, quantization: str) -> None:

@@ -37,12 +37,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from bot.config import Settings
+from bot.ct2_convert import ConversionError, Stamp, checkpoint_id, conversion_stamp, ensure_converted
 from bot.model import (
     Checkpoint,
     Decoding,
@@ -280,11 +280,12 @@ def resolve_device(setting: str) -> str:
     return "cuda" if setting == "cuda" or (setting == "auto" and cuda) else "cpu"
 
 
-def converted_model(settings: Settings, checkpoint: Checkpoint, device: str = "cpu") -> Path:
+def converted_model(
+    settings: Settings, checkpoint: Checkpoint, device: str = "cpu", damaged: Stamp | None = None
+) -> Path:
     """The converted model for these settings, converting the checkpoint first if
-    the cache does not have it (for a hub id, its weights are fetched then)."""
-    from bot.ct2_convert import ConversionError, checkpoint_id, ensure_converted
-
+    the cache does not have it (for a hub id, its weights are fetched then), or
+    again if the cached one is the `damaged` conversion."""
     quantization, _ = precision(settings, device)
     local = checkpoint.directory if Path(checkpoint.model).is_dir() else None
     try:
@@ -294,6 +295,7 @@ def converted_model(settings: Settings, checkpoint: Checkpoint, device: str = "c
             settings.ct2_dir,
             quantization,
             lambda: local or snapshot(checkpoint.model),
+            damaged,
         )
     except ConversionError as error:
         raise CTranslate2Unavailable(str(error)) from None
@@ -320,13 +322,14 @@ def load_ct2_model(settings: Settings, checkpoint: Checkpoint) -> CTranslate2Mod
         )
 
     path = converted_model(settings, checkpoint, device)
+    stamp = conversion_stamp(path)
     try:
         loaded = translator(path)
     except (RuntimeError, ValueError) as first:
-        # A damaged conversion in the cache (a disk filled up...): convert once more.
+        # A damaged conversion in the cache (a disk filled up...): convert once more, unless
+        # another process sharing the cache has done so meanwhile (its stamp then differs).
         log.warning("Could not load the converted model in %s (%s); converting again", path, first)
-        shutil.rmtree(path, ignore_errors=True)
-        path = converted_model(settings, checkpoint, device)
+        path = converted_model(settings, checkpoint, device, damaged=stamp)
         try:
             loaded = translator(path)
         except (RuntimeError, ValueError) as error:

@@ -230,22 +230,24 @@ class ReplyEngine:
         return Reply(neutralize_mentions(answer), ExchangeRef(conversation, stored.id), stored.at)
 
     async def rate(self, exchange: ExchangeRef, rating: str, *, user: str, platform: str) -> bool:
-        """Record `user`'s rating (GOOD or BAD) of a reply; True if stored, False if
-        that exchange is no longer remembered (or the user is blocked); raises
-        `StoreUnavailable` if the memory cannot be written (already logged). Every
-        rating of a user who is not blocked is counted in the metrics."""
+        """Record `user`'s rating (GOOD or BAD) of a reply, replacing that user's
+        earlier rating of it; True if stored, False if that exchange is no longer
+        remembered (or the user is blocked); raises `StoreUnavailable` if the memory
+        cannot be written (already logged). Only stored ratings are counted in the
+        metrics, so they agree with what `GET /api/feedback` reports."""
         if rating not in RATINGS:
             raise ValueError(f"rating must be one of {RATINGS}, not {rating!r}")
         if user in self.settings.blocked_users:
             return False
-        self.metrics.feedback.labels(platform, rating).inc()
         try:
             stored = await self.store.add_feedback(Feedback(exchange, rating, user, platform, time.time()))
         except Exception as error:
             _log_store_error("Could not store a rating in conversation %s", exchange.conversation, error)
             self.metrics.errors.labels("memory_write").inc()
             raise StoreUnavailable("the rating could not be stored") from error
-        log.info("A reply in conversation %s was rated %s (%s)", exchange.conversation, rating, platform)
+        if stored:
+            self.metrics.feedback.labels(platform, rating).inc()
+            log.info("A reply in conversation %s was rated %s (%s)", exchange.conversation, rating, platform)
         return stored
 
     async def reset(self, conversation: str, *, ticket: Ticket | None = None) -> bool:

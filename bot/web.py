@@ -462,7 +462,10 @@ async def api_reset(request: web.Request) -> web.Response:
 
 @_bad_request
 async def api_rate(request: web.Request) -> web.Response:
-    """Rate a reply: `{"conversation": "abc", "exchange_id": <its id>, "rating": "good" | "bad"}`."""
+    """Rate a reply: `{"conversation": "abc", "exchange_id": <its id>, "rating": "good" | "bad"}`.
+    The rater is the caller (as for its rate limit), not `user`, which a caller
+    may set to anything: one rating per reply and caller, a new one replacing it."""
+    state = request.app[STATE]
     data = await _json_object(request)
     conversation = _conversation(data.get("conversation"))
     exchange_id = data.get("exchange_id")
@@ -472,12 +475,15 @@ async def api_rate(request: web.Request) -> web.Response:
     if rating not in RATINGS:
         raise BadRequest("rating must be \"good\" or \"bad\".")
     user = _user(data.get("user"))
-    rater = f"web:{user or conversation.removeprefix('web:')}"
-    if rater in request.app[STATE].settings.blocked_users:
+    if f"web:{user or conversation.removeprefix('web:')}" in state.settings.blocked_users:  # as /api/chat names them
         return _error(403, UserBlocked.outcome, UserBlocked.user_message or "You cannot use this bot.")
+    caller = _caller(request)
     try:
-        stored = await request.app[STATE].engine.rate(ExchangeRef(conversation, exchange_id), rating, user=rater,
-                                                      platform="web")
+        await state.caller_limiter.acquire(caller)  # the same budget as the caller's chat messages
+    except ReplyError as error:
+        return _reply_error(error)
+    try:
+        stored = await state.engine.rate(ExchangeRef(conversation, exchange_id), rating, user=caller, platform="web")
     except StoreUnavailable:
         return _error(503, "memory_unavailable", "Ratings cannot be stored right now. Please try again later.",
                       headers={"Retry-After": "30"})

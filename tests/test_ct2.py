@@ -36,7 +36,8 @@ def test_a_checkpoint_is_converted_once_with_a_log_line_and_reused(blenderbot_di
     [line] = conversions(caplog)
     assert CONVERTING in line and str(blenderbot_dir) in line
     assert first.path.parent == tmp_path / "ct2" and (first.path / "model.bin").is_file()
-    assert [p.name for p in (tmp_path / "ct2").iterdir()] == [first.path.name]  # nothing half-built left
+    # Nothing half-built left; beside the model only its (empty) lock file, which stays for the next conversion.
+    assert sorted(p.name for p in (tmp_path / "ct2").iterdir()) == [first.path.name, first.path.name + ".lock"]
 
     caplog.clear()
     again = load_chat_model(settings)
@@ -153,6 +154,11 @@ def download(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+def converted_models(cache: Path) -> list[Path]:
+    """The converted models in the cache (not the lock files beside them)."""
+    return [p for p in cache.iterdir() if p.is_dir()]
+
+
 def fake_hub_cache(home: Path, repo: str, directory: Path, revision: str) -> None:
     """`directory` as the Hugging Face cache keeps a hub snapshot of `repo`, so
     it is served offline exactly as a downloaded hub model is."""
@@ -169,7 +175,7 @@ def test_download_converts_a_cached_hub_model_keyed_by_its_revision(blenderbot_d
     assert first.returncode == 0, first.stderr
     assert "Downloaded facebook/blenderbot-tiny" in first.stdout and "CTranslate2 model of facebook/blenderbot-tiny" in first.stdout
     assert "Converting facebook/blenderbot-tiny for CTranslate2 (int8)" in first.stderr
-    [converted] = (tmp_path / "ct2").iterdir()
+    [converted] = converted_models(tmp_path / "ct2")
 
     second = download(tmp_path, **env)
     assert second.returncode == 0 and "Converting" not in second.stderr and str(converted) in second.stdout
@@ -179,7 +185,7 @@ def test_download_converts_a_cached_hub_model_keyed_by_its_revision(blenderbot_d
     shutil.copytree(fake_root / "snapshots" / ("1" * 40), fake_root / "snapshots" / ("2" * 40))
     (fake_root / "refs" / "main").write_text("2" * 40)
     third = download(tmp_path, **env)
-    assert third.returncode == 0 and "Converting" in third.stderr and len(list((tmp_path / "ct2").iterdir())) == 2
+    assert third.returncode == 0 and "Converting" in third.stderr and len(converted_models(tmp_path / "ct2")) == 2
 
     # The run uses the converted model without converting.
     chat = subprocess.run(
@@ -195,7 +201,7 @@ def test_download_of_a_local_directory_converts_it_and_transformers_skips_that(b
     result = download(tmp_path, BLENDERBOT_MODEL=str(blenderbot_dir), BLENDERBOT_CT2_DIR=str(tmp_path / "ct2"))
     assert result.returncode == 0, result.stderr
     assert "nothing to download" in result.stdout and "CTranslate2 model of" in result.stdout
-    assert len(list((tmp_path / "ct2").iterdir())) == 1
+    assert len(converted_models(tmp_path / "ct2")) == 1
     skipped = download(tmp_path, BLENDERBOT_MODEL=str(blenderbot_dir), BLENDERBOT_CT2_DIR=str(tmp_path / "ct2b"),
                        BLENDERBOT_RUNTIME="transformers")  # fmt: skip
     assert skipped.returncode == 0 and "CTranslate2" not in skipped.stdout and not (tmp_path / "ct2b").exists()

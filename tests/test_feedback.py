@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import subprocess_env
+from redis_servers import delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot.chat import HELP
@@ -37,7 +38,7 @@ async def serve(tiny_model, make_settings: Callable[..., Settings], tmp_path):
     opened: list[TestClient] = []
 
     async def start(**overrides) -> TestClient:
-        settings = make_settings(memory_url=f"sqlite:///{tmp_path}/memory.db", **overrides)
+        settings = make_settings(**{"memory_url": f"sqlite:///{tmp_path}/memory.db", **overrides})
         engine = ReplyEngine(tiny_model, open_store(settings.memory_url, max_turns=3), settings)
         await engine.start()
         client = TestClient(TestServer(build_app(engine, settings), host="127.0.0.1", port=0))
@@ -110,8 +111,9 @@ async def test_web_reply_can_be_rated_and_the_operator_sees_counts_and_recent_we
     report = await response.json()
     assert report["counts"] == {"web": {"good": 1, "bad": 2}, "slack": {"good": 1, "bad": 0}}
     assert report["total"] == 4 and report["bad_share"] == 0.5
+    # The rater is the caller (here its address), not the `user` it says it is.
     assert [(r["conversation"], r["rating"], r["user"]) for r in report["recent"]] == [
-        ("beta", "bad", "beta"), ("alpha", "bad", "alice")]
+        ("beta", "bad", "web-caller:127.0.0.1"), ("alpha", "bad", "web-caller:127.0.0.1")]
     assert report["recent"][1]["exchange_id"] == second["exchange_id"]
     assert report["recent"][1]["exchange"]["user"] == "and your favourite food?"
     assert report["recent"][1]["exchange"]["bot"] == second["reply"]
@@ -223,3 +225,82 @@ def test_terminal_good_and_bad_rate_the_previous_reply(tmp_path, blenderbot_dir)
                           "ON e.conversation = f.conversation AND e.exchange_id = f.exchange_id").fetchall()
     assert rows == [("good", "terminal", "How are you?")]  # the same user rated it again
     assert run("/reset\n/bad\n") == ["(conversation forgotten)", "(no reply to rate yet)"]
+
+
+# -- the web API's ratings: one per reply and caller, limited like chat, counted only when stored ---------------
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def memory_url(request, tmp_path) -> str:
+    """Each store keeps ratings its own way: a SQLite table, a Redis hash per conversation."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/memory.db"
+        return
+    url = request.getfixturevalue("redis_url")
+    prefix = unique_prefix()
+    yield f"{url}?prefix={prefix}"
+    delete_prefix(url, prefix)
+
+
+async def counted_over_http(client: TestClient, platform: str, rating: str) -> float:
+    """`blenderchat_feedback_total{platform, rating}` as a scraper reads it from /metrics."""
+    text = await (await client.get("/metrics")).text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "blenderchat_feedback_total" and sample.labels == {"platform": platform,
+                                                                               "rating": rating}:
+                return sample.value
+    raise AssertionError(f"no blenderchat_feedback_total sample for {platform}/{rating}")
+
+
+async def test_one_caller_rating_a_reply_under_many_user_names_keeps_one_rating(serve, memory_url):
+    client = await serve(memory_url=memory_url, web_rate_limit_per_minute=0)  # the limit is tested below
+    liked = await chat(client, "c", "hello there")
+    rated = await chat(client, "c", "tell me more")
+    good = {"conversation": "c", "exchange_id": liked["exchange_id"], "rating": "good", "user": "alice"}
+    assert (await client.post("/api/feedback", json=good)).status == 200
+    # `user` is whatever the caller says: 30 names from one caller are still one rater.
+    for rating, names in (("good", range(10)), ("bad", range(10, 30))):
+        for name in names:
+            body = {"conversation": "c", "exchange_id": rated["exchange_id"], "rating": rating, "user": f"u{name}"}
+            response = await client.post("/api/feedback", json=body)
+            assert (response.status, await response.json()) == (200, {"recorded": True})
+    report = await (await client.get("/api/feedback")).json()
+    assert report["counts"] == {"web": {"good": 1, "bad": 1}}  # the last rating replaced the caller's earlier ones
+    assert report["total"] == 2 and report["bad_share"] == 0.5
+    assert [(r["exchange_id"], r["rating"]) for r in report["recent"]] == [
+        (rated["exchange_id"], "bad"), (liked["exchange_id"], "good")]
+
+
+async def test_ratings_take_the_callers_limit_like_chat_messages(serve, memory_url):
+    client = await serve(memory_url=memory_url, web_rate_limit_per_minute=3)  # 3 at once, then one each 20 s
+    reply = await chat(client, "c", "hello there")
+    for name in ("a", "b"):
+        body = {"conversation": "c", "exchange_id": reply["exchange_id"], "rating": "bad", "user": name}
+        assert (await client.post("/api/feedback", json=body)).status == 200
+    # The caller's three are spent, whatever `user` each request names.
+    refused = await client.post("/api/feedback", json={**body, "rating": "good", "user": "c"})
+    data = await refused.json()
+    assert (refused.status, data["code"]) == (429, "rate_limited") and data["error"].strip()
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert (await client.post("/api/chat", json={"conversation": "c", "text": "hi"})).status == 429
+    report = await (await client.get("/api/feedback")).json()
+    assert report["counts"] == {"web": {"good": 0, "bad": 1}}  # the refused "good" was not stored
+    assert await counted_over_http(client, "web", "good") == 0
+
+
+async def test_only_stored_ratings_are_counted_in_the_metrics(serve, memory_url):
+    client = await serve(memory_url=memory_url, web_rate_limit_per_minute=0)
+    reply = await chat(client, "c", "hello there")
+    for exchange_id in (f"no-such-exchange-{i}" for i in range(20)):
+        response = await client.post("/api/feedback", json={"conversation": "c", "exchange_id": exchange_id,
+                                                            "rating": "bad"})  # fmt: skip
+        assert response.status == 404
+    assert await counted_over_http(client, "web", "bad") == 0
+    body = {"conversation": "c", "exchange_id": reply["exchange_id"], "rating": "bad"}
+    assert (await client.post("/api/feedback", json=body)).status == 200
+    assert await counted_over_http(client, "web", "bad") == 1
+    # A forgotten reply can no longer be rated, and is not counted either.
+    assert (await client.post("/api/reset", json={"conversation": "c"})).status == 200
+    assert (await client.post("/api/feedback", json=body)).status == 404
+    assert await counted_over_http(client, "web", "bad") == 1
