@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import WSMsgType, web
-from slack_contract import check_call, check_event, check_response
+from slack_contract import check_call, check_event, check_experience, check_response, manifest_experience
 from slack_sdk.signature import SignatureVerifier
 
 BOT_USER_ID = "UBOT"
@@ -85,6 +85,8 @@ class FakeSlack:
     _breaks: list[tuple[str, str]] = field(default_factory=list)  # (method, "disconnect" | "payload")
     revoked: bool = False  # the bot token was revoked: every call with it answers token_revoked
     violations: list[str] = field(default_factory=list)  # breaches of Slack's contracts, see close()
+    # The app's messaging experience, as slack-manifest.yml declares it: "agent" or "assistant" (legacy).
+    experience: str = field(default_factory=manifest_experience)
     _runner: web.AppRunner | None = None
     _port: int = 0
 
@@ -202,6 +204,7 @@ class FakeSlack:
             self.calls.append(Call(method, params, token, status=400))
             return web.json_response({"ok": False, "error": "invalid_arguments",
                                       "response_metadata": {"messages": problems}})  # fmt: skip
+        self.violations += check_experience(method, params, self.experience)  # Slack says ok, does nothing
         broken = next((b for b in self._breaks if b[0] == method), None)
         if broken is not None:
             self._breaks.remove(broken)

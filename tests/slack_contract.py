@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import yaml
 
 CONTRACTS = Path(__file__).resolve().parent / "contracts" / "slack"
 OPENAPI = CONTRACTS / "slack_web_openapi_v2_without_examples.json"
@@ -41,6 +42,7 @@ EVENT_SAMPLES = {
     "message/channel_join": "java-slack-sdk-samples/events/MessageChannelJoinPayload.json",
     "message/thread_broadcast": "java-slack-sdk-samples/events/MessageThreadBroadcastPayload.json",
     "app_home_opened": "java-slack-sdk-samples/events/AppHomeOpenedPayload.json",
+    "reaction_added": "java-slack-sdk-samples/events/ReactionAddedPayload.json",
     "assistant_thread_started": "docs-examples/assistant_thread_started.json",
     "block_actions": "java-slack-sdk-samples/interactive-components/BlockActionPayload.json",
 }
@@ -49,7 +51,8 @@ EVENT_SAMPLES = {
 EVENT_EXTRAS = {"app_mention": {"files": ("java-slack-sdk-samples/events/MessageFileSharePayload.json", "files")}}
 # The Events API wrapper is the same for every event ("uniform across all Events API methods").
 WRAPPER_SAMPLE = "java-slack-sdk-samples/events/AppMentionPayload.json"
-# Blocks in a payload are the bot's own (checked when it posted them), not compared with a sample's.
+# Blocks in a payload are the bot's own (checked when it posted or published them), not compared
+# with a sample's (BlockActionPayload's view even lacks them).
 OPAQUE = frozenset({"blocks"})
 
 
@@ -225,6 +228,23 @@ def _check_element(at: str, element: Any) -> list[str]:
     return problems
 
 
+def check_experience(method: str, params: dict[str, Any], experience: str) -> list[str]:
+    """Arguments an app of this messaging experience ("agent": the manifest's `agent_view`;
+    "assistant": the legacy `assistant_view`) must leave out: Slack takes the call and silently
+    does nothing (setSuggestedPrompts with thread_ts in an agent app)."""
+    spec = methods()["methods"].get(method) or {}
+    if experience != "agent":
+        return []
+    return [f"{method}: argument `{name}` must be left out by an agent_view app: the call silently fails "
+            f"({spec['reference']})" for name in spec.get("not_for_agent_view", []) if params.get(name)]
+
+
+def manifest_experience(manifest: Path = CONTRACTS.parent.parent.parent / "slack-manifest.yml") -> str:
+    """The messaging experience slack-manifest.yml declares: "agent" or "assistant"."""
+    features = (yaml.safe_load(manifest.read_text()) or {}).get("features") or {}
+    return "agent" if "agent_view" in features else "assistant"
+
+
 # -- responses ---------------------------------------------------------------
 
 
@@ -312,6 +332,10 @@ def _newer_fields(method: str, sample_name: str | None, path: list[Any],
             problems.append(f"{method} response: {where}: field `{key}` is in neither the OpenAPI schema nor "
                             "java-slack-sdk's sample")  # fmt: skip
             continue
+        if key in OPAQUE:
+            problems += [f"{method} response: {p} (java-slack-sdk {sample_name})"
+                         for p in shape_problems(error.instance[key], [], f"{where}/{key}")]  # fmt: skip
+            continue
         found = [shape_problems(error.instance[key], candidate, f"{where}/{key}") for candidate in candidates]
         best = min(found, key=len)
         problems += [f"{method} response: {p} (java-slack-sdk {sample_name})" for p in best]
@@ -351,9 +375,12 @@ def shape_problems(value: Any, model: Any, path: str = "") -> list[str]:
         problems = []
         for key, item in value.items():
             where = f"{path}/{key}" if path else key
+            if key in OPAQUE:  # an array, whatever the sample's blocks look like
+                problems += shape_problems(item, [], where)
+                continue
             if key not in model:
                 problems.append(f"{where}: field not in the sample")
-            elif key not in OPAQUE:
+            else:
                 problems += shape_problems(item, model[key], where)
         return problems
     if isinstance(model, list):

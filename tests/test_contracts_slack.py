@@ -12,7 +12,7 @@ import pytest
 from fake_slack import FakeSlack, block_actions, dm, event_body, mention
 from slack_bolt.context.set_status.async_set_status import AsyncSetStatus
 from slack_bolt.context.set_suggested_prompts.async_set_suggested_prompts import AsyncSetSuggestedPrompts
-from slack_contract import CONTRACTS, check_event, methods, shape_problems
+from slack_contract import CONTRACTS, check_event, manifest_experience, methods, shape_problems
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
@@ -215,3 +215,28 @@ def test_every_method_cites_its_reference_page_and_every_source_is_vendored():
     for name, spec in table.items():
         if "openapi" in spec["response"]:
             assert spec["response"]["openapi"] in openapi["paths"], name
+
+
+async def test_suggested_prompts_with_thread_ts_are_named_for_an_agent_app_only(client, slack):
+    prompts = [{"title": "Hi", "message": "Say hi"}]
+    slack.experience = "assistant"  # the legacy assistant_view: thread_ts is how prompts reach a thread
+    await client.assistant_threads_setSuggestedPrompts(channel_id="D1", thread_ts="1.000001", prompts=prompts)
+    assert slack.violations == []
+    slack.experience = "agent"
+    await client.assistant_threads_setSuggestedPrompts(channel_id="D1", prompts=prompts)  # the agent way
+    assert slack.violations == []
+    # Slack answers ok and shows nothing: only the check tells.
+    assert (await client.assistant_threads_setSuggestedPrompts(channel_id="D1", thread_ts="1.000001",
+                                                               prompts=prompts))["ok"]  # fmt: skip
+    assert slack.take_violations() == [
+        "assistant.threads.setSuggestedPrompts: argument `thread_ts` must be left out by an agent_view app: the "
+        "call silently fails (https://docs.slack.dev/reference/methods/assistant.threads.setSuggestedPrompts)"]
+
+
+def test_the_fake_takes_the_experience_slack_manifest_yml_declares(tmp_path):
+    manifest = tmp_path / "manifest.yml"
+    manifest.write_text("features:\n  agent_view:\n    agent_description: hi\n")
+    assert manifest_experience(manifest) == "agent"
+    manifest.write_text("features:\n  assistant_view:\n    assistant_description: hi\n")
+    assert manifest_experience(manifest) == "assistant"
+    assert FakeSlack().experience == manifest_experience()
