@@ -9,7 +9,7 @@ import json
 from collections.abc import AsyncIterator
 
 import pytest
-from fake_slack import FakeSlack, block_actions, dm, event_body, mention
+from fake_slack import FakeSlack, block_actions, dm, event_body, home_opened, mention, thread_started
 from slack_bolt.context.set_status.async_set_status import AsyncSetStatus
 from slack_bolt.context.set_suggested_prompts.async_set_suggested_prompts import AsyncSetSuggestedPrompts
 from slack_contract import CONTRACTS, check_event, manifest_experience, methods, shape_problems
@@ -174,8 +174,18 @@ async def test_the_fakes_own_answers_validate(slack, client):
 
 
 def test_the_event_helpers_build_payloads_of_slacks_shape():
-    for event in (mention("hi"), dm("hi"), dm("file", subtype="file_share", files=[{"id": "F1"}])):
-        assert check_event(event_body(event)) == []
+    events = (mention("hi"), mention("in a thread", thread_ts="1700000000.000001"), dm("hi"),
+              dm("file", subtype="file_share", files=[{"id": "F1", "name": "a.png"}]),
+              home_opened("messages"), home_opened("home"), thread_started())  # fmt: skip
+    for event in events:
+        assert check_event(event_body(event)) == [], event
+    message = {"type": "message", "user": "UBOT", "bot_id": "BBOT", "text": "hi", "ts": "1700000000.000002",
+               "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": "hi"}}]}
+    click = {"type": "feedback_buttons", "action_id": "reply_feedback", "block_id": "b1", "value": "good|x|y",
+             "text": {"type": "plain_text", "text": "Good reply"}}
+    assert check_event(block_actions(click, message=message, channel="D1")) == []
+    assert check_event(block_actions({"type": "button", "action_id": "forget", "value": "v"},
+                                     view={"type": "home", "blocks": []})) == []  # fmt: skip
 
 
 def test_an_event_unlike_slacks_samples_is_named():
