@@ -15,10 +15,10 @@ client's acks and can ask it to reconnect.
 Every call and answer is checked against Slack's published contracts
 (tests/slack_contract.py, tests/contracts/slack/): a call missing a required
 argument or over a documented limit is answered `invalid_arguments`, as Slack
-would, and recorded in `violations` with an answer of the fake's own that does
-not validate; the events the helpers below build are checked against Slack's
-samples when built. `close()` fails if any violation is left: the test that
-caused it fails, naming the method and the argument.
+would; it, and any answer of the fake's own that does not validate, is recorded
+in `violations`. The events the helpers below build are checked against Slack's
+samples as they are built. `close()` fails if any violation is left, so the test
+that caused it fails, naming the method and the argument.
 """
 
 from __future__ import annotations

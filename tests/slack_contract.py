@@ -173,7 +173,8 @@ def _check_blocks(where: str, blocks: list[Any]) -> list[str]:
         if kind == "section":
             fields = block.get("fields") or []
             if len(fields) > rule["fields_max_items"]:
-                problems.append(f"{at} (section).fields has {len(fields)} items, over {rule['fields_max_items']} ({ref})")
+                problems.append(f"{at} (section).fields has {len(fields)} items, over "
+                                f"{rule['fields_max_items']} ({ref})")  # fmt: skip
             for number, item in enumerate(fields):
                 problems += _too_long(f"{at} (section).fields[{number}]", item, rule["field_text"], ref)
             if isinstance(block.get("accessory"), dict):
