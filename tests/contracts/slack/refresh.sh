@@ -9,7 +9,7 @@ set -euo pipefail
 JAVA_REF="${1:-86ff7ca9915e21882def04c2d579ac02503f95fe}"
 SPECS_REF="${2:-bc08db49625630e3585bf2f1322128ea04f2a7f3}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
-RAW="https://raw.githubusercontent.com"
+RAW="${SLACK_CONTRACTS_RAW:-https://raw.githubusercontent.com}"  # another mirror, for testing the script
 
 fetch() {  # fetch URL FILE: download to a temporary file, then replace FILE only if it worked
     curl --fail --silent --show-error --location "$1" -o "$2.part"
