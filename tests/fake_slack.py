@@ -14,8 +14,8 @@ client's acks and can ask it to reconnect.
 
 Every call and answer is checked against Slack's published contracts
 (tests/slack_contract.py, tests/contracts/slack/): a call missing a required
-argument or over a documented limit is answered `invalid_arguments`, as Slack
-would; it, and any answer of the fake's own that does not validate, is recorded
+argument or over a documented limit is answered `invalid_arguments` (or
+`invalid_blocks`), as Slack would; it, and any answer of the fake's own that does not validate, is recorded
 in `violations`. The events the helpers below build are checked against Slack's
 samples as they are built. `close()` fails if any violation is left, so the test
 that caused it fails, naming the method and the argument.
@@ -202,7 +202,9 @@ class FakeSlack:
             # the bot shrugs the error off.
             self.violations += problems
             self.calls.append(Call(method, params, token, status=400))
-            return web.json_response({"ok": False, "error": "invalid_arguments",
+            # A message's blocks out of Block Kit's limits are `invalid_blocks` to Slack.
+            blocks_only = all(": argument `blocks`" in problem for problem in problems)
+            return web.json_response({"ok": False, "error": "invalid_blocks" if blocks_only else "invalid_arguments",
                                       "response_metadata": {"messages": problems}})  # fmt: skip
         self.violations += check_experience(method, params, self.experience)  # Slack says ok, does nothing
         broken = next((b for b in self._breaks if b[0] == method), None)

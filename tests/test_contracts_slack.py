@@ -29,12 +29,12 @@ def client(slack: FakeSlack) -> AsyncWebClient:
     return AsyncWebClient(token="xoxb-fake", base_url=slack.api_url)
 
 
-async def refused(slack: FakeSlack, call) -> list[str]:
-    """Make a call the contract refuses: Slack's `invalid_arguments` comes back, and the
-    violations it recorded (taken, so the fixture's close() does not fail)."""
+async def refused(slack: FakeSlack, call, error: str = "invalid_arguments") -> list[str]:
+    """Make a call the contract refuses: Slack's `error` comes back, and the violations it
+    recorded (taken, so the fixture's close() does not fail)."""
     with pytest.raises(SlackApiError) as raised:
         await call
-    assert raised.value.response["error"] == "invalid_arguments"
+    assert raised.value.response["error"] == error
     found = slack.take_violations()
     assert raised.value.response["response_metadata"]["messages"] == found
     return found
@@ -81,10 +81,12 @@ async def test_a_message_over_the_text_and_block_limits_is_named(slack, client):
     found = await refused(slack, client.chat_postMessage(channel="C1", text="x" * 4001))
     assert found == ["chat.postMessage: argument `text` is 4001 characters, over the limit of 4000 "
                      "(https://docs.slack.dev/reference/methods/chat.postMessage)"]
-    found = await refused(slack, client.chat_postMessage(channel="C1", blocks=[{"type": "divider"}] * 51))
+    found = await refused(slack, client.chat_postMessage(channel="C1", blocks=[{"type": "divider"}] * 51),
+                          "invalid_blocks")
     assert "chat.postMessage: argument `blocks` has 51 items, over the limit of 50" in found[0]
     section = {"type": "section", "text": {"type": "mrkdwn", "text": "y" * 3001}}
-    found = await refused(slack, client.chat_postMessage(channel="C1", text="fallback", blocks=[section]))
+    found = await refused(slack, client.chat_postMessage(channel="C1", text="fallback", blocks=[section]),
+                          "invalid_blocks")
     assert found == ["chat.postMessage: argument `blocks`[0] (section).text is 3001 characters, over the limit of "
                      "3000 (https://docs.slack.dev/reference/block-kit/blocks/section-block)"]
     found = await refused(slack, client.chat_postMessage(channel="C1"))
@@ -96,7 +98,7 @@ async def test_feedback_buttons_and_a_home_tab_over_their_limits_are_named(slack
                "positive_button": {"text": {"type": "plain_text", "text": "g" * 76}, "value": "good"},
                "negative_button": {"text": {"type": "plain_text", "text": "bad"}}}
     found = await refused(slack, client.chat_postMessage(
-        channel="C1", text="t", blocks=[{"type": "context_actions", "elements": [buttons]}]))
+        channel="C1", text="t", blocks=[{"type": "context_actions", "elements": [buttons]}]), "invalid_blocks")
     assert any("(feedback_buttons).positive_button.text is 76 characters, over the limit of 75" in f for f in found)
     assert any("(feedback_buttons).negative_button.value is missing" in f for f in found)
     view = {"type": "home", "blocks": [{"type": "divider"}] * 101}
