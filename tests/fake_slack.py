@@ -11,6 +11,14 @@ it answer `missing_scope`. It keeps what users would see: the messages posted
 status, the reactions, the published Home tabs, ephemeral messages. The
 websocket side sends `events_api` and `interactive` envelopes, records the
 client's acks and can ask it to reconnect.
+
+Every call and answer is checked against Slack's published contracts
+(tests/slack_contract.py, tests/contracts/slack/): a call missing a required
+argument or over a documented limit is answered `invalid_arguments` (or
+`invalid_blocks`), as Slack would; it, and any answer of the fake's own that does not validate, is recorded
+in `violations`. The events the helpers below build are checked against Slack's
+samples as they are built. `close()` fails if any violation is left, so the test
+that caused it fails, naming the method and the argument.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import WSMsgType, web
+from slack_contract import check_call, check_event, check_experience, check_response, manifest_experience
 from slack_sdk.signature import SignatureVerifier
 
 BOT_USER_ID = "UBOT"
@@ -65,8 +74,6 @@ class FakeSlack:
     statuses: dict[tuple[str, str], str] = field(default_factory=dict)  # (channel, thread) -> its status now
     reactions: set[tuple[str, str, str]] = field(default_factory=set)  # (channel, ts, name) on messages now
     home_views: dict[str, dict[str, Any]] = field(default_factory=dict)  # user -> published Home tab
-    # The app's messaging experience, as its manifest says: "agent" (agent_view) or "assistant" (assistant_view).
-    experience: str = "agent"
     # (channel, thread_ts or None) -> the suggested prompts (with their title) shown there now.
     suggested: dict[tuple[str, str | None], dict[str, Any]] = field(default_factory=dict)
     messages: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # channel -> its messages, as stored
@@ -81,6 +88,9 @@ class FakeSlack:
     _rate_limit: dict[str, int] = field(default_factory=dict)
     _breaks: list[tuple[str, str]] = field(default_factory=list)  # (method, "disconnect" | "payload")
     revoked: bool = False  # the bot token was revoked: every call with it answers token_revoked
+    violations: list[str] = field(default_factory=list)  # breaches of Slack's contracts, see close()
+    # The app's messaging experience, as slack-manifest.yml declares it: "agent" or "assistant" (legacy).
+    experience: str = field(default_factory=manifest_experience)
     _runner: web.AppRunner | None = None
     _port: int = 0
 
@@ -98,6 +108,7 @@ class FakeSlack:
         return self
 
     async def close(self) -> None:
+        """Stop the server; then fail if a call or an answer broke Slack's contracts."""
         self._closing = True
         self._stopping.set()
         self.release_held()
@@ -105,6 +116,18 @@ class FakeSlack:
             await ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
+            self._runner = None
+        self.assert_no_violations()
+
+    def assert_no_violations(self) -> None:
+        if self.violations:
+            found, self.violations = list(dict.fromkeys(self.violations)), []
+            raise AssertionError("Slack contract violations:\n  " + "\n  ".join(found))
+
+    def take_violations(self) -> list[str]:
+        """The violations so far, forgotten (for tests that break the contracts on purpose)."""
+        found, self.violations = self.violations, []
+        return found
 
     @property
     def api_url(self) -> str:
@@ -177,6 +200,17 @@ class FakeSlack:
                 params.update(parse_qsl(raw.decode()))
         auth = request.headers.get("Authorization", "")
         token = auth.removeprefix("Bearer ") or params.get("token")
+        problems = check_call(method, params, token)
+        if problems:
+            # Slack's answer to a call it cannot take; the test fails at close() too, even where
+            # the bot shrugs the error off.
+            self.violations += problems
+            self.calls.append(Call(method, params, token, status=400))
+            # A message's blocks out of Block Kit's limits are `invalid_blocks` to Slack.
+            blocks_only = all(": argument `blocks`" in problem for problem in problems)
+            return web.json_response({"ok": False, "error": "invalid_blocks" if blocks_only else "invalid_arguments",
+                                      "response_metadata": {"messages": problems}})  # fmt: skip
+        self.violations += check_experience(method, params, self.experience)  # Slack says ok, does nothing
         broken = next((b for b in self._breaks if b[0] == method), None)
         if broken is not None:
             self._breaks.remove(broken)
@@ -186,7 +220,7 @@ class FakeSlack:
                 request.transport.close()
                 return web.Response(status=500)  # never delivered
             self.calls.append(Call(method, params, token))
-            body = json.dumps(self._answer(method, params, token)).encode()
+            body = json.dumps(self._checked(method, self._answer(method, params, token))).encode()
             response = web.StreamResponse(headers={"Content-Type": "application/json",
                                                    "Content-Length": str(len(body))})  # fmt: skip
             await response.prepare(request)
@@ -217,11 +251,16 @@ class FakeSlack:
             return web.json_response({"ok": False, "error": "missing_scope", "needed": scope, "provided": provided})
         call = Call(method, params, token)
         self.calls.append(call)
-        answer = self._answer(method, params, token)
+        answer = self._checked(method, self._answer(method, params, token))
         if method in self._holds:
             self._holds.remove(method)
             await self._withhold(call)
         return web.json_response(answer)
+
+    def _checked(self, method: str, answer: dict[str, Any]) -> dict[str, Any]:
+        """The fake's answer, recorded as a violation where it is not what Slack documents."""
+        self.violations += check_response(method, answer)
+        return answer
 
     def _scope_needed(self, method: str, params: dict[str, Any]) -> str | None:
         scope = SCOPES.get(method)
@@ -284,8 +323,7 @@ class FakeSlack:
             user = params.get("user")
             if user not in self.users:
                 return {"ok": False, "error": "user_not_found"}
-            return {"ok": True, "user": {"id": user, "name": self.users[user].lower(),
-                                         "profile": {"display_name": self.users[user], "real_name": ""}}}
+            return {"ok": True, "user": _user(user, self.users[user])}
         return {"ok": False, "error": "unknown_method"}
 
     def _suggest(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -339,7 +377,9 @@ class FakeSlack:
         top.reverse()
         limit = _limit(params, 100)
         shown = [self._shown(channel, m, _true(params.get("include_all_metadata"))) for m in top[:limit]]
-        return {"ok": True, "messages": shown, "has_more": len(top) > limit}
+        # Required by the OpenAPI schema of conversations.history; the fake keeps no pins.
+        return {"ok": True, "messages": shown, "has_more": len(top) > limit, "pin_count": 0,
+                "channel_actions_ts": None, "channel_actions_count": 0}
 
     def _replies(self, params: dict[str, Any]) -> dict[str, Any]:
         """conversations.replies: a thread oldest first, its parent first; a message that starts no thread,
@@ -376,6 +416,7 @@ class FakeSlack:
         if replies:
             users = list(dict.fromkeys(m["user"] for m in replies))
             shown.update(
+                subscribed=False,  # whether the reader follows the thread (the bot does not)
                 thread_ts=ts,
                 reply_count=len(replies),
                 reply_users=users,
@@ -404,6 +445,7 @@ class FakeSlack:
         self, body: dict[str, Any], *, retry_attempt: int = 0, envelope_id: str | None = None
     ) -> str:
         """Send an events_api envelope on the newest open connection; returns its envelope_id."""
+        self.violations += check_event(body)
         envelope_id = envelope_id or uuid.uuid4().hex
         await self.open_sockets[-1].send_json({
             "envelope_id": envelope_id, "type": "events_api", "payload": body, "accepts_response_payload": False,
@@ -413,6 +455,7 @@ class FakeSlack:
 
     async def send_interactive(self, payload: dict[str, Any]) -> str:
         """Send an `interactive` envelope (a button click...) on the newest connection; its envelope_id."""
+        self.violations += check_event(payload)
         envelope_id = uuid.uuid4().hex
         await self.open_sockets[-1].send_json({
             "envelope_id": envelope_id, "type": "interactive", "payload": payload, "accepts_response_payload": True,
@@ -424,6 +467,16 @@ class FakeSlack:
 
     def acked(self, envelope_id: str) -> bool:
         return any(ack.get("envelope_id") == envelope_id for ack in self.acks)
+
+
+def _user(user: str, display_name: str) -> dict[str, Any]:
+    """A person as users.info describes them: the fields Slack's OpenAPI schema requires of a
+    user and a profile, empty where the fake knows nothing."""
+    profile = {key: "" for key in ("real_name", "avatar_hash", "real_name_normalized", "title", "phone", "skype",
+                                   "status_text", "status_emoji")}  # fmt: skip
+    profile.update(display_name=display_name, display_name_normalized=display_name, fields=None)
+    return {"id": user, "team_id": TEAM_ID, "name": display_name.lower(), "deleted": False, "profile": profile,
+            "is_bot": False, "is_app_user": False, "updated": 1700000000}
 
 
 def _ts_key(ts: str) -> tuple[int, int]:
@@ -444,14 +497,24 @@ def _limit(params: dict[str, Any], default: int) -> int:
 
 # -- building and signing events ------------------------------------------
 
-def event_body(event: dict[str, Any], *, team: str = TEAM_ID, event_id: str | None = None) -> dict[str, Any]:
-    """An Events API `event_callback` body around `event`."""
-    return {
+def event_body(event: dict[str, Any], *, team: str = TEAM_ID, event_id: str | None = None,
+               check: bool = True) -> dict[str, Any]:
+    """An Events API `event_callback` body around `event`, in the shape of Slack's samples of
+    that event (checked; `check=False` only for a payload that is malformed on purpose)."""
+    body = {
         "token": "unused", "team_id": team, "api_app_id": "A1", "type": "event_callback",
         "event_id": event_id or "Ev" + uuid.uuid4().hex[:10].upper(), "event_time": int(time.time()),
         "event": {"event_ts": event.get("ts"), **event},
         "authorizations": [{"team_id": team, "user_id": BOT_USER_ID, "is_bot": True}],
     }
+    return _shaped(body) if check else body
+
+
+def _shaped(payload: dict[str, Any]) -> dict[str, Any]:
+    """`payload`, once it has the shape of Slack's sample of it."""
+    problems = check_event(payload)
+    assert not problems, "Slack payload unlike Slack's samples:\n  " + "\n  ".join(problems)
+    return payload
 
 
 _message_ts = itertools.count(1)
@@ -508,7 +571,7 @@ def block_actions(action: dict[str, Any], *, user: str = "U2", message: dict[str
     if view is not None:
         payload["container"] = {"type": "view", "view_id": "V1"}
         payload["view"] = view
-    return payload
+    return _shaped(payload)
 
 
 def clicked(post: Call, rating: str) -> dict[str, Any]:

@@ -171,7 +171,8 @@ async def test_history_and_replies_read_back_what_was_posted(slack, client):
     with_metadata = await client.conversations_replies(channel="C1", ts=parent["ts"], include_all_metadata=True)
     assert with_metadata["messages"][1]["metadata"] == METADATA
 
-    assert (await client.conversations_history(channel="C9")).data == {"ok": True, "messages": [], "has_more": False}
+    empty = (await client.conversations_history(channel="C9")).data
+    assert (empty["messages"], empty["has_more"]) == ([], False)
     with pytest.raises(SlackApiError) as raised:
         await client.conversations_replies(channel="C1", ts="1.000001")
     assert raised.value.response["error"] == "thread_not_found"
