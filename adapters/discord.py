@@ -29,6 +29,7 @@ from adapters.base import (
     AdapterStartError,
     IncomingMessage,
     ReplyTasks,
+    Undelivered,
     answer_once,
     forget,
     is_reset,
@@ -68,6 +69,11 @@ PRIVILEGED_INTENT_HELP = (
     "or unset DISCORD_MESSAGE_CONTENT"
 )
 START_TIMEOUT = 60.0  # seconds from start() to READY before giving up
+# A post whose connection dropped is sent again with its nonce (Discord answers a repeat
+# with the message it created, if it did), this many times in all, waiting a bit longer each time.
+SEND_ATTEMPTS = 3
+SEND_RETRY_DELAY = 0.5  # seconds before the second attempt; doubled for each later one
+NETWORK_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
 # Plain messages and replies; the other types are system notices (joins, pins, thread starts...).
 _ANSWERED_TYPES = frozenset({discord.MessageType.default, discord.MessageType.reply})
@@ -352,13 +358,33 @@ class DiscordAdapter:
         for index, chunk in enumerate(chunks):
             nonce = f"{entry.exchange_id[:21]}{index:03d}"  # Discord takes at most 25 characters
             try:
-                posted = await message.channel.send(chunk, reference=reference if index == 0 else None, nonce=nonce)
-                sent.append(posted.id)
+                posted = await self._post(message.channel, chunk, reference if index == 0 else None, nonce)
             except discord.HTTPException as error:
                 # Usually missing permissions in that channel: nothing more can be sent there.
                 log.warning("Could not answer in channel %s (%s %s)", message.channel.id, error.status, error.text)
                 break
+            sent.append(posted.id)
         return sent
+
+    async def _post(
+        self, channel: discord.abc.Messageable, chunk: str, reference: discord.MessageReference | None, nonce: str
+    ) -> discord.Message:
+        """Send one chunk; a dropped connection is tried again with the same nonce, so a chunk
+        that Discord created before the drop comes back instead of being sent twice. Raises
+        `Undelivered` when every attempt failed: the inbox answers the message again later."""
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            try:
+                return await channel.send(chunk, reference=reference, nonce=nonce)
+            except NETWORK_ERRORS as error:
+                if attempt == SEND_ATTEMPTS:
+                    raise Undelivered(
+                        f"Could not reach Discord to answer in channel {getattr(channel, 'id', '?')} "
+                        f"({SEND_ATTEMPTS} attempts, last: {type(error).__name__}: {error})"
+                    ) from error
+                log.info("Sending an answer failed (%s: %s); sending it again with its nonce",
+                         type(error).__name__, error)  # fmt: skip
+                await asyncio.sleep(SEND_RETRY_DELAY * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
 
     # -- reactions: ratings of replies -------------------------------------
 

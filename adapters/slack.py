@@ -284,6 +284,12 @@ class SlackAdapter:
         followup = event.get("type") == "message" and not is_dm
         if followup and not (self.settings.slack_thread_followups and thread):
             return None  # channel messages reach us only as thread follow-ups (message.channels scope)
+        if followup and self._bot_user_id in mentioned_users(event.get("text") or ""):
+            # Slack sends this message as an `app_mention` too, with the same key: that one is
+            # answered. Claimed here, the message would be dropped as a follow-up of a thread
+            # the bot is not in, and its claim would make the mention a duplicate.
+            log.debug("A message in thread %s of %s mentions the bot: left to its app_mention", thread, channel)
+            return None
         if is_dm:
             conversation, reply_to = f"slack:{team}:{channel}", thread
         elif self.settings.slack_reply_in_thread:
@@ -301,7 +307,10 @@ class SlackAdapter:
 
     async def _reply(self, turn: _Turn, ticket: Ticket, claim: Claim) -> None:
         if turn.followup and not await self._in_thread(turn, ticket):
-            return  # chatter in a thread the bot is not in: not even the thinking status
+            # Chatter in a thread the bot is not in: not even the thinking status.
+            log.debug("Not answering a message in thread %s of %s: the bot is not in that thread",
+                      turn.thread_ts, turn.channel)  # fmt: skip
+            return
         # The hint goes up at once, even while an earlier message of the conversation is being answered.
         hint = asyncio.create_task(self.surface.thinking.show(turn.channel, turn.ts, self._status_for(turn)))
         try:

@@ -7,7 +7,8 @@ thread, a DM channel, a few users; it records every REST call, echoes the
 bot's own messages back on the gateway as Discord does, answers a message sent
 again with the same nonce (`enforce_nonce`) with the one created first, and can
 answer 429, hold a request for a while before handling it, handle a request but
-withhold its answer (`hold_response`), reject the token (401), refuse intents
+withhold its answer (`hold_response`), drop the connection of a request before or
+after handling it (`drop_connection`), reject the token (401), refuse intents
 (4014) or drop the gateway (4000; 4004 ends a session for good). It also
 dispatches reactions and interactions (slash commands, the message context
 menu) from a server install or from a user's install in places the bot is no
@@ -106,6 +107,7 @@ class FakeDiscord:
         self._delays: list[tuple[str, str, float]] = []
         self.held = 0  # requests being held by `delay` right now
         self._holds: list[tuple[str, str]] = []  # (method, path) whose next answer is withheld
+        self._drops: list[tuple[str, str, bool]] = []  # (method, path, handled first) whose connection is dropped
         self.withheld: list[Call] = []  # handled requests whose answer `hold_response` keeps back right now
         self._release = asyncio.Event()  # set (and replaced) by release_held()
         self._nonces: dict[str, tuple[int, float]] = {}  # the bot's nonce -> (its message id, when created)
@@ -305,6 +307,11 @@ class FakeDiscord:
         the platform did it, the client never learned that it did."""
         self._holds.append((method, path))
 
+    def drop_connection(self, method: str, path: str, *, handled: bool) -> None:
+        """Close the connection of the next `method path` request without answering, after
+        handling it (`handled`: a message is created, the client never hears so) or before."""
+        self._drops.append((method, path, handled))
+
     def release_held(self) -> None:
         """Send every answer `hold_response` is keeping back now."""
         self._release.set()
@@ -373,8 +380,18 @@ class FakeDiscord:
                 self._rate_limits.remove(limit)
                 call.status = 429
                 return _rate_limited(limit[2])
+        drop = next((d for d in self._drops if d[:2] == (request.method, path)), None)
+        if drop is not None:
+            self._drops.remove(drop)
+            if not drop[2]:
+                call.status = 0  # never handled
+                request.transport.close()  # type: ignore[union-attr]
+                return web.Response(status=204)  # never reaches the client
         status, payload = self._route(request.method, path, body, call)
         call.status, call.response = status, payload
+        if drop is not None:
+            request.transport.close()  # type: ignore[union-attr]
+            return web.Response(status=204)  # never reaches the client
         if (request.method, path) in self._holds:
             self._holds.remove((request.method, path))
             await self._withhold(call)
@@ -401,6 +418,8 @@ class FakeDiscord:
             if message is None or message["channel_id"] != parts[1]:
                 return 404, {"message": "Unknown Message", "code": 10008}
             return 200, message
+        if method == "GET" and parts[0] == "channels" and parts[-1] == "messages":
+            return 200, self._list_messages(parts[1], call.query)
         if method == "POST" and parts[0] == "channels" and parts[-1] == "messages":
             return self._create_message(int(parts[1]), body, call)
         if method == "POST" and parts[0] == "interactions" and parts[-1] == "callback":
@@ -441,6 +460,20 @@ class FakeDiscord:
         # Discord echoes the bot's own messages back on the gateway.
         asyncio.get_running_loop().create_task(self.dispatch("MESSAGE_CREATE", message))
         return 200, message
+
+    def _list_messages(self, channel_id: str, query: dict[str, str]) -> list[dict[str, Any]]:
+        """GET /channels/{id}/messages: at most `limit` (1-100, default 50) of the channel's
+        messages before `before`, or right after `after`, or the latest; newest first as
+        Discord returns them (and as discord.py's history() pages them)."""
+        limit = max(1, min(100, int(query.get("limit", 50))))
+        ids = sorted(id for id, message in self.messages.items() if message["channel_id"] == channel_id)
+        if "after" in query:
+            ids = [id for id in ids if id > int(query["after"])][:limit]
+        else:
+            if "before" in query:
+                ids = [id for id in ids if id < int(query["before"])]
+            ids = ids[-limit:]
+        return [self.messages[id] for id in reversed(ids)]
 
     async def _withhold(self, call: Call) -> None:
         """Keep the answer to `call` back until release_held() or stop()."""

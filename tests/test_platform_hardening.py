@@ -1,0 +1,164 @@
+"""Issue 22's platform edges, through the real slack_bolt / discord.py clients against
+the local fakes: a thread mention whose `message` twin comes first, a dropped Discord
+connection while posting, a replay after Discord forgot the nonces, ratings of a reply
+identified by its own message, and the users.info lookups one Slack message may cost."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from fake_discord import BOT_ID, CHANNEL_ID, FakeDiscord
+from fake_slack import BOT_USER_ID, event_body, mention, new_ts, wait_for
+from platform_drivers import Scripted
+from test_slack import fake, sentinel, start_bot  # noqa: F401 (Slack's fixtures)
+
+from adapters.discord import SEND_ATTEMPTS, DiscordAdapter
+from bot.engine import ReplyEngine
+from bot.inbox import Inbox, open_inbox
+from bot.memory import open_store
+
+DISCORD_MENTION = f"<@{BOT_ID}>"
+LEASE = 1.0  # seconds: a message left to the inbox is answered again this soon
+
+
+# -- Slack: a mention in a thread the bot has not answered (SLACK_THREAD_FOLLOWUPS=on) ---------------
+
+
+@pytest.mark.parametrize("first", ["message", "app_mention"])
+async def test_a_thread_mention_is_answered_whichever_of_its_two_events_comes_first(start_bot, fake, first, caplog):
+    bot = await start_bot(slack_thread_followups=True)
+    # A thread the bot was never in; Slack sends the mention as a `message` and as an `app_mention`.
+    as_mention = mention("what do you think?", thread_ts="1700000000.000100")
+    as_message = {**as_mention, "type": "message", "channel_type": "channel"}
+    events = [as_message, as_mention] if first == "message" else [as_mention, as_message]
+    with caplog.at_level(logging.DEBUG, logger="adapters.slack"):
+        for event in events:
+            assert (await bot.send(event_body(event)))[0] == 200
+        await sentinel(bot, fake, already=1)
+    in_thread = [p for p in fake.posts if p.params.get("thread_ts") == "1700000000.000100"]
+    assert len(in_thread) == 1
+    assert bot.model.inputs[0][-1] == "what do you think?"
+    if first == "message":
+        assert "left to its app_mention" in caplog.text  # what happened to the first one is logged
+
+
+async def test_chatter_in_a_thread_the_bot_is_not_in_stays_unanswered_and_is_logged(start_bot, fake, caplog):
+    bot = await start_bot(slack_thread_followups=True)
+    chatter = {"type": "message", "channel_type": "channel", "user": "U2", "text": "lunch?", "ts": new_ts(),
+               "channel": "C1", "thread_ts": "1700000000.000200"}
+    with caplog.at_level(logging.DEBUG, logger="adapters.slack"):
+        await bot.send(event_body(chatter))
+        await sentinel(bot, fake, already=0)
+    assert [p.params["channel"] for p in fake.posts] == ["DSENTINEL"]
+    assert "not in that thread" in caplog.text
+
+
+# -- Discord: the bot with a SQLite inbox that replays ---------------------------------------------
+
+
+@dataclass
+class DiscordBot:
+    adapter: DiscordAdapter
+    engine: ReplyEngine
+    inbox: Inbox
+    model: Scripted
+
+
+@pytest.fixture
+async def discord_fake() -> AsyncIterator[FakeDiscord]:
+    fake = FakeDiscord()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def start_discord(
+    discord_fake, tiny_model, make_settings, tmp_path
+) -> AsyncIterator[Callable[..., Awaitable[DiscordBot]]]:
+    """Start a Discord bot whose memory and inbox are one SQLite file (shared by every bot
+    started here, as by a restarted process), the inbox replaying with a short lease."""
+    running: list[DiscordBot] = []
+
+    async def start(*, rewrite: Callable[[str, list[str], bool], str] | None = None, **overrides: Any) -> DiscordBot:
+        settings = make_settings(
+            discord_token=discord_fake.token, discord_api_url=discord_fake.api_url,
+            discord_gateway_url=discord_fake.gateway_url, memory_url=f"sqlite:///{tmp_path / 'memory.db'}",
+            inbox_lease=LEASE, **overrides,
+        )  # fmt: skip
+        model = Scripted(tiny_model, rewrite) if rewrite else Scripted(tiny_model, lambda text, turns, sample: text)
+        engine = ReplyEngine(model, open_store(settings.memory_url, max_turns=settings.memory_max_turns), settings)
+        await engine.start()
+        inbox = open_inbox(settings, engine.metrics)
+        await inbox.open()
+        adapter = DiscordAdapter(settings, engine, inbox=inbox)
+        await adapter.start()
+        inbox.start({"discord": adapter.replay})
+        bot = DiscordBot(adapter, engine, inbox, model)
+        running.append(bot)
+        return bot
+
+    yield start
+    for bot in reversed(running):
+        await stop_discord(bot, drain=10)
+
+
+async def stop_discord(bot: DiscordBot, *, drain: float) -> None:
+    """Stop a bot; with a short `drain`, as a process killed mid-answer: its claims are not
+    renewed any more, and what it was still sending is cut off, neither finished."""
+    await bot.inbox.close()
+    bot.adapter.stop_accepting()
+    await bot.adapter.drain(drain)
+    await bot.adapter.close()
+    await bot.engine.close(timeout=5)
+
+
+def replies_to(fake: FakeDiscord, message_id: int) -> list[str]:
+    """What the bot created in reply to `message_id` (Discord's own view: one per message)."""
+    return [
+        message["content"] for message in fake.messages.values()
+        if int((message.get("message_reference") or {}).get("message_id", 0)) == message_id
+    ]  # fmt: skip
+
+
+def long_answer(text: str, turns: list[str], sample: bool) -> str:
+    """Three chunks on Discord (2,000 characters each at most), each sentence numbered."""
+    return " ".join(f"Sentence number {n} of a long answer." for n in range(120))
+
+
+async def test_a_connection_dropped_after_discord_created_a_chunk_sends_the_rest_once(discord_fake, start_discord):
+    fake = discord_fake
+    bot = await start_discord(rewrite=long_answer)
+    fake.drop_connection("POST", f"/channels/{CHANNEL_ID}/messages", handled=True)
+    message = await fake.send_message(f"{DISCORD_MENTION} tell me everything", mentions=(BOT_ID,))
+
+    await fake.wait_for(lambda: len(fake.created(CHANNEL_ID)) >= 3, timeout=15, what="every chunk")
+    await fake.wait_for(lambda: any(call.deduplicated for call in fake.calls), what="the resend")
+    created = fake.created(CHANNEL_ID)
+    assert len(created) == 3  # the first chunk once (Discord knew its nonce), then the other two
+    assert [c.json["nonce"] for c in created] == sorted({c.json["nonce"] for c in created})
+    assert " ".join(c.json["content"] for c in created).split() == long_answer("", [], False).split()
+    assert len(replies_to(fake, message)) == 1
+    assert await bot.inbox.store.depth() == 0  # finished: not replayed later
+
+
+async def test_a_connection_that_keeps_dropping_leaves_the_answer_to_the_inbox(discord_fake, start_discord, caplog):
+    fake = discord_fake
+    bot = await start_discord()
+    for _ in range(SEND_ATTEMPTS):  # every attempt of the first answer: Discord never gets it
+        fake.drop_connection("POST", f"/channels/{CHANNEL_ID}/messages", handled=False)
+    with caplog.at_level(logging.WARNING):
+        message = await fake.send_message(f"{DISCORD_MENTION} hello there", mentions=(BOT_ID,))
+        # Not lost: the inbox answers it once its claim lapses (a lease later), from the stored exchange.
+        await fake.wait_for(lambda: replies_to(fake, message), timeout=20, what="the answer")
+    await asyncio.sleep(LEASE * 2)  # a second replay would come within this
+    assert len(replies_to(fake, message)) == 1
+    assert len(await bot.engine.history(f"discord:{CHANNEL_ID}")) == 1  # generated and stored once
+    assert len(bot.model.asked()) == 1
+    assert await bot.inbox.store.depth() == 0
+    assert "the inbox answers it again" in caplog.text and "A reply task failed" not in caplog.text
