@@ -91,7 +91,7 @@ async def start_discord(
             discord_gateway_url=discord_fake.gateway_url, memory_url=f"sqlite:///{tmp_path / 'memory.db'}",
             inbox_lease=LEASE, **overrides,
         )  # fmt: skip
-        model = Scripted(tiny_model, rewrite) if rewrite else Scripted(tiny_model, lambda text, turns, sample: text)
+        model = Scripted(tiny_model, rewrite or answer_to_last)
         engine = ReplyEngine(model, open_store(settings.memory_url, max_turns=settings.memory_max_turns), settings)
         await engine.start()
         inbox = open_inbox(settings, engine.metrics)
@@ -124,6 +124,11 @@ def replies_to(fake: FakeDiscord, message_id: int) -> list[str]:
         message["content"] for message in fake.messages.values()
         if int((message.get("message_reference") or {}).get("message_id", 0)) == message_id
     ]  # fmt: skip
+
+
+def answer_to_last(text: str, turns: list[str], sample: bool) -> str:
+    """A fixed answer per question: the tiny model's own text is random."""
+    return f"An answer to: {turns[-1]}"
 
 
 def long_answer(text: str, turns: list[str], sample: bool) -> str:
@@ -162,3 +167,42 @@ async def test_a_connection_that_keeps_dropping_leaves_the_answer_to_the_inbox(d
     assert len(bot.model.asked()) == 1
     assert await bot.inbox.store.depth() == 0
     assert "the inbox answers it again" in caplog.text and "A reply task failed" not in caplog.text
+
+
+# -- Discord: a replay after Discord forgot the nonces -------------------------------------------------
+
+
+@pytest.mark.parametrize("answer", ["short", "long"])
+async def test_a_replay_after_discord_forgot_the_nonces_sends_only_what_the_channel_lacks(
+    discord_fake, start_discord, answer
+):
+    """Discord honours `enforce_nonce` for "the past few minutes"; a message is replayed up to
+    INBOX_MAX_AGE (10 minutes) after it came. The replay reads the channel instead."""
+    fake = discord_fake
+    rewrite = long_answer if answer == "long" else None
+    first = await start_discord(rewrite=rewrite)
+    # Discord creates the (first chunk of the) answer; the process dies before it hears so.
+    fake.hold_response("POST", f"/channels/{CHANNEL_ID}/messages")
+    message = await fake.send_message(f"{DISCORD_MENTION} tell me everything", mentions=(BOT_ID,))
+    await fake.wait_for(lambda: fake.withheld, what="the answer created")
+    await stop_discord(first, drain=0.1)
+    fake.release_held()
+    fake.nonce_window = 0  # the restart comes after the few minutes Discord remembers a nonce
+    before = len(fake.calls)
+
+    second = await start_discord(rewrite=rewrite)
+    await fake.wait_for(lambda: len(fake.calls) > before + 3, what="the second process at work")
+    await eventually_empty(second.inbox)  # the replay is done
+    await asyncio.sleep(LEASE * 2)  # a second replay or a late post would come within this
+    created = fake.created(CHANNEL_ID)
+    assert len(replies_to(fake, message)) == 1
+    expected = long_answer("", [], False) if answer == "long" else "An answer to: tell me everything"
+    assert " ".join(c.json["content"] for c in created).split() == expected.split()  # each chunk once, in order
+    assert len(second.model.asked()) == 0  # the stored answer, not a new one
+
+
+async def eventually_empty(inbox: Inbox, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while await inbox.store.depth():
+        assert asyncio.get_running_loop().time() < deadline, "the inbox never emptied"
+        await asyncio.sleep(0.05)
