@@ -36,11 +36,11 @@ from adapters.base import (
     respond,
     split_message,
 )
-from adapters.discord_feedback import RepliesSent, exchange_sent_as, rating_for
+from adapters.discord_feedback import RepliesSent, exchange_answering, rating_for
 from bot.config import Settings
 from bot.engine import ReplyEngine
 from bot.errors import EngineClosed
-from bot.inbox import Claim, Entry, Inbox
+from bot.inbox import Claim, Entry, Inbox, exchange_id_for
 from bot.locks import Ticket
 from bot.memory import StoreUnavailable
 
@@ -75,6 +75,7 @@ SEND_ATTEMPTS = 3
 SEND_RETRY_DELAY = 0.5  # seconds before the second attempt; doubled for each later one
 NETWORK_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 HISTORY_LIMIT = 100  # messages after the user's read by a replay, to find its answer sent before a restart
+CHUNKS_BACK = 20  # messages before a rated later chunk read to find the first chunk of its answer
 
 # Plain messages and replies; the other types are system notices (joins, pins, thread starts...).
 _ANSWERED_TYPES = frozenset({discord.MessageType.default, discord.MessageType.reply})
@@ -275,7 +276,7 @@ class DiscordAdapter:
             ticket = self.engine.take_ticket(conversation)
             in_dm = isinstance(message.channel, discord.DMChannel)
             entry = Entry(
-                key=f"discord:{message.id}", platform="discord", conversation=conversation,
+                key=_message_key(message.id), platform="discord", conversation=conversation,
                 user=str(message.author.id), text=text,
                 route={"channel": message.channel.id, "message": message.id, "dm": in_dm,
                        "unreadable": _unreadable(message, in_dm, self.settings)},
@@ -447,17 +448,35 @@ class DiscordAdapter:
             pass  # logged by the engine; the reaction stays on Discord
 
     async def _exchange_of(self, payload: discord.RawReactionActionEvent) -> Any:
-        """A reply not sent by this process (or long ago): its text, matched against the conversation."""
+        """A reply not sent by this process (or long ago): the exchange answering the message
+        it (or the first chunk of its answer) replies to, or the interaction it answers."""
         me = self._client.user
+        channel = self._client.get_partial_messageable(payload.channel_id)
         try:
-            message = await self._client.get_partial_messageable(payload.channel_id).fetch_message(payload.message_id)
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as error:
-            log.debug("Could not fetch a rated message in channel %s: %s", payload.channel_id, error)
+            message = await channel.fetch_message(payload.message_id)
+            if me is None or message.author.id != me.id or not message.content:
+                return None
+            key = await self._key_answered_by(message, me.id)
+        except (discord.HTTPException, *NETWORK_ERRORS) as error:
+            log.debug("Could not read a rated message in channel %s: %s", payload.channel_id, error)
             return None
-        if me is None or message.author.id != me.id or not message.content:
+        if key is None:
             return None
         conversation = f"discord:{payload.channel_id}"
-        return exchange_sent_as(message.content, conversation, await self.engine.history(conversation), MESSAGE_LIMIT)
+        history = await self.engine.history(conversation)
+        return exchange_answering(history, exchange_id_for(key), message.content, conversation, MESSAGE_LIMIT)
+
+    async def _key_answered_by(self, reply: discord.Message, my_id: int) -> str | None:
+        """The key of what the bot's `reply` answers: its own reference or interaction, else
+        (a later chunk of an answer) those of the first chunk, the bot's nearest earlier
+        message that has one."""
+        key = _key_answered(reply)
+        if key is not None or reply.reference is not None:
+            return key
+        async for earlier in reply.channel.history(limit=CHUNKS_BACK, before=reply):
+            if earlier.author.id == my_id and (earlier.reference is not None or earlier.interaction_metadata):
+                return _key_answered(earlier)
+        return None
 
     # -- slash commands ----------------------------------------------------
 
@@ -494,7 +513,9 @@ class DiscordAdapter:
             await interaction.followup.send(NOTHING_TO_ASK, ephemeral=private)
             return
         incoming = IncomingMessage("discord", ticket.conversation, str(interaction.user.id), text)
-        reply = await respond(self.engine, incoming, ticket)
+        # Named after the interaction, which its answer's messages carry: a rating of them finds it.
+        exchange_id = exchange_id_for(_interaction_key(interaction.id))
+        reply = await respond(self.engine, incoming, ticket, exchange_id=exchange_id)
         if reply is None or not reply.text:
             await interaction.delete_original_response()  # a deliberate silence: take "thinking..." away
             return
@@ -567,6 +588,27 @@ def _model_text(message: discord.Message, my_id: int) -> str:
     text = _ROLE_MENTION.sub(lambda m: roles.get(int(m.group(1)), "a role"), text)
     text = _CHANNEL_MENTION.sub(lambda m: "#" + channels.get(int(m.group(1)), "a channel"), text)
     return re.sub(r"[ \t]{2,}", " ", text).strip()
+
+
+def _message_key(message_id: int) -> str:
+    """A user's message as the inbox knows it (`Entry.key`); its exchange id derives from it."""
+    return f"discord:{message_id}"
+
+
+def _interaction_key(interaction_id: int) -> str:
+    """What an "Ask BlenderBot" answer's exchange id derives from."""
+    return f"discord-interaction:{interaction_id}"
+
+
+def _key_answered(reply: discord.Message) -> str | None:
+    """The key of what the bot's message answers if it says so itself: the interaction it is
+    the response to, or the message its reference points to (the first chunk of an answer)."""
+    if reply.interaction_metadata is not None:
+        return _interaction_key(reply.interaction_metadata.id)
+    reference = reply.reference
+    if reference is not None and reference.message_id is not None and not _is_forward(reply):
+        return _message_key(reference.message_id)
+    return None
 
 
 def _replies_to(message: discord.Message, message_id: int) -> bool:

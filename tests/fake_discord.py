@@ -99,6 +99,7 @@ class FakeDiscord:
         self.commands: list[dict[str, Any]] = []  # registered slash commands
         self.messages: dict[int, dict[str, Any]] = {}  # every message by id
         self._interaction_channels: dict[str, int] = {}  # interaction token -> its channel
+        self._interaction_metadata: dict[str, dict[str, Any]] = {}  # token -> what its response messages carry
         self._ids = itertools.count(870000000000000001)
         self._seq = itertools.count(1)
         self._sockets: list[_Socket] = []
@@ -261,6 +262,12 @@ class FakeDiscord:
             data["guild_id"] = str(GUILD_ID)
             data["member"] = {**self._member(user_id), "user": USERS[user_id], "permissions": "2048"}
             data["context"] = 0
+        # The messages answering it carry this (Discord's ApplicationCommandInteractionMetadataResponse).
+        metadata = {"id": data["id"], "type": 2, "user": USERS[user_id],
+                    "authorizing_integration_owners": data["authorizing_integration_owners"]}
+        if "target_id" in command:
+            metadata["target_message_id"] = command["target_id"]
+        self._interaction_metadata[token] = metadata
         await self.dispatch("INTERACTION_CREATE", data)
         return interaction_id
 
@@ -435,6 +442,8 @@ class FakeDiscord:
             channel_id = self._interaction_channels.get(parts[2], CHANNEL_ID)
             message = self._bot_message(channel_id, body)
             message["webhook_id"] = str(APP_ID)
+            if parts[2] in self._interaction_metadata:
+                message["interaction_metadata"] = self._interaction_metadata[parts[2]]
             message["flags"] = body.get("flags", 0)
             return 200, message
         if method in ("DELETE", "PATCH") and parts[0] == "webhooks":

@@ -17,7 +17,7 @@ from fake_slack import BOT_USER_ID, event_body, mention, new_ts, wait_for
 from platform_drivers import Scripted
 from test_slack import fake, sentinel, start_bot  # noqa: F401 (Slack's fixtures)
 
-from adapters.discord import SEND_ATTEMPTS, DiscordAdapter
+from adapters.discord import ASK_COMMAND, SEND_ATTEMPTS, DiscordAdapter
 from bot.engine import ReplyEngine
 from bot.inbox import Inbox, open_inbox
 from bot.memory import open_store
@@ -206,3 +206,72 @@ async def eventually_empty(inbox: Inbox, timeout: float = 20.0) -> None:
     while await inbox.store.depth():
         assert asyncio.get_running_loop().time() < deadline, "the inbox never emptied"
         await asyncio.sleep(0.05)
+
+
+# -- Discord: a 👍/👎 on a reply sent before a restart rates that reply's exchange -----------------------
+
+
+THUMBS_DOWN = "\N{THUMBS DOWN SIGN}"
+
+
+def same_answer(text: str, turns: list[str], sample: bool) -> str:
+    """BlenderBot often repeats itself: every question gets the same answer."""
+    return "I like pizza, do you?"
+
+
+async def rated(bot: DiscordBot) -> list:
+    deadline = asyncio.get_running_loop().time() + 20
+    while not (rows := await bot.engine.store.list_feedback()):
+        assert asyncio.get_running_loop().time() < deadline, "no rating stored"
+        await asyncio.sleep(0.05)
+    return rows
+
+
+async def ask(fake: FakeDiscord, question: str) -> list[int]:
+    """Mention the bot with `question`; the ids of its answer's messages (every chunk)."""
+    message = await fake.send_message(f"{DISCORD_MENTION} {question}", mentions=(BOT_ID,))
+    await fake.wait_for(lambda: replies_to(fake, message), what="the answer")
+    await asyncio.sleep(0.3)  # the later chunks, if any
+    ids = sorted(fake.messages)
+    first = next(i for i in ids if int((fake.messages[i].get("message_reference") or {}).get("message_id", 0))
+                 == message)  # fmt: skip
+    return [i for i in ids if i >= first and fake.messages[i]["author"]["id"] == str(BOT_ID)]
+
+
+@pytest.mark.parametrize("chunk", ["first", "later"])
+async def test_a_rating_after_a_restart_lands_on_the_rated_reply_not_an_identical_newer_one(
+    discord_fake, start_discord, chunk
+):
+    fake = discord_fake
+    rewrite = same_answer if chunk == "first" else long_answer
+    first = await start_discord(rewrite=rewrite)
+    older = await ask(fake, "what do you like?")
+    newer = await ask(fake, "and what else?")
+    assert len(older) == len(newer) == (1 if chunk == "first" else 3)
+    rated_exchange, newest = await first.engine.history(f"discord:{CHANNEL_ID}")
+    assert rated_exchange.bot == newest.bot  # the same words twice
+    await stop_discord(first, drain=10)
+
+    restarted = await start_discord(rewrite=rewrite)  # knows no message ids: only Discord and the memory
+    await fake.react(older[0 if chunk == "first" else 1], THUMBS_DOWN)
+    [row] = await rated(restarted)
+    assert row.exchange.id == rated_exchange.id and row.rating == "bad"
+
+
+async def test_a_rating_of_an_ask_blenderbot_answer_after_a_restart_lands_on_that_answer(discord_fake, start_discord):
+    fake = discord_fake
+    first = await start_discord(rewrite=same_answer)
+    await ask(fake, "what do you like?")
+    question = await fake.send_message("what is the best cheese?")  # not to the bot: asked through the menu
+    interaction = await fake.context_menu(ASK_COMMAND, question)
+    calls = await fake.wait_for(lambda: (c := fake.interaction_calls(interaction)) and len(c) >= 2 and c,
+                                what="the followup")  # fmt: skip
+    await ask(fake, "and what else?")  # the same words again, newer
+    _, asked, _ = await first.engine.history(f"discord:{CHANNEL_ID}")
+    assert asked.user == "what is the best cheese?"
+    await stop_discord(first, drain=10)
+
+    restarted = await start_discord(rewrite=same_answer)
+    await fake.react(int(calls[1].response["id"]), THUMBS_DOWN)
+    [row] = await rated(restarted)
+    assert row.exchange.id == asked.id
