@@ -159,7 +159,10 @@ async def answer_once(inbox: Inbox, claim: Claim, work: Coroutine[Any, Any, Any]
         raise
     except Undelivered as error:
         inbox.abandon(claim)
-        log.warning("%s; the inbox answers it again in %gs", error, inbox.lease)
+        if claim.recorded and inbox.store.durable:
+            log.warning("%s; the inbox answers it again once its claim lapses (INBOX_LEASE=%gs)", error, inbox.lease)
+        else:
+            log.warning("%s; it is lost: the inbox did not record it", error)
         return
     except Exception:
         await inbox.finish(claim)

@@ -12,15 +12,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from bot_process import sample
 from fake_discord import BOT_ID, CHANNEL_ID, FakeDiscord
 from fake_slack import BOT_USER_ID, event_body, mention, new_ts, wait_for
 from platform_drivers import Scripted
+from redis_servers import delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
 from test_slack import fake, sentinel, start_bot  # noqa: F401 (Slack's fixtures)
 
 from adapters.discord import ASK_COMMAND, SEND_ATTEMPTS, DiscordAdapter
+from adapters.slack import MAX_LOOKUPS
 from bot.engine import ReplyEngine
 from bot.inbox import Inbox, open_inbox
+from bot.errors import RateLimited
 from bot.memory import open_store
+from bot.ratelimit import TokenBucketLimiter
+from bot.shared import RedisRateLimiter, connect
 
 DISCORD_MENTION = f"<@{BOT_ID}>"
 LEASE = 1.0  # seconds: a message left to the inbox is answered again this soon
@@ -275,3 +281,72 @@ async def test_a_rating_of_an_ask_blenderbot_answer_after_a_restart_lands_on_tha
     await fake.react(int(calls[1].response["id"]), THUMBS_DOWN)
     [row] = await rated(restarted)
     assert row.exchange.id == asked.id
+
+
+# -- Slack: what name lookups one message may cost ------------------------------------------------------
+
+
+def mentions_of(count: int, first: int = 0) -> str:
+    """`count` mentions of users Slack does not know, 12 characters each."""
+    return " ".join(f"<@U{n:08d}>" for n in range(first, first + count))
+
+
+def replies_metric(bot: Any, outcome: str) -> float:
+    return sample(bot.engine.metrics.render().decode(), "blenderchat_replies_total", platform="slack", outcome=outcome)
+
+
+async def test_a_message_of_400_mentions_costs_a_few_lookups(start_bot, fake):
+    bot = await start_bot()
+    for first in (0, 400, 800):  # 4,800 characters each, 400 different unknown users each
+        await bot.send(event_body(mention(mentions_of(400, first))))
+    await wait_for(lambda: replies_metric(bot, "too_long") == 3, what="three answers")
+    assert len(fake.calls_to("users.info", ok_only=False)) <= 3 * MAX_LOOKUPS
+
+
+async def test_an_unknown_user_is_remembered_as_unknown(start_bot, fake):
+    bot = await start_bot()
+    for answered in (1, 2, 3):  # one after the other: messages at once share a lookup anyway
+        await bot.send(event_body(mention("say hi to <@UNOBODY> and <@U2>")))
+        await wait_for(lambda: replies_metric(bot, "ok") == answered, what="the answer")
+    looked_up = [call.params["user"] for call in fake.calls_to("users.info", ok_only=False)]
+    assert looked_up.count("UNOBODY") == 1 and looked_up.count("U2") == 1
+    assert bot.model.inputs[-1][-1] == "say hi to someone and Alice"
+
+
+async def test_a_message_refused_anyway_costs_no_lookup(start_bot, fake):
+    bot = await start_bot(rate_limit_per_minute=1, rate_limit_burst=1, max_input_chars=200)
+    await bot.send(event_body(mention("say hi to <@U2>")))
+    await wait_for(lambda: replies_metric(bot, "ok") == 1, what="the first answer")
+    assert len(fake.calls_to("users.info", ok_only=False)) == 1
+    # Over the rate limit now: three more messages, each with five users never seen.
+    for first in (0, 5, 10):
+        await bot.send(event_body(mention(f"and to {mentions_of(5, first)}")))
+    await wait_for(lambda: replies_metric(bot, "rate_limited") == 3, what="three refusals")
+    # Too long, whatever the names: another user, within the rate limit.
+    await bot.send(event_body(mention(f"{'blah ' * 50} {mentions_of(5, 20)}", user="U3")))
+    await wait_for(lambda: replies_metric(bot, "too_long") == 1, what="the refusal")
+    assert len(fake.calls_to("users.info", ok_only=False)) == 1
+
+
+@pytest.mark.parametrize("where", ["process", "redis"])
+async def test_a_limiter_tells_whether_it_would_let_a_message_through_without_taking_a_token(where, redis_url):
+    prefix = unique_prefix()
+    client = connect(redis_url) if where == "redis" else None
+    limiter = (
+        RedisRateLimiter(client, burst=2, per_minute=1, prefix=prefix, blocked=frozenset({"UBAD"})) if client
+        else TokenBucketLimiter(burst=2, per_minute=1, blocked=frozenset({"UBAD"}))
+    )  # fmt: skip
+    try:
+        for _ in range(5):
+            assert await limiter.admits("U1")  # asking takes nothing: the burst of two is still there
+        await limiter.acquire("U1")
+        assert await limiter.admits("U1")
+        await limiter.acquire("U1")
+        assert not await limiter.admits("U1") and await limiter.admits("U2")
+        with pytest.raises(RateLimited):
+            await limiter.acquire("U1")
+        assert not await limiter.admits("UBAD")
+    finally:
+        if client is not None:
+            await client.aclose()
+            delete_prefix(redis_url, prefix)
