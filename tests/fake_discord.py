@@ -8,7 +8,8 @@ bot's own messages back on the gateway as Discord does, answers a message sent
 again with the same nonce (`enforce_nonce`) with the one created first, and can
 answer 429, hold a request for a while before handling it, handle a request but
 withhold its answer (`hold_response`), drop the connection of a request before or
-after handling it (`drop_connection`), reject the token (401), refuse intents
+after handling it (`drop_connection`), refuse one for a missing permission (403),
+reject the token (401), refuse intents
 (4014) or drop the gateway (4000; 4004 ends a session for good). It also
 dispatches reactions and interactions (slash commands, the message context
 menu) from a server install or from a user's install in places the bot is no
@@ -109,6 +110,7 @@ class FakeDiscord:
         self.held = 0  # requests being held by `delay` right now
         self._holds: list[tuple[str, str]] = []  # (method, path) whose next answer is withheld
         self._drops: list[tuple[str, str, bool]] = []  # (method, path, handled first) whose connection is dropped
+        self._forbidden: list[tuple[str, str]] = []  # (method, path) answered 403 Missing Access next
         self.withheld: list[Call] = []  # handled requests whose answer `hold_response` keeps back right now
         self._release = asyncio.Event()  # set (and replaced) by release_held()
         self._nonces: dict[str, tuple[int, float]] = {}  # the bot's nonce -> (its message id, when created)
@@ -319,6 +321,11 @@ class FakeDiscord:
         handling it (`handled`: a message is created, the client never hears so) or before."""
         self._drops.append((method, path, handled))
 
+    def forbid(self, method: str, path: str) -> None:
+        """Answer the next `method path` request 403 Missing Access (code 50001), as Discord
+        does when the bot lacks a permission there (say Read Message History)."""
+        self._forbidden.append((method, path))
+
     def release_held(self) -> None:
         """Send every answer `hold_response` is keeping back now."""
         self._release.set()
@@ -387,6 +394,10 @@ class FakeDiscord:
                 self._rate_limits.remove(limit)
                 call.status = 429
                 return _rate_limited(limit[2])
+        if (request.method, path) in self._forbidden:
+            self._forbidden.remove((request.method, path))
+            call.status = 403
+            return _json({"message": "Missing Access", "code": 50001}, status=403)
         drop = next((d for d in self._drops if d[:2] == (request.method, path)), None)
         if drop is not None:
             self._drops.remove(drop)
