@@ -31,7 +31,16 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
-from adapters.base import IncomingMessage, ReplyTasks, answer_once, forget, is_reset, respond, split_message
+from adapters.base import (
+    IncomingMessage,
+    ReplyTasks,
+    Undelivered,
+    answer_once,
+    forget,
+    is_reset,
+    respond,
+    split_message,
+)
 from adapters.dedupe import DedupeStore, InProcessDedupe
 from adapters.slack_surface import NETWORK_ERRORS, SlackSurface
 from adapters.slack_text import mentioned_users, to_model_text, to_slack_text
@@ -58,6 +67,8 @@ CONNECT_TIMEOUT = 30.0
 # Message subtypes that are a user talking: a message with a file, a thread reply also sent to the channel.
 # The rest (edits, deletions, joins, bot messages...) are not answered.
 ANSWERED_SUBTYPES = frozenset({"file_share", "thread_broadcast"})
+# A post that failed with one of these never reached Slack: the inbox tries it again later.
+UNREACHABLE = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 # Web API errors that say nothing about what was asked: asked again next time, not remembered.
 PASSING_ERRORS = frozenset({"ratelimited", "internal_error", "fatal_error", "request_timeout", "service_unavailable"})
 # Web API errors that mean our token is gone for good: the app was uninstalled or the token revoked.
@@ -339,8 +350,9 @@ class SlackAdapter:
 
     async def _post(self, turn: _Turn, reply: Reply, claim: Claim) -> None:
         """Post the answer's chunks in order, the last with the feedback buttons of a stored
-        exchange. A connection lost before Slack answered is tried once more; a reply that
-        arrived broken means Slack had the message: go on. Each chunk carries the message's
+        exchange. A connection lost before Slack answered is tried once more, then the message
+        is left to the inbox (`Undelivered`); a reply that arrived broken means Slack had the
+        message: go on. Each chunk carries the message's
         exchange id and its part number as message metadata; a replayed message first reads
         which parts Slack has already (posted before a crash) and posts only the others."""
         chunks = _chunks(reply.text)
@@ -370,6 +382,10 @@ class SlackAdapter:
                 except NETWORK_ERRORS as error:
                     if attempt == 1:
                         continue
+                    if isinstance(error, UNREACHABLE):
+                        raise Undelivered(
+                            f"Could not reach Slack to answer in {turn.channel}: {type(error).__name__}: {error}"
+                        ) from error
                     log.warning("Could not post a reply in %s: %s: %s", turn.channel, type(error).__name__, error)
                     return
                 break

@@ -207,6 +207,27 @@ async def test_a_replay_after_discord_forgot_the_nonces_sends_only_what_the_chan
     assert len(second.model.asked()) == 0  # the stored answer, not a new one
 
 
+async def test_a_replay_that_cannot_read_the_channel_sends_the_answer_with_a_warning(
+    discord_fake, start_discord, caplog
+):
+    fake = discord_fake
+    first = await start_discord()
+    fake.hold_response("POST", f"/channels/{CHANNEL_ID}/messages")
+    message = await fake.send_message(f"{DISCORD_MENTION} hello there", mentions=(BOT_ID,))
+    await fake.wait_for(lambda: fake.withheld, what="the answer created")
+    await stop_discord(first, drain=0.1)
+    fake.release_held()
+    fake.nonce_window = 0
+    fake.forbid("GET", f"/channels/{CHANNEL_ID}/messages")  # no Read Message History
+
+    with caplog.at_level(logging.WARNING, logger="adapters.discord"):
+        second = await start_discord()
+        await fake.wait_for(lambda: len(replies_to(fake, message)) == 2, what="the answer sent again")
+        await eventually_empty(second.inbox)
+    # The user has an answer (twice: the risk the warning names), and the operator a reason.
+    assert "Could not read channel" in caplog.text and "Missing Access" in caplog.text
+
+
 async def eventually_empty(inbox: Inbox, timeout: float = 20.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while await inbox.store.depth():
@@ -350,3 +371,28 @@ async def test_a_limiter_tells_whether_it_would_let_a_message_through_without_ta
         if client is not None:
             await client.aclose()
             delete_prefix(redis_url, prefix)
+
+
+# -- Slack: the same for a post Slack never got ----------------------------------------------------------
+
+
+async def test_a_slack_answer_that_cannot_be_posted_is_left_to_the_inbox(start_bot, fake, tmp_path, caplog):
+    from bot.inbox.sqlite import SQLiteInbox
+
+    bot = await start_bot(reply="Here is my answer.", inbox_lease=LEASE, inbox_store=SQLiteInbox(tmp_path / "inbox.db"))
+    bot.adapter.inbox.start({"slack": bot.adapter.replay})
+    try:
+        # Every attempt of the first post (slack_sdk's own retry, then ours, twice) loses its connection.
+        fake.break_next("chat.postMessage", "disconnect", times=4)
+        event = mention("hello there")
+        with caplog.at_level(logging.WARNING):
+            await bot.send(event_body(event))
+            await wait_for(lambda: fake.posts, what="the answer, a lease later")
+            await wait_for(lambda: not fake.thinking, what="the thinking status cleared")
+        await asyncio.sleep(LEASE * 2)  # a second replay would come within this
+        assert [p.params["text"] for p in fake.posts] == ["Here is my answer."]
+        assert fake.posts[0].params["thread_ts"] == event["ts"]
+        assert len(bot.model.inputs) == 1  # the stored answer, not a second one
+        assert "the inbox answers it again" in caplog.text and "A reply task failed" not in caplog.text
+    finally:
+        await bot.adapter.inbox.close()
