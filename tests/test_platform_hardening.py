@@ -1,7 +1,8 @@
 """Issue 22's platform edges, through the real slack_bolt / discord.py clients against
-the local fakes: a thread mention whose `message` twin comes first, a dropped Discord
-connection while posting, a replay after Discord forgot the nonces, ratings of a reply
-identified by its own message, and the users.info lookups one Slack message may cost."""
+the local fakes: a thread mention whose `message` twin comes first, a dropped connection
+while posting (Discord, Slack), a Discord replay after Discord forgot the nonces, ratings
+of a Discord reply identified by what it answers, and the users.info lookups one Slack
+message may cost."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 from bot_process import sample
 from fake_discord import BOT_ID, CHANNEL_ID, FakeDiscord
-from fake_slack import BOT_USER_ID, event_body, mention, new_ts, wait_for
+from fake_slack import event_body, mention, new_ts, wait_for
 from platform_drivers import Scripted
 from redis_servers import delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
 from test_slack import fake, sentinel, start_bot  # noqa: F401 (Slack's fixtures)
@@ -22,8 +23,9 @@ from test_slack import fake, sentinel, start_bot  # noqa: F401 (Slack's fixtures
 from adapters.discord import ASK_COMMAND, SEND_ATTEMPTS, DiscordAdapter
 from adapters.slack import MAX_LOOKUPS
 from bot.engine import ReplyEngine
-from bot.inbox import Inbox, open_inbox
 from bot.errors import RateLimited
+from bot.inbox import Inbox, open_inbox
+from bot.inbox.sqlite import SQLiteInbox
 from bot.memory import open_store
 from bot.ratelimit import TokenBucketLimiter
 from bot.shared import RedisRateLimiter, connect
@@ -377,8 +379,6 @@ async def test_a_limiter_tells_whether_it_would_let_a_message_through_without_ta
 
 
 async def test_a_slack_answer_that_cannot_be_posted_is_left_to_the_inbox(start_bot, fake, tmp_path, caplog):
-    from bot.inbox.sqlite import SQLiteInbox
-
     bot = await start_bot(reply="Here is my answer.", inbox_lease=LEASE, inbox_store=SQLiteInbox(tmp_path / "inbox.db"))
     bot.adapter.inbox.start({"slack": bot.adapter.replay})
     try:
