@@ -256,15 +256,18 @@ async def rated(bot: DiscordBot) -> list:
     return rows
 
 
-async def ask(fake: FakeDiscord, question: str) -> list[int]:
-    """Mention the bot with `question`; the ids of its answer's messages (every chunk)."""
+async def ask(fake: FakeDiscord, question: str, chunks: int = 1) -> list[int]:
+    """Mention the bot with `question`; the ids of the `chunks` messages of its answer."""
     message = await fake.send_message(f"{DISCORD_MENTION} {question}", mentions=(BOT_ID,))
-    await fake.wait_for(lambda: replies_to(fake, message), what="the answer")
-    await asyncio.sleep(0.3)  # the later chunks, if any
-    ids = sorted(fake.messages)
-    first = next(i for i in ids if int((fake.messages[i].get("message_reference") or {}).get("message_id", 0))
-                 == message)  # fmt: skip
-    return [i for i in ids if i >= first and fake.messages[i]["author"]["id"] == str(BOT_ID)]
+
+    def answer() -> list[int]:
+        ids = sorted(fake.messages)
+        first = next((i for i in ids if int((fake.messages[i].get("message_reference") or {}).get("message_id", 0))
+                      == message), None)  # fmt: skip
+        mine = [i for i in ids if first is not None and i >= first and fake.messages[i]["author"]["id"] == str(BOT_ID)]
+        return mine if len(mine) >= chunks else []
+
+    return await fake.wait_for(answer, what=f"the {chunks} messages of the answer")
 
 
 @pytest.mark.parametrize("chunk", ["first", "later"])
@@ -274,9 +277,10 @@ async def test_a_rating_after_a_restart_lands_on_the_rated_reply_not_an_identica
     fake = discord_fake
     rewrite = same_answer if chunk == "first" else long_answer
     first = await start_discord(rewrite=rewrite)
-    older = await ask(fake, "what do you like?")
-    newer = await ask(fake, "and what else?")
-    assert len(older) == len(newer) == (1 if chunk == "first" else 3)
+    chunks = 1 if chunk == "first" else 3
+    older = await ask(fake, "what do you like?", chunks)
+    newer = await ask(fake, "and what else?", chunks)
+    assert len(older) == len(newer) == chunks
     rated_exchange, newest = await first.engine.history(f"discord:{CHANNEL_ID}")
     assert rated_exchange.bot == newest.bot  # the same words twice
     await stop_discord(first, drain=10)
