@@ -47,6 +47,12 @@ class IncomingMessage:
     text: str  # mentions already resolved or stripped
 
 
+class Undelivered(Exception):
+    """An answer could not be delivered for a passing reason (the connection to the
+    platform dropped, retries included): `answer_once` leaves the message to the inbox,
+    which answers it again once its claim lapses, instead of marking it done."""
+
+
 class AdapterStartError(RuntimeError):
     """An adapter could not start for a reason the operator must fix (bad token,
     intent not enabled...): `str(error)` is one line, fit to print before exiting."""
@@ -143,13 +149,21 @@ class ReplyTasks:
 async def answer_once(inbox: Inbox, claim: Claim, work: Coroutine[Any, Any, Any]) -> None:
     """Run `work` (answer one accepted message and deliver the answer), then mark the
     message done in the inbox. Also when it failed: that is a bug, and answering it
-    again after every restart would not mend it. Not when a shutdown cut it short:
-    then the next process (or another replica) answers it once the claim lapses."""
+    again after every restart would not mend it. Not when a shutdown cut it short, nor
+    when the platform could not be reached (`Undelivered`): then this process, the next
+    one or another replica answers it once the claim lapses."""
     try:
         await work
     except asyncio.CancelledError:
         inbox.abandon(claim)
         raise
+    except Undelivered as error:
+        inbox.abandon(claim)
+        if claim.recorded and inbox.store.durable:
+            log.warning("%s; the inbox answers it again once its claim lapses (INBOX_LEASE=%gs)", error, inbox.lease)
+        else:
+            log.warning("%s; it is lost: the inbox did not record it", error)
+        return
     except Exception:
         await inbox.finish(claim)
         raise

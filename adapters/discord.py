@@ -29,17 +29,18 @@ from adapters.base import (
     AdapterStartError,
     IncomingMessage,
     ReplyTasks,
+    Undelivered,
     answer_once,
     forget,
     is_reset,
     respond,
     split_message,
 )
-from adapters.discord_feedback import RepliesSent, exchange_sent_as, rating_for
+from adapters.discord_feedback import RepliesSent, exchange_answering, rating_for
 from bot.config import Settings
 from bot.engine import ReplyEngine
 from bot.errors import EngineClosed
-from bot.inbox import Claim, Entry, Inbox
+from bot.inbox import Claim, Entry, Inbox, exchange_id_for
 from bot.locks import Ticket
 from bot.memory import StoreUnavailable
 
@@ -68,6 +69,13 @@ PRIVILEGED_INTENT_HELP = (
     "or unset DISCORD_MESSAGE_CONTENT"
 )
 START_TIMEOUT = 60.0  # seconds from start() to READY before giving up
+# A post whose connection dropped is sent again with its nonce (Discord answers a repeat
+# with the message it created, if it did), this many times in all, waiting a bit longer each time.
+SEND_ATTEMPTS = 3
+SEND_RETRY_DELAY = 0.5  # seconds before the second attempt; doubled for each later one
+NETWORK_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+HISTORY_LIMIT = 100  # messages after the user's read by a replay, to find its answer sent before a restart
+CHUNKS_BACK = 20  # messages before a rated later chunk read to find the first chunk of its answer
 
 # Plain messages and replies; the other types are system notices (joins, pins, thread starts...).
 _ANSWERED_TYPES = frozenset({discord.MessageType.default, discord.MessageType.reply})
@@ -268,7 +276,7 @@ class DiscordAdapter:
             ticket = self.engine.take_ticket(conversation)
             in_dm = isinstance(message.channel, discord.DMChannel)
             entry = Entry(
-                key=f"discord:{message.id}", platform="discord", conversation=conversation,
+                key=_message_key(message.id), platform="discord", conversation=conversation,
                 user=str(message.author.id), text=text,
                 route={"channel": message.channel.id, "message": message.id, "dm": in_dm,
                        "unreadable": _unreadable(message, in_dm, self.settings)},
@@ -278,18 +286,17 @@ class DiscordAdapter:
     async def _take(self, message: discord.Message | discord.PartialMessage, entry: Entry, ticket: Ticket) -> None:
         claim = await self.inbox.accept(entry)
         if claim is not None:
-            await answer_once(self.inbox, claim, self._respond(message, entry, ticket))
+            await answer_once(self.inbox, claim, self._respond(message, claim, ticket))
 
     def replay(self, claim: Claim) -> None:
         """Answer a message a stopped process left unanswered, in the conversation's line.
-        Its answer is sent with the same nonces as before, so Discord returns a message
-        already sent instead of sending it twice."""
+        The chunks of its answer already in the channel are not sent again (see `_send`)."""
         entry = claim.entry
         ticket = self.engine.take_ticket(entry.conversation)
         channel_id, message_id = int(entry.route["channel"]), int(entry.route["message"])
         kind = discord.ChannelType.private if entry.route.get("dm") else None
         channel = self._client.get_partial_messageable(channel_id, type=kind)
-        work = answer_once(self.inbox, claim, self._respond(channel.get_partial_message(message_id), entry, ticket))
+        work = answer_once(self.inbox, claim, self._respond(channel.get_partial_message(message_id), claim, ticket))
         # In a copy of the client's context, which says where Discord's API is.
         self._context.copy().run(self._replies.spawn, work, name=f"discord-replay-{message_id}", ticket=ticket)
 
@@ -318,14 +325,15 @@ class DiscordAdapter:
         ids = {str(getattr(channel, "id", "")), str(getattr(channel, "parent_id", ""))}
         return not channels or bool(ids & channels)
 
-    async def _respond(self, message: discord.Message | discord.PartialMessage, entry: Entry, ticket: Ticket) -> None:
+    async def _respond(self, message: discord.Message | discord.PartialMessage, claim: Claim, ticket: Ticket) -> None:
         """Answer `message` and send the answer, holding its place in line until sent."""
+        entry = claim.entry
         conversation, text = ticket.conversation, entry.text
         if entry.route.get("unreadable"):
-            await self._send(message, [CANNOT_READ], entry)
+            await self._send(message, [CANNOT_READ], claim)
             return
         if is_reset(text):
-            await self._send(message, [await forget(self.engine, conversation, RESET_DONE, ticket)], entry)
+            await self._send(message, [await forget(self.engine, conversation, RESET_DONE, ticket)], claim)
             return
         incoming = IncomingMessage("discord", conversation, entry.user, text)
         # Alongside the reply, not before it: a slow or rate-limited typing POST must not delay the answer.
@@ -336,29 +344,82 @@ class DiscordAdapter:
             typing.cancel()  # a typing POST still waiting would show "typing..." after the answer
             await asyncio.gather(typing, return_exceptions=True)
         if reply and reply.text:
-            sent = await self._send(message, split_message(reply.text, MESSAGE_LIMIT), entry)
+            sent = await self._send(message, split_message(reply.text, MESSAGE_LIMIT), claim)
             if reply.exchange is not None:
                 self._sent.remember(sent, reply.exchange)
 
     async def _send(
-        self, message: discord.Message | discord.PartialMessage, chunks: list[str], entry: Entry
+        self, message: discord.Message | discord.PartialMessage, chunks: list[str], claim: Claim
     ) -> list[int]:
         """The first chunk replies to `message`; the rest follow it in order. The ids of those sent.
-        Each chunk has a nonce of its own made from the message's key: a chunk sent again (a
-        replay after a crash) comes back as the message Discord already has, not a second one."""
+        Each chunk has a nonce of its own made from the message's key: a chunk sent again soon (a
+        retry, a replay after a crash) comes back as the message Discord already has, not a second
+        one. Discord remembers nonces for a few minutes only, less than INBOX_MAX_AGE: a replayed
+        message first reads which chunks the channel has already and sends only the others."""
+        entry = claim.entry
         # If the message was deleted meanwhile, still answer, just without the reference.
         reference = message.to_reference(fail_if_not_exists=False)
+        posted = await self._chunks_posted(message, chunks) if claim.replayed else set()
+        if posted:
+            self.inbox.count_duplicate("discord")
+            log.info("%d chunks of an answer in channel %s were sent before a restart: not sending them again",
+                     len(posted), message.channel.id)  # fmt: skip
         sent = []
         for index, chunk in enumerate(chunks):
+            if index in posted:
+                continue
             nonce = f"{entry.exchange_id[:21]}{index:03d}"  # Discord takes at most 25 characters
             try:
-                posted = await message.channel.send(chunk, reference=reference if index == 0 else None, nonce=nonce)
-                sent.append(posted.id)
+                created = await self._post(message.channel, chunk, reference if index == 0 else None, nonce)
             except discord.HTTPException as error:
                 # Usually missing permissions in that channel: nothing more can be sent there.
                 log.warning("Could not answer in channel %s (%s %s)", message.channel.id, error.status, error.text)
                 break
+            sent.append(created.id)
         return sent
+
+    async def _chunks_posted(self, message: discord.Message | discord.PartialMessage, chunks: list[str]) -> set[int]:
+        """Which of `chunks` the channel has already, read from the messages after `message`:
+        the bot's reply to it (the first chunk), then the bot's next messages that are the
+        next chunks. Nothing, with a warning, if the channel cannot be read (no Read Message
+        History permission): then the answer is sent, at the risk of a second copy."""
+        me = self._client.user
+        try:
+            after = [found async for found in message.channel.history(limit=HISTORY_LIMIT, after=message)]
+        except (discord.HTTPException, *NETWORK_ERRORS) as error:
+            log.warning("Could not read channel %s to see whether an answer was sent before a restart (%s); "
+                        "sending it", message.channel.id, error)  # fmt: skip
+            return set()
+        mine = [found for found in after if me is not None and found.author.id == me.id]  # oldest first
+        first = next((i for i, found in enumerate(mine) if _replies_to(found, message.id)), None)
+        if first is None:
+            return set()
+        posted = {0}
+        for index, found in enumerate(mine[first + 1 : first + len(chunks)], start=1):
+            if found.reference is not None or found.content != chunks[index]:
+                break
+            posted.add(index)
+        return posted
+
+    async def _post(
+        self, channel: discord.abc.Messageable, chunk: str, reference: discord.MessageReference | None, nonce: str
+    ) -> discord.Message:
+        """Send one chunk; a dropped connection is tried again with the same nonce, so a chunk
+        that Discord created before the drop comes back instead of being sent twice. Raises
+        `Undelivered` when every attempt failed: the inbox answers the message again later."""
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            try:
+                return await channel.send(chunk, reference=reference, nonce=nonce)
+            except NETWORK_ERRORS as error:
+                if attempt == SEND_ATTEMPTS:
+                    raise Undelivered(
+                        f"Could not reach Discord to answer in channel {getattr(channel, 'id', '?')} "
+                        f"({SEND_ATTEMPTS} attempts, last: {type(error).__name__}: {error})"
+                    ) from error
+                log.info("Sending an answer failed (%s: %s); sending it again with its nonce",
+                         type(error).__name__, error)  # fmt: skip
+                await asyncio.sleep(SEND_RETRY_DELAY * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
 
     # -- reactions: ratings of replies -------------------------------------
 
@@ -387,17 +448,35 @@ class DiscordAdapter:
             pass  # logged by the engine; the reaction stays on Discord
 
     async def _exchange_of(self, payload: discord.RawReactionActionEvent) -> Any:
-        """A reply not sent by this process (or long ago): its text, matched against the conversation."""
+        """A reply not sent by this process (or long ago): the exchange answering the message
+        it (or the first chunk of its answer) replies to, or the interaction it answers."""
         me = self._client.user
+        channel = self._client.get_partial_messageable(payload.channel_id)
         try:
-            message = await self._client.get_partial_messageable(payload.channel_id).fetch_message(payload.message_id)
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as error:
-            log.debug("Could not fetch a rated message in channel %s: %s", payload.channel_id, error)
+            message = await channel.fetch_message(payload.message_id)
+            if me is None or message.author.id != me.id or not message.content:
+                return None
+            key = await self._key_answered_by(message, me.id)
+        except (discord.HTTPException, *NETWORK_ERRORS) as error:
+            log.debug("Could not read a rated message in channel %s: %s", payload.channel_id, error)
             return None
-        if me is None or message.author.id != me.id or not message.content:
+        if key is None:
             return None
         conversation = f"discord:{payload.channel_id}"
-        return exchange_sent_as(message.content, conversation, await self.engine.history(conversation), MESSAGE_LIMIT)
+        history = await self.engine.history(conversation)
+        return exchange_answering(history, exchange_id_for(key), message.content, conversation, MESSAGE_LIMIT)
+
+    async def _key_answered_by(self, reply: discord.Message, my_id: int) -> str | None:
+        """The key of what the bot's `reply` answers: its own reference or interaction, else
+        (a later chunk of an answer) those of the first chunk, the bot's nearest earlier
+        message that has one."""
+        key = _key_answered(reply)
+        if key is not None or reply.reference is not None:
+            return key
+        async for earlier in reply.channel.history(limit=CHUNKS_BACK, before=reply):
+            if earlier.author.id == my_id and (earlier.reference is not None or earlier.interaction_metadata):
+                return _key_answered(earlier)
+        return None
 
     # -- slash commands ----------------------------------------------------
 
@@ -434,7 +513,9 @@ class DiscordAdapter:
             await interaction.followup.send(NOTHING_TO_ASK, ephemeral=private)
             return
         incoming = IncomingMessage("discord", ticket.conversation, str(interaction.user.id), text)
-        reply = await respond(self.engine, incoming, ticket)
+        # Named after the interaction, which its answer's messages carry: a rating of them finds it.
+        exchange_id = exchange_id_for(_interaction_key(interaction.id))
+        reply = await respond(self.engine, incoming, ticket, exchange_id=exchange_id)
         if reply is None or not reply.text:
             await interaction.delete_original_response()  # a deliberate silence: take "thinking..." away
             return
@@ -507,6 +588,33 @@ def _model_text(message: discord.Message, my_id: int) -> str:
     text = _ROLE_MENTION.sub(lambda m: roles.get(int(m.group(1)), "a role"), text)
     text = _CHANNEL_MENTION.sub(lambda m: "#" + channels.get(int(m.group(1)), "a channel"), text)
     return re.sub(r"[ \t]{2,}", " ", text).strip()
+
+
+def _message_key(message_id: int) -> str:
+    """A user's message as the inbox knows it (`Entry.key`); its exchange id derives from it."""
+    return f"discord:{message_id}"
+
+
+def _interaction_key(interaction_id: int) -> str:
+    """What an "Ask BlenderBot" answer's exchange id derives from."""
+    return f"discord-interaction:{interaction_id}"
+
+
+def _key_answered(reply: discord.Message) -> str | None:
+    """The key of what the bot's message answers if it says so itself: the interaction it is
+    the response to, or the message its reference points to (the first chunk of an answer)."""
+    if reply.interaction_metadata is not None:
+        return _interaction_key(reply.interaction_metadata.id)
+    reference = reply.reference
+    if reference is not None and reference.message_id is not None and not _is_forward(reply):
+        return _message_key(reference.message_id)
+    return None
+
+
+def _replies_to(message: discord.Message, message_id: int) -> bool:
+    """Whether `message` is a reply to the message `message_id` (not a forward of it)."""
+    reference = message.reference
+    return reference is not None and reference.message_id == message_id and not _is_forward(message)
 
 
 def _is_forward(message: discord.Message) -> bool:

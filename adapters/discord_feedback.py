@@ -1,9 +1,11 @@
 """👍 / 👎 reactions on the bot's replies on Discord, as ratings of the exchange.
 
 A reply this process sent is remembered by message id (bounded). Any other reply
-of the bot (sent before a restart, or by another replica) is fetched and matched
-by its text against the conversation's stored exchanges: the bot may read its own
-messages without the privileged Message Content intent.
+of the bot (sent before a restart, or by another replica) is known by the message
+it answers: the user's message its first chunk replies to (whose key names the
+exchange, see bot/inbox), or the interaction it is the answer to. Never by its
+text alone: the bot often says the same thing twice, and a rating of one reply
+must not land on another.
 """
 
 from __future__ import annotations
@@ -46,10 +48,13 @@ class RepliesSent:
         return len(self._exchanges)
 
 
-def exchange_sent_as(content: str, conversation: str, history: list[Exchange], limit: int) -> ExchangeRef | None:
-    """The newest stored exchange whose reply, as it was sent in chunks of `limit`, has `content` as a chunk."""
-    for exchange in reversed(history):
-        if content in split_message(shown_text(exchange.bot), limit):
-            # An exchange stored before exchange ids existed (id "") cannot be rated.
-            return ExchangeRef(conversation, exchange.id) if exchange.id else None
+def exchange_answering(
+    history: list[Exchange], exchange_id: str, content: str, conversation: str, limit: int
+) -> ExchangeRef | None:
+    """The stored exchange `exchange_id` if a reply with `content` is one of its chunks (as
+    the reply was sent in chunks of `limit`); None if it is not remembered (forgotten, or
+    the reply was a notice, which is no exchange) or the content is not its reply's."""
+    for exchange in history:
+        if exchange.id == exchange_id and content in split_message(shown_text(exchange.bot), limit):
+            return ExchangeRef(conversation, exchange.id)
     return None

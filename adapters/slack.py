@@ -32,7 +32,16 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
-from adapters.base import IncomingMessage, ReplyTasks, answer_once, forget, is_reset, respond, split_message
+from adapters.base import (
+    IncomingMessage,
+    ReplyTasks,
+    Undelivered,
+    answer_once,
+    forget,
+    is_reset,
+    respond,
+    split_message,
+)
 from adapters.dedupe import DedupeStore, InProcessDedupe
 from adapters.slack_surface import NETWORK_ERRORS, SlackSurface
 from adapters.slack_text import mentioned_users, to_model_text, to_slack_text
@@ -51,12 +60,18 @@ RESET_DONE = "Okay, I've forgotten our conversation here. Let's start over!"
 FILE_ONLY = "I can't look at files or images, I only read text. Tell me in words what it is about and I'll answer!"
 # Marks each posted chunk with the message it answers, so a replay after a crash can tell what is out already.
 REPLY_EVENT = "blenderchat_reply"
-NAME_TTL = 3600.0
+NAME_TTL = 3600.0  # how long a display name (or the lack of one: an unknown user) is kept
 MAX_NAMES = 5_000
+# users.info calls one message may cost (made at once); the other users it mentions read as "someone".
+MAX_LOOKUPS = 10
 CONNECT_TIMEOUT = 30.0
 # Message subtypes that are a user talking: a message with a file, a thread reply also sent to the channel.
 # The rest (edits, deletions, joins, bot messages...) are not answered.
 ANSWERED_SUBTYPES = frozenset({"file_share", "thread_broadcast"})
+# A post that failed with one of these never reached Slack: the inbox tries it again later.
+UNREACHABLE = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+# Web API errors that say nothing about what was asked: asked again next time, not remembered.
+PASSING_ERRORS = frozenset({"ratelimited", "internal_error", "fatal_error", "request_timeout", "service_unavailable"})
 # Web API errors that mean our token is gone for good: the app was uninstalled or the token revoked.
 TOKEN_GONE = frozenset({"invalid_auth", "token_revoked", "token_expired", "account_inactive", "not_authed"})
 
@@ -117,7 +132,7 @@ class SlackAdapter:
         self.surface.register(self.app)
         self._socket: Any = None  # AsyncSocketModeHandler; it needs a running loop to be built
         self._bot_user_id: str | None = None
-        self._names: OrderedDict[str, tuple[str, float]] = OrderedDict()  # user -> (name, expiry)
+        self._names: OrderedDict[str, tuple[str | None, float]] = OrderedDict()  # user -> (name or None, expiry)
         self._lookups: dict[str, asyncio.Future[str | None]] = {}  # users.info calls in flight
         self._started = False
         self._closed = False
@@ -285,6 +300,12 @@ class SlackAdapter:
         followup = event.get("type") == "message" and not is_dm
         if followup and not (self.settings.slack_thread_followups and thread):
             return None  # channel messages reach us only as thread follow-ups (message.channels scope)
+        if followup and self._bot_user_id in mentioned_users(event.get("text") or ""):
+            # Slack sends this message as an `app_mention` too, with the same key: that one is
+            # answered. Claimed here, the message would be dropped as a follow-up of a thread
+            # the bot is not in, and its claim would make the mention a duplicate.
+            log.debug("A message in thread %s of %s mentions the bot: left to its app_mention", thread, channel)
+            return None
         if is_dm:
             # Slack's agent experience shows a DM as threads, the user's message the root of each
             # (its samples answer at `thread_ts or ts`): the answer goes in that thread, one memory per DM.
@@ -304,7 +325,10 @@ class SlackAdapter:
 
     async def _reply(self, turn: _Turn, ticket: Ticket, claim: Claim) -> None:
         if turn.followup and not await self._in_thread(turn, ticket):
-            return  # chatter in a thread the bot is not in: not even the thinking status
+            # Chatter in a thread the bot is not in: not even the thinking status.
+            log.debug("Not answering a message in thread %s of %s: the bot is not in that thread",
+                      turn.thread_ts, turn.channel)  # fmt: skip
+            return
         # The hint goes up at once, even while an earlier message of the conversation is being answered.
         hint = asyncio.create_task(self.surface.thinking.show(turn.channel, turn.ts, self._status_for(turn)))
         try:
@@ -318,7 +342,7 @@ class SlackAdapter:
             await self.surface.thinking.clear(await hint)
 
     async def _answer(self, turn: _Turn, ticket: Ticket, exchange_id: str) -> Reply | None:
-        names = await self._names_for(mentioned_users(turn.raw_text))
+        names = await self._names_for(turn)
         model_text = to_model_text(turn.raw_text, bot_user_id=self._bot_user_id, names=names)
         if is_reset(model_text):
             return Reply(await forget(self.engine, turn.conversation, RESET_DONE, ticket))
@@ -329,8 +353,9 @@ class SlackAdapter:
 
     async def _post(self, turn: _Turn, reply: Reply, claim: Claim) -> None:
         """Post the answer's chunks in order, the last with the feedback buttons of a stored
-        exchange. A connection lost before Slack answered is tried once more; a reply that
-        arrived broken means Slack had the message: go on. Each chunk carries the message's
+        exchange. A connection lost before Slack answered is tried once more, then the message
+        is left to the inbox (`Undelivered`); a reply that arrived broken means Slack had the
+        message: go on. Each chunk carries the message's
         exchange id and its part number as message metadata; a replayed message first reads
         which parts Slack has already (posted before a crash) and posts only the others."""
         chunks = _chunks(reply.text)
@@ -360,6 +385,10 @@ class SlackAdapter:
                 except NETWORK_ERRORS as error:
                     if attempt == 1:
                         continue
+                    if isinstance(error, UNREACHABLE):
+                        raise Undelivered(
+                            f"Could not reach Slack to answer in {turn.channel}: {type(error).__name__}: {error}"
+                        ) from error
                     log.warning("Could not post a reply in %s: %s: %s", turn.channel, type(error).__name__, error)
                     return
                 break
@@ -397,16 +426,33 @@ class SlackAdapter:
             self._failure = f"Slack refused SLACK_BOT_TOKEN after start-up ({code}): reinstall the app or replace it"
             log.error("%s; /healthz fails from now on, so the bot gets restarted", self._failure)
 
-    async def _names_for(self, users: set[str]) -> dict[str, str]:
-        users.discard(self._bot_user_id or "")
-        return {user: name for user in users if (name := await self._name_of(user))}
+    async def _names_for(self, turn: _Turn) -> dict[str, str]:
+        """The display names of the users `turn` mentions. Names known (or known to be
+        unknown) cost nothing; of the others, the first MAX_LOOKUPS are looked up at once,
+        and none if the message will be refused anyway (too long, its author over the
+        rate limit): those read as "someone"."""
+        users = sorted(mentioned_users(turn.raw_text) - {self._bot_user_id}, key=lambda u: turn.raw_text.find(u))
+        if not users:
+            return {}
+        # The shortest the text can be once the names are in (a name has a character at least).
+        shortest = to_model_text(turn.raw_text, bot_user_id=self._bot_user_id, names=dict.fromkeys(users, "?"))
+        now = asyncio.get_running_loop().time()
+        names = {user: cached[0] for user in users if (cached := self._names.get(user)) and cached[1] > now}
+        for user in names:
+            self._names.move_to_end(user)
+        missing = [user for user in users if user not in names]
+        if missing and not await self.engine.admits(turn.user, shortest):
+            missing = []  # the engine refuses it: no names needed for that
+        if len(missing) > MAX_LOOKUPS:
+            log.info("A message in %s mentions %d users whose names are not known: looking up %d of them",
+                     turn.channel, len(missing), MAX_LOOKUPS)  # fmt: skip
+            missing = missing[:MAX_LOOKUPS]
+        found = await asyncio.gather(*(self._name_of(user) for user in missing))
+        names.update(zip(missing, found))
+        return {user: name for user, name in names.items() if name}
 
     async def _name_of(self, user: str) -> str | None:
-        """A user's display name from users.info, cached for a while; None if unknown."""
-        cached = self._names.get(user)
-        if cached is not None and cached[1] > asyncio.get_running_loop().time():
-            self._names.move_to_end(user)
-            return cached[0]
+        """A user's display name from users.info, kept for a while; None if unknown."""
         # Messages arriving together that mention the same person share one lookup.
         lookup = self._lookups.get(user)
         if lookup is None:
@@ -418,19 +464,22 @@ class SlackAdapter:
     async def _look_up_name(self, user: str) -> str | None:
         try:
             response = await self.client.users_info(user=user)
+        except SlackApiError as error:
+            log.debug("users.info refused %s: %s", user, error.response.get("error"))
+            if error.response.get("error") in PASSING_ERRORS:
+                return None
+            response = None  # Slack's answer (user_not_found...): kept, so that id costs no call for a while
         except NETWORK_ERRORS as error:
             log.debug("users.info failed for %s: %s", user, error)
-            return None
-        info = response.get("user") or {}
+            return None  # not an answer: asked again next time
+        info = (response or {}).get("user") or {}
         profile = info.get("profile") or {}
         name = profile.get("display_name") or profile.get("real_name") or info.get("real_name") or info.get("name")
-        if not name:
-            return None
-        self._names[user] = (name, asyncio.get_running_loop().time() + NAME_TTL)
+        self._names[user] = (name or None, asyncio.get_running_loop().time() + NAME_TTL)
         self._names.move_to_end(user)
         while len(self._names) > MAX_NAMES:
             self._names.popitem(last=False)
-        return name
+        return name or None
 
 
 async def _acknowledge() -> None:

@@ -229,6 +229,14 @@ class ReplyEngine:
             return Reply(neutralize_mentions(answer))
         return Reply(neutralize_mentions(answer), ExchangeRef(conversation, stored.id), stored.at)
 
+    async def admits(self, user: str, text: str) -> bool:
+        """Whether a message from `user` at least as long as `text` would get past the
+        checks that refuse it now (its length, the user's rate limit or block), taking
+        nothing: for an adapter with costly work to do before `respond` (name lookups)."""
+        if len(clean_text(text)) > self.settings.max_input_chars:
+            return False
+        return await self.limiter.admits(user)
+
     async def rate(self, exchange: ExchangeRef, rating: str, *, user: str, platform: str) -> bool:
         """Record `user`'s rating (GOOD or BAD) of a reply, replacing that user's
         earlier rating of it; True if stored, False if that exchange is no longer

@@ -32,6 +32,9 @@ class RateLimiter(Protocol):
     async def acquire(self, user: str) -> None:
         """Take one message's token for `user`, or raise `RateLimited` / `UserBlocked`."""
 
+    async def admits(self, user: str) -> bool:
+        """Whether `acquire(user)` would let a message through now; takes nothing."""
+
 
 @dataclass
 class _Bucket:
@@ -64,9 +67,18 @@ class BucketLimiter:
             log.info("User %s is over the rate limit; silent for %.0fs", user, retry_after)
         raise RateLimited(retry_after, notify=notify)
 
+    async def admits(self, user: str) -> bool:
+        if user in self._blocked:
+            return False
+        return self._rate <= 0 or await self._has_token(user)
+
     async def _take(self, user: str) -> tuple[float, bool] | None:
         """Take a token of `user`'s bucket: None if there was one, else
         (seconds until there is one, whether this is the first refusal since)."""
+        raise NotImplementedError
+
+    async def _has_token(self, user: str) -> bool:
+        """Whether `user`'s bucket has a token now, leaving it as it is."""
         raise NotImplementedError
 
 
@@ -105,6 +117,12 @@ class TokenBucketLimiter(BucketLimiter):
         notify = not bucket.notified
         bucket.notified = True
         return (1 - bucket.tokens) / self._rate, notify
+
+    async def _has_token(self, user: str) -> bool:
+        bucket = self._buckets.get(user)
+        if bucket is None:
+            return True  # no bucket: a full one
+        return bucket.tokens + (self._clock() - bucket.updated) * self._rate >= 1
 
     def __len__(self) -> int:
         """Buckets held (for tests and metrics)."""

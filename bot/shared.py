@@ -137,6 +137,20 @@ return {allowed, tostring((1 - tokens) / rate), notify}
 """
 
 
+# Whether a bucket has a token now (TOKEN_BUCKET's arithmetic), changing nothing.
+HAS_TOKEN = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'updated')
+local tokens = tonumber(state[1]) or tonumber(ARGV[1])
+local updated = tonumber(state[2]) or now
+if tokens + math.max(0, now - updated) * tonumber(ARGV[2]) >= 1 then
+  return 1
+end
+return 0
+"""
+
+
 class RedisRateLimiter(BucketLimiter):
     """The per-user token bucket of `bot.ratelimit` (`burst` messages at once, then
     `per_minute` a minute; the first message over the limit gets a notice, later
@@ -156,6 +170,7 @@ class RedisRateLimiter(BucketLimiter):
     ) -> None:
         super().__init__(burst=burst, per_minute=per_minute, blocked=blocked)
         self._script = client.register_script(TOKEN_BUCKET)
+        self._peek = client.register_script(HAS_TOKEN)
         self._prefix = prefix
         self._metrics = metrics
 
@@ -185,6 +200,13 @@ class RedisRateLimiter(BucketLimiter):
         if allowed:
             return None
         return float(retry_after), bool(notify)
+
+    async def _has_token(self, user: str) -> bool:
+        try:
+            return bool(await self._peek(keys=[f"{self._prefix}bucket:{user}"], args=[self._burst, self._rate]))
+        except RedisError as error:
+            log.debug("Redis unreachable for rate limits: %s", error)
+            return True  # as `acquire` would let it through
 
 
 @dataclass

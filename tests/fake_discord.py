@@ -7,7 +7,9 @@ thread, a DM channel, a few users; it records every REST call, echoes the
 bot's own messages back on the gateway as Discord does, answers a message sent
 again with the same nonce (`enforce_nonce`) with the one created first, and can
 answer 429, hold a request for a while before handling it, handle a request but
-withhold its answer (`hold_response`), reject the token (401), refuse intents
+withhold its answer (`hold_response`), drop the connection of a request before or
+after handling it (`drop_connection`), refuse one for a missing permission (403),
+reject the token (401), refuse intents
 (4014) or drop the gateway (4000; 4004 ends a session for good). It also
 dispatches reactions and interactions (slash commands, the message context
 menu) from a server install or from a user's install in places the bot is no
@@ -98,6 +100,7 @@ class FakeDiscord:
         self.commands: list[dict[str, Any]] = []  # registered slash commands
         self.messages: dict[int, dict[str, Any]] = {}  # every message by id
         self._interaction_channels: dict[str, int] = {}  # interaction token -> its channel
+        self._interaction_metadata: dict[str, dict[str, Any]] = {}  # token -> what its response messages carry
         self._ids = itertools.count(870000000000000001)
         self._seq = itertools.count(1)
         self._sockets: list[_Socket] = []
@@ -106,6 +109,8 @@ class FakeDiscord:
         self._delays: list[tuple[str, str, float]] = []
         self.held = 0  # requests being held by `delay` right now
         self._holds: list[tuple[str, str]] = []  # (method, path) whose next answer is withheld
+        self._drops: list[tuple[str, str, bool]] = []  # (method, path, handled first) whose connection is dropped
+        self._forbidden: list[tuple[str, str]] = []  # (method, path) answered 403 Missing Access next
         self.withheld: list[Call] = []  # handled requests whose answer `hold_response` keeps back right now
         self._release = asyncio.Event()  # set (and replaced) by release_held()
         self._nonces: dict[str, tuple[int, float]] = {}  # the bot's nonce -> (its message id, when created)
@@ -259,6 +264,12 @@ class FakeDiscord:
             data["guild_id"] = str(GUILD_ID)
             data["member"] = {**self._member(user_id), "user": USERS[user_id], "permissions": "2048"}
             data["context"] = 0
+        # The messages answering it carry this (Discord's ApplicationCommandInteractionMetadataResponse).
+        metadata = {"id": data["id"], "type": 2, "user": USERS[user_id],
+                    "authorizing_integration_owners": data["authorizing_integration_owners"]}
+        if "target_id" in command:
+            metadata["target_message_id"] = command["target_id"]
+        self._interaction_metadata[token] = metadata
         await self.dispatch("INTERACTION_CREATE", data)
         return interaction_id
 
@@ -304,6 +315,16 @@ class FakeDiscord:
         dispatched) but leave its connection open, unanswered, until `release_held()` or `stop()`:
         the platform did it, the client never learned that it did."""
         self._holds.append((method, path))
+
+    def drop_connection(self, method: str, path: str, *, handled: bool) -> None:
+        """Close the connection of the next `method path` request without answering, after
+        handling it (`handled`: a message is created, the client never hears so) or before."""
+        self._drops.append((method, path, handled))
+
+    def forbid(self, method: str, path: str) -> None:
+        """Answer the next `method path` request 403 Missing Access (code 50001), as Discord
+        does when the bot lacks a permission there (say Read Message History)."""
+        self._forbidden.append((method, path))
 
     def release_held(self) -> None:
         """Send every answer `hold_response` is keeping back now."""
@@ -373,8 +394,22 @@ class FakeDiscord:
                 self._rate_limits.remove(limit)
                 call.status = 429
                 return _rate_limited(limit[2])
+        if (request.method, path) in self._forbidden:
+            self._forbidden.remove((request.method, path))
+            call.status = 403
+            return _json({"message": "Missing Access", "code": 50001}, status=403)
+        drop = next((d for d in self._drops if d[:2] == (request.method, path)), None)
+        if drop is not None:
+            self._drops.remove(drop)
+            if not drop[2]:
+                call.status = 0  # never handled
+                request.transport.close()  # type: ignore[union-attr]
+                return web.Response(status=204)  # never reaches the client
         status, payload = self._route(request.method, path, body, call)
         call.status, call.response = status, payload
+        if drop is not None:
+            request.transport.close()  # type: ignore[union-attr]
+            return web.Response(status=204)  # never reaches the client
         if (request.method, path) in self._holds:
             self._holds.remove((request.method, path))
             await self._withhold(call)
@@ -401,6 +436,8 @@ class FakeDiscord:
             if message is None or message["channel_id"] != parts[1]:
                 return 404, {"message": "Unknown Message", "code": 10008}
             return 200, message
+        if method == "GET" and parts[0] == "channels" and parts[-1] == "messages":
+            return 200, self._list_messages(parts[1], call.query)
         if method == "POST" and parts[0] == "channels" and parts[-1] == "messages":
             return self._create_message(int(parts[1]), body, call)
         if method == "POST" and parts[0] == "interactions" and parts[-1] == "callback":
@@ -416,6 +453,8 @@ class FakeDiscord:
             channel_id = self._interaction_channels.get(parts[2], CHANNEL_ID)
             message = self._bot_message(channel_id, body)
             message["webhook_id"] = str(APP_ID)
+            if parts[2] in self._interaction_metadata:
+                message["interaction_metadata"] = self._interaction_metadata[parts[2]]
             message["flags"] = body.get("flags", 0)
             return 200, message
         if method in ("DELETE", "PATCH") and parts[0] == "webhooks":
@@ -441,6 +480,20 @@ class FakeDiscord:
         # Discord echoes the bot's own messages back on the gateway.
         asyncio.get_running_loop().create_task(self.dispatch("MESSAGE_CREATE", message))
         return 200, message
+
+    def _list_messages(self, channel_id: str, query: dict[str, str]) -> list[dict[str, Any]]:
+        """GET /channels/{id}/messages: at most `limit` (1-100, default 50) of the channel's
+        messages before `before`, or right after `after`, or the latest; newest first as
+        Discord returns them (and as discord.py's history() pages them)."""
+        limit = max(1, min(100, int(query.get("limit", 50))))
+        ids = sorted(id for id, message in self.messages.items() if message["channel_id"] == channel_id)
+        if "after" in query:
+            ids = [id for id in ids if id > int(query["after"])][:limit]
+        else:
+            if "before" in query:
+                ids = [id for id in ids if id < int(query["before"])]
+            ids = ids[-limit:]
+        return [self.messages[id] for id in reversed(ids)]
 
     async def _withhold(self, call: Call) -> None:
         """Keep the answer to `call` back until release_held() or stop()."""

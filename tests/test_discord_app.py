@@ -78,7 +78,9 @@ async def test_reaction_on_someone_elses_message_or_a_notice_is_not_recorded(fak
     assert counted(bot.engine, "discord", "bad") == 0 and counted(bot.engine, "discord", "good") == 0
 
 
-async def test_a_reply_sent_before_a_restart_is_found_by_its_text(fake, start_bot, tiny_model, make_settings):
+async def test_a_reply_sent_before_a_restart_is_found_by_the_message_it_answers(
+    fake, start_bot, tiny_model, make_settings
+):
     bot = await start_bot()
     _, [reply] = await answer_to(fake, f"{MENTION} hello from before", mentions=(BOT_ID,))
     [exchange] = await bot.engine.history(f"discord:{CHANNEL_ID}")

@@ -61,6 +61,12 @@ DONE_TTL = 3600.0
 SCAN_LIMIT = 500
 
 
+def exchange_id_for(key: str) -> str:
+    """The id of the exchange answering the message `key` names (see `Entry.key`): an
+    adapter can tell from a reply which exchange it is, knowing which message it answers."""
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
 @dataclass(frozen=True)
 class Entry:
     """One accepted message, as recorded: enough to answer and deliver it later."""
@@ -78,7 +84,7 @@ class Entry:
     def exchange_id(self) -> str:
         """The id of the exchange that answers this message: the same in every
         process, so an answer stored before a crash is found, not made again."""
-        return hashlib.sha256(self.key.encode()).hexdigest()[:32]
+        return exchange_id_for(self.key)
 
     def dumps(self) -> str:
         fields = {name: getattr(self, name) for name in ("key", "platform", "conversation", "user", "text", "arrived")}
