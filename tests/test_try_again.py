@@ -1,0 +1,206 @@
+""""Try again" (issue 21, item 4): another, sampled answer to the latest message,
+shown in place of the old one and stored in its place. Through the engine, every
+memory backend (SQLite, Redis, in-process), the web API over real HTTP, the
+terminal chat, Discord (the real discord.py client against tests/fake_discord.py:
+a 🔁 reaction, the answer edited with PATCH) and Slack (the real slack_bolt against
+tests/fake_slack.py: a "Try again" button, the answer edited with chat.update).
+
+The model is the tiny one wrapped by `Takes`, which numbers every answer and says
+whether it was sampled, so a test knows which answer it sees without depending on
+what the random model says."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+
+import pytest
+from model_doubles import GatedModel
+from redis_servers import redis_url  # noqa: F401 (a fixture)
+from test_memory import backend, make_store  # noqa: F401 (fixtures)
+
+from bot.engine import ReplyEngine
+from bot.errors import AnswerGone, NoOtherAnswer, NotLatest, RateLimited
+from bot.memory import ExchangeRef, Feedback, open_store
+from bot.model import Generated
+from bot.ratelimit import TokenBucketLimiter
+
+
+class Takes(GatedModel):
+    """The tiny model, whose answers become "take N: <the message>" by beam search and
+    "sampled take N: <the message>" when sampled (N counts every answer). `same` makes
+    sampled answers the beam one's text; `unsafe` makes them something the safety
+    filter blocks."""
+
+    def __init__(self, model, *, same: bool = False, unsafe: bool = False) -> None:
+        super().__init__(model)
+        self._count = itertools.count(1)
+        self.same, self.unsafe = same, unsafe
+
+    def generate(
+        self, conversations: Sequence[Sequence[str]], *, sample: bool = False,
+        personas: Sequence[Sequence[str]] | None = None,
+    ) -> list[Generated]:
+        results = super().generate(conversations, sample=sample, personas=personas)
+        return [Generated(self._text(turns[-1], sample), result.new_tokens)
+                for result, turns in zip(results, conversations)]
+
+    def _text(self, message: str, sample: bool) -> str:
+        if sample and self.unsafe:
+            return "you are a fucking idiot"
+        if sample and self.same:
+            return f" take 1: {message}"
+        return f" {'sampled ' if sample else ''}take {next(self._count)}: {message}"
+
+
+def rating(exchange: ExchangeRef, value: str = "bad", user: str = "U1") -> Feedback:
+    return Feedback(exchange, value, user, "web", 1.0)
+
+
+# -- the store: every backend keeps the exchange's place --------------------------------
+
+
+async def test_replace_exchange_keeps_its_place_and_user_text_and_leaves_ratings_with_the_old_id(store):
+    first = await store.append_exchange("c", "hello", " hi")
+    second = await store.append_exchange("c", "and you?", " fine")
+    third = await store.append_exchange("c", "bye", " see you")
+    assert await store.add_feedback(rating(ExchangeRef("c", second.id)))
+
+    new = await store.replace_exchange("c", second.id, " great, thanks", new_id="new-id")
+    assert (new.user, new.bot, new.id) == ("and you?", " great, thanks", "new-id") and new.at >= second.at
+    assert await store.history("c") == [first, new, third]
+    # The rating of the old answer is kept, under the old id; it is not the new answer's.
+    [row] = await store.list_feedback()
+    assert (row.exchange, row.rating) == (ExchangeRef("c", second.id), "bad")
+    assert not await store.add_feedback(rating(ExchangeRef("c", second.id), "good", user="U2"))  # gone
+    assert await store.add_feedback(rating(ExchangeRef("c", "new-id"), "good", user="U2"))
+    # A repeated call (a retried command) finds it done; an unknown id or conversation changes nothing.
+    assert await store.replace_exchange("c", second.id, " other", new_id="new-id") == new
+    assert await store.replace_exchange("c", "no-such-id", " other", new_id="x") is None
+    assert await store.replace_exchange("other", first.id, " other", new_id="y") is None
+    assert await store.history("c") == [first, new, third]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_a_replaced_exchange_survives_reopening_the_store(make_store):
+    first = await make_store(max_turns=10)
+    exchange = await first.append_exchange("c", "hello", " hi")
+    more = await first.append_exchange("c", "more", " yes")
+    await first.replace_exchange("c", exchange.id, " hello to you ✨", new_id="again")
+    await first.close()
+    second = await make_store(max_turns=10)
+    assert [(e.id, e.user, e.bot) for e in await second.history("c")] == [
+        ("again", "hello", " hello to you ✨"), (more.id, "more", " yes")]
+
+
+@pytest.fixture
+async def store(make_store):
+    return await make_store()
+
+
+# -- the engine: one way to do it ----------------------------------------------------------
+
+
+@pytest.fixture
+async def make_engine(tiny_model, make_settings):
+    engines: list[ReplyEngine] = []
+
+    async def make(model=None, **overrides) -> ReplyEngine:
+        settings = make_settings(**overrides)
+        engine = ReplyEngine(model or Takes(tiny_model), open_store("memory://", max_turns=5), settings)
+        await engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        await engine.close(timeout=5)
+
+
+async def test_retry_samples_a_new_answer_to_the_same_message_and_replaces_the_exchange(make_engine, tiny_model):
+    model = Takes(tiny_model)
+    engine = await make_engine(model)
+    first = await engine.respond("c", "hello", user="u")
+    latest = await engine.respond("c", "how are you?", user="u")
+    assert latest.text == "take 2: how are you?"
+    assert await engine.rate(latest.exchange, "bad", user="u", platform="web")
+
+    again = await engine.retry("c", latest.exchange.id, user="u", platform="web")
+    assert again.text == "sampled take 3: how are you?"
+    assert again.exchange.conversation == "c" and again.exchange.id != latest.exchange.id
+    # Sampled, from the same turns the first answer saw.
+    assert model.samples[-1] is True and model.batches[-1] == model.batches[-2] == [
+        ["hello", " take 1: hello", "how are you?"]]
+    history = await engine.history("c")
+    assert [(e.id, e.user, e.bot) for e in history] == [
+        (first.exchange.id, "hello", " take 1: hello"), (again.exchange.id, "how are you?", " sampled take 3: how are you?")]
+    assert history[1].at == again.at
+    # The next message sees the new answer.
+    await engine.respond("c", "nice", user="u")
+    assert model.batches[-1][0][:4] == ["hello", " take 1: hello", "how are you?", " sampled take 3: how are you?"]
+    # The bad rating stays with the answer it was given to, not the new one.
+    [row] = await engine.store.list_feedback()
+    assert row.exchange == latest.exchange
+    assert not await engine.rate(latest.exchange, "good", user="u2", platform="web")
+
+
+async def test_retry_on_an_older_or_unknown_answer_is_refused_and_changes_nothing(make_engine):
+    engine = await make_engine()
+    older = await engine.respond("c", "hello", user="u")
+    await engine.respond("c", "how are you?", user="u")
+    before = await engine.history("c")
+    with pytest.raises(NotLatest) as refused:
+        await engine.retry("c", older.exchange.id, user="u")
+    assert refused.value.user_message == "I can only redo my latest answer in this conversation."
+    with pytest.raises(AnswerGone):
+        await engine.retry("c", "no-such-exchange", user="u")
+    with pytest.raises(AnswerGone):
+        await engine.retry("empty", older.exchange.id, user="u")
+    assert await engine.history("c") == before
+
+
+@pytest.mark.parametrize("kind", ["same", "unsafe"])
+async def test_retry_without_a_safe_different_answer_keeps_the_old_one(make_engine, tiny_model, kind):
+    model = Takes(tiny_model, **{kind: True})
+    engine = await make_engine(model)
+    reply = await engine.respond("c", "hello", user="u")
+    with pytest.raises(NoOtherAnswer) as refused:
+        await engine.retry("c", reply.exchange.id, user="u")
+    assert "different answer" in refused.value.user_message
+    assert model.samples[1:] == [True, True]  # tried twice, sampling
+    [kept] = await engine.history("c")
+    assert (kept.id, kept.bot) == (reply.exchange.id, " take 1: hello")
+
+
+async def test_retry_counts_against_the_rate_limit_like_a_message(make_engine, tiny_model, make_settings):
+    settings = make_settings()
+    limiter = TokenBucketLimiter(burst=2, per_minute=1)
+    engine = ReplyEngine(Takes(tiny_model), open_store("memory://", max_turns=5), settings, limiter=limiter)
+    async with engine:
+        reply = await engine.respond("c", "hello", user="u")
+        again = await engine.retry("c", reply.exchange.id, user="u")
+        with pytest.raises(RateLimited):
+            await engine.retry("c", again.exchange.id, user="u")
+        [kept] = await engine.history("c")
+        assert kept.id == again.exchange.id
+
+
+async def test_retries_wait_their_turn_in_the_conversation_and_the_second_finds_the_answer_redone(
+    make_engine, tiny_model
+):
+    model = Takes(tiny_model)
+    engine = await make_engine(model)
+    reply = await engine.respond("c", "hello", user="u")
+    model.gate.clear()  # the first retry holds the model
+    first = asyncio.create_task(engine.retry("c", reply.exchange.id, user="u"))
+    second = asyncio.create_task(engine.retry("c", reply.exchange.id, user="u"))
+    await asyncio.to_thread(model.wait_for_calls, 2)
+    await asyncio.sleep(0.2)
+    assert len(model.batches) == 2  # the second waits in line: one at a time per conversation
+    model.gate.set()
+    again = await first
+    with pytest.raises(AnswerGone):
+        await second
+    [kept] = await engine.history("c")
+    assert kept.id == again.exchange.id
