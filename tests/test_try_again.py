@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sqlite3
 from collections.abc import Sequence
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from model_doubles import GatedModel
 from redis_servers import redis_url  # noqa: F401 (a fixture)
 from test_memory import backend, make_store  # noqa: F401 (fixtures)
@@ -25,17 +27,19 @@ from bot.errors import AnswerGone, NoOtherAnswer, NotLatest, RateLimited
 from bot.memory import ExchangeRef, Feedback, open_store
 from bot.model import Generated
 from bot.ratelimit import TokenBucketLimiter
+from bot.web import STATE, build_app
 
 
 class Takes(GatedModel):
     """The tiny model, whose answers become "take N: <the message>" by beam search and
     "sampled take N: <the message>" when sampled (N counts every answer). `same` makes
-    sampled answers the beam one's text; `unsafe` makes them something the safety
-    filter blocks."""
+    a sampled answer the text last given to that message; `unsafe` makes it something
+    the safety filter blocks."""
 
     def __init__(self, model, *, same: bool = False, unsafe: bool = False) -> None:
         super().__init__(model)
         self._count = itertools.count(1)
+        self._last: dict[str, str] = {}  # message -> the last answer given to it
         self.same, self.unsafe = same, unsafe
 
     def generate(
@@ -49,9 +53,9 @@ class Takes(GatedModel):
     def _text(self, message: str, sample: bool) -> str:
         if sample and self.unsafe:
             return "you are a fucking idiot"
-        if sample and self.same:
-            return f" take 1: {message}"
-        return f" {'sampled ' if sample else ''}take {next(self._count)}: {message}"
+        if not (sample and self.same and message in self._last):
+            self._last[message] = f" {'sampled ' if sample else ''}take {next(self._count)}: {message}"
+        return self._last[message]
 
 
 def rating(exchange: ExchangeRef, value: str = "bad", user: str = "U1") -> Feedback:
@@ -204,3 +208,85 @@ async def test_retries_wait_their_turn_in_the_conversation_and_the_second_finds_
         await second
     [kept] = await engine.history("c")
     assert kept.id == again.exchange.id
+
+
+# -- the web API, over real HTTP -----------------------------------------------------------
+
+
+@pytest.fixture
+async def serve(tiny_model, make_settings, tmp_path):
+    """The web app over a real engine on SQLite and the `Takes` model, on a real port."""
+    opened: list[TestClient] = []
+
+    async def start(**overrides) -> TestClient:
+        settings = make_settings(memory_url=f"sqlite:///{tmp_path}/memory.db", **overrides)
+        engine = ReplyEngine(Takes(tiny_model), open_store(settings.memory_url, max_turns=5), settings)
+        await engine.start()
+        client = TestClient(TestServer(build_app(engine, settings), host="127.0.0.1", port=0))
+        await client.start_server()
+        opened.append(client)
+        return client
+
+    yield start
+    for client in opened:
+        engine = client.server.app[STATE].engine
+        await client.close()
+        await engine.close(timeout=5)
+
+
+async def post(client: TestClient, path: str, body: dict, **headers: str) -> tuple[int, dict]:
+    response = await client.post(path, json=body, headers=headers)
+    return response.status, await response.json()
+
+
+async def test_web_again_replaces_the_latest_answer_and_refuses_an_older_one(serve, tmp_path):
+    client = await serve()
+    _, first = await post(client, "/api/chat", {"conversation": "w", "text": "hello"})
+    _, latest = await post(client, "/api/chat", {"conversation": "w", "text": "how are you?"})
+    assert (await post(client, "/api/feedback", {"conversation": "w", "exchange_id": latest["exchange_id"],
+                                                 "rating": "bad"}))[0] == 200
+
+    status, again = await post(client, "/api/again", {"conversation": "w", "exchange_id": latest["exchange_id"]})
+    assert status == 200 and again["reply"] == "sampled take 3: how are you?"
+    assert again["exchange_id"] not in (latest["exchange_id"], None) and isinstance(again["at"], float)
+    history = await (await client.get("/api/history", params={"conversation": "w"})).json()
+    assert [(e["id"], e["user"], e["bot"]) for e in history["exchanges"]] == [
+        (first["exchange_id"], "hello", first["reply"]), (again["exchange_id"], "how are you?", again["reply"])]
+    # In the SQLite file itself: the row kept its place; the bad rating stayed with the old answer's id.
+    with sqlite3.connect(tmp_path / "memory.db") as db:
+        assert db.execute("SELECT exchange_id, bot_text FROM exchanges ORDER BY id").fetchall() == [
+            (first["exchange_id"], " take 1: hello"), (again["exchange_id"], " sampled take 3: how are you?")]
+        assert db.execute("SELECT exchange_id, rating FROM feedback").fetchall() == [(latest["exchange_id"], "bad")]
+
+    status, refused = await post(client, "/api/again", {"conversation": "w", "exchange_id": first["exchange_id"]})
+    assert (status, refused["code"], refused["error"]) == (
+        409, "not_latest", "I can only redo my latest answer in this conversation.")
+    status, gone = await post(client, "/api/again", {"conversation": "w", "exchange_id": latest["exchange_id"]})
+    assert (status, gone["code"]) == (404, "answer_gone") and "redone or forgotten" in gone["error"]
+    for body in ({"conversation": "w"}, {"conversation": "w", "exchange_id": "has space"}, {"exchange_id": "x"}):
+        status, bad = await post(client, "/api/again", body)
+        assert (status, bad["code"]) == (400, "bad_request")
+    history_after = await (await client.get("/api/history", params={"conversation": "w"})).json()
+    assert history_after == history
+
+
+async def test_web_again_is_rate_limited_per_caller_like_a_message(serve):
+    client = await serve(web_rate_limit_per_minute=2)
+    _, reply = await post(client, "/api/chat", {"conversation": "w", "text": "hello"})
+    status, again = await post(client, "/api/again", {"conversation": "w", "exchange_id": reply["exchange_id"]})
+    assert status == 200
+    response = await client.post("/api/again", json={"conversation": "w", "exchange_id": again["exchange_id"]})
+    assert response.status == 429 and (await response.json())["code"] == "rate_limited"
+    assert int(response.headers["Retry-After"]) >= 1
+    [kept] = (await (await client.get("/api/history", params={"conversation": "w"})).json())["exchanges"]
+    assert kept["id"] == again["exchange_id"]
+
+
+async def test_web_again_needs_the_token_like_the_rest_of_the_api(serve):
+    client = await serve(http_host="0.0.0.0", web_api_token="tok")
+    auth = {"Authorization": "Bearer tok"}
+    _, reply = await post(client, "/api/chat", {"conversation": "w", "text": "hello"}, **auth)
+    body = {"conversation": "w", "exchange_id": reply["exchange_id"]}
+    assert (await post(client, "/api/again", body))[0] == 401
+    assert (await post(client, "/api/again", body, Origin="https://evil.example", **auth))[0] == 403
+    assert (await post(client, "/api/again", body, **auth))[0] == 200
