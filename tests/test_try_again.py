@@ -12,6 +12,7 @@ what the random model says."""
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import sqlite3
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from model_doubles import GatedModel
 from redis_servers import redis_url  # noqa: F401 (a fixture)
 from test_memory import backend, make_store  # noqa: F401 (fixtures)
 
+from bot.chat import HELP, chat
 from bot.engine import ReplyEngine
 from bot.errors import AnswerGone, NoOtherAnswer, NotLatest, RateLimited
 from bot.memory import ExchangeRef, Feedback, open_store
@@ -290,3 +292,29 @@ async def test_web_again_needs_the_token_like_the_rest_of_the_api(serve):
     assert (await post(client, "/api/again", body))[0] == 401
     assert (await post(client, "/api/again", body, Origin="https://evil.example", **auth))[0] == 403
     assert (await post(client, "/api/again", body, **auth))[0] == 200
+
+
+# -- the terminal chat -----------------------------------------------------------------------
+
+
+async def test_terminal_again_redoes_the_last_reply(tiny_model, make_settings, tmp_path, monkeypatch, capsys):
+    settings = make_settings(memory_url=f"sqlite:///{tmp_path}/memory.db")
+    model = Takes(tiny_model)
+    async with ReplyEngine(model, open_store(settings.memory_url, max_turns=5), settings) as engine:
+        monkeypatch.setattr("sys.stdin", io.StringIO("/again\nhello\n/again\n/bad\n/quit\n"))
+        await chat(engine, "mine")
+        said = [line.split("bot> ", 1)[1] for line in capsys.readouterr().out.split(HELP, 1)[1].splitlines()
+                if "bot> " in line]
+        assert said == ["(no reply to redo yet)", "take 1: hello", "sampled take 2: hello",
+                        "(thanks: last reply rated bad)"]
+        [exchange] = await engine.history("mine")
+        assert (exchange.user, exchange.bot) == ("hello", " sampled take 2: hello")
+        [row] = await engine.store.list_feedback()  # /bad rated the new answer
+        assert (row.exchange.id, row.platform) == (exchange.id, "terminal")
+
+        # Resumed: the last reply remembered is the one /again redoes; the model has nothing new to say.
+        model.same = True
+        monkeypatch.setattr("sys.stdin", io.StringIO("/again\n"))
+        await chat(engine, "mine")
+        assert "bot> (I couldn't come up with a different answer this time. Please try again.)\n" in (
+            capsys.readouterr().out.split(HELP, 1)[1])
