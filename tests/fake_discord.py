@@ -4,9 +4,9 @@ discord.py client (see ../shared/docs/platforms.md).
 One aiohttp server on 127.0.0.1 (port 0): REST under `/api/v10`, the gateway
 websocket at `/gateway`. It knows one guild with two text channels and a
 thread, a DM channel, a few users; it records every REST call, echoes the
-bot's own messages back on the gateway as Discord does, answers a message sent
-again with the same nonce (`enforce_nonce`) with the one created first, and can
-answer 429, hold a request for a while before handling it, handle a request but
+bot's own messages back on the gateway as Discord does (and its edits, as
+MESSAGE_UPDATE), answers a message sent again with the same nonce
+(`enforce_nonce`) with the one created first, and can answer 429, hold a request for a while before handling it, handle a request but
 withhold its answer (`hold_response`), reject the token (401), refuse intents
 (4014) or drop the gateway (4000; 4004 ends a session for good). It also
 dispatches reactions and interactions (slash commands, the message context
@@ -335,6 +335,12 @@ class FakeDiscord:
             and (channel_id is None or call.path == f"/channels/{channel_id}/messages")
         ]
 
+    def edits(self, message_id: int | None = None) -> list[Call]:
+        """The bot's successful edits of messages (of one message, if given), in order."""
+        return [call for call in self.calls if call.method == "PATCH" and call.status == 200
+                and call.path.startswith("/channels/") and "/messages/" in call.path
+                and (message_id is None or call.path.endswith(f"/messages/{message_id}"))]
+
     def touching(self, channel_id: int) -> list[Call]:
         """Every call about a channel: typing and messages."""
         return [call for call in self.calls if call.path.startswith(f"/channels/{channel_id}/")]
@@ -403,6 +409,8 @@ class FakeDiscord:
             return 200, message
         if method == "POST" and parts[0] == "channels" and parts[-1] == "messages":
             return self._create_message(int(parts[1]), body, call)
+        if method == "PATCH" and parts[0] == "channels" and parts[2] == "messages" and len(parts) == 4:
+            return self._edit_message(int(parts[1]), int(parts[3]), body)
         if method == "POST" and parts[0] == "interactions" and parts[-1] == "callback":
             kind = body["type"]
             interaction = {
@@ -441,6 +449,21 @@ class FakeDiscord:
         # Discord echoes the bot's own messages back on the gateway.
         asyncio.get_running_loop().create_task(self.dispatch("MESSAGE_CREATE", message))
         return 200, message
+
+    def _edit_message(self, channel_id: int, message_id: int, body: dict[str, Any]) -> tuple[int, Any]:
+        """PATCH /channels/{id}/messages/{id} (Discord's "Edit Message"): only the author edits the
+        content; the message comes back edited, and MESSAGE_UPDATE goes out on the gateway."""
+        message = self.messages.get(message_id)
+        if message is None or message["channel_id"] != str(channel_id):
+            return 404, {"message": "Unknown Message", "code": 10008}
+        if message["author"]["id"] != str(BOT_ID):
+            return 403, {"message": "Cannot edit a message authored by another user", "code": 50005}
+        edited = {**message, "edited_timestamp": _now()}
+        if "content" in body:
+            edited["content"] = body["content"] or ""
+        self.messages[message_id] = edited
+        asyncio.get_running_loop().create_task(self.dispatch("MESSAGE_UPDATE", edited))
+        return 200, edited
 
     async def _withhold(self, call: Call) -> None:
         """Keep the answer to `call` back until release_held() or stop()."""

@@ -15,13 +15,18 @@ import asyncio
 import io
 import itertools
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from fake_discord import BOT_ID, CHANNEL_ID, OTHER_USER_ID, FakeDiscord
 from model_doubles import GatedModel
-from redis_servers import redis_url  # noqa: F401 (a fixture)
+from redis_servers import delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
+from test_discord import MENTION, answer_to
+from test_discord_app import eventually
 from test_memory import backend, make_store  # noqa: F401 (fixtures)
+
+from adapters.discord import DiscordAdapter
 
 from bot.chat import HELP, chat
 from bot.engine import ReplyEngine
@@ -318,3 +323,118 @@ async def test_terminal_again_redoes_the_last_reply(tiny_model, make_settings, t
         await chat(engine, "mine")
         assert "bot> (I couldn't come up with a different answer this time. Please try again.)\n" in (
             capsys.readouterr().out.split(HELP, 1)[1])
+
+
+# -- memory on each backend, for the platforms' tests ------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def memory_url(request, tmp_path) -> Iterator[str]:
+    """A real SQLite file, or the real Redis on a key prefix of this test."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/memory.db"
+        return
+    url, prefix = request.getfixturevalue("redis_url"), unique_prefix()
+    yield f"{url}?prefix={prefix}"
+    delete_prefix(url, prefix)
+
+
+# -- Discord: 🔁 on the reply, the reply edited ------------------------------------------------
+
+AGAIN = "\N{CLOCKWISE RIGHTWARDS AND LEFTWARDS OPEN CIRCLE ARROWS}"
+THUMBS_UP = "\N{THUMBS UP SIGN}"
+
+
+@pytest.fixture
+async def discord() -> AsyncIterator[FakeDiscord]:
+    fake = FakeDiscord()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def discord_bot(discord, tiny_model, make_settings):
+    """Start the Discord adapter over a real engine, `Takes` and a memory store, against the fake."""
+    running: list[tuple[DiscordAdapter, ReplyEngine]] = []
+
+    async def start(memory: str = "memory://", **overrides) -> tuple[DiscordAdapter, ReplyEngine]:
+        settings = make_settings(discord_token=discord.token, discord_api_url=discord.api_url,
+                                 discord_gateway_url=discord.gateway_url, memory_url=memory, **overrides)
+        engine = ReplyEngine(Takes(tiny_model), open_store(memory, max_turns=5), settings)
+        await engine.start()
+        adapter = DiscordAdapter(settings, engine)
+        running.append((adapter, engine))
+        await adapter.start()
+        return adapter, engine
+
+    yield start
+    for adapter, engine in reversed(running):
+        adapter.stop_accepting()
+        await adapter.drain(10)
+        await adapter.close()
+        await engine.close()
+
+
+async def mention_answered(fake: FakeDiscord, text: str) -> tuple[int, int]:
+    """Mention the bot with `text`; the ids of the message and of the bot's reply to it."""
+    message, [reply] = await answer_to(fake, f"{MENTION} {text}", mentions=(BOT_ID,))
+    return message, int(reply.response["id"])
+
+
+async def test_discord_again_reaction_edits_the_latest_reply_and_replaces_the_exchange(
+    discord, discord_bot, memory_url
+):
+    adapter, engine = await discord_bot(memory_url)
+    conversation = f"discord:{CHANNEL_ID}"
+    await mention_answered(discord, "hello")
+    _, reply = await mention_answered(discord, "how are you?")
+    first, old = await engine.history(conversation)
+    assert discord.messages[reply]["content"] == "take 2: how are you?"
+    created = len(discord.created())
+
+    await discord.react(reply, AGAIN, user_id=OTHER_USER_ID)
+    [edit] = await discord.wait_for(lambda: discord.edits(reply), what="the reply edited")
+    assert edit.json["content"] == "sampled take 3: how are you?"
+    assert edit.json["allowed_mentions"]["parse"] == []
+    assert discord.messages[reply]["content"] == "sampled take 3: how are you?"
+    assert len(discord.created()) == created  # edited in place: no new message
+    new_first, new = await engine.history(conversation)
+    assert new_first == first and (new.user, new.bot) == ("how are you?", " sampled take 3: how are you?")
+    assert new.id != old.id
+
+    # 👍 on the edited reply rates the new answer.
+    await discord.react(reply, THUMBS_UP)
+    [row] = await eventually(engine.store.list_feedback, what="the rating")
+    assert (row.exchange, row.rating) == (ExchangeRef(conversation, new.id), "good")
+
+
+async def test_discord_again_on_an_older_reply_says_it_redoes_only_the_latest(discord, discord_bot):
+    adapter, engine = await discord_bot()
+    _, older = await mention_answered(discord, "hello")
+    await mention_answered(discord, "how are you?")
+    before = await engine.history(f"discord:{CHANNEL_ID}")
+
+    created = len(discord.created())
+    await discord.react(older, AGAIN)
+    await discord.wait_for(lambda: len(discord.created()) > created, what="the refusal")
+    [refusal] = discord.created()[created:]
+    assert refusal.json["content"] == "I can only redo my latest answer in this conversation."
+    assert int(refusal.json["message_reference"]["message_id"]) == older
+    assert discord.edits() == []
+    assert await engine.history(f"discord:{CHANNEL_ID}") == before
+
+
+async def test_discord_again_is_rate_limited_like_a_message(discord, discord_bot):
+    adapter, engine = await discord_bot(rate_limit_burst=2, rate_limit_per_minute=1)
+    _, reply = await mention_answered(discord, "hello")
+    await discord.react(reply, AGAIN)
+    await discord.wait_for(lambda: discord.edits(reply), what="the first redo")
+    created = len(discord.created())
+    await discord.react(reply, AGAIN)
+    await discord.wait_for(lambda: len(discord.created()) > created, what="the rate limit notice")
+    [notice] = discord.created()[created:]
+    assert notice.json["content"].startswith("You're sending messages faster than I can answer.")
+    assert len(discord.edits(reply)) == 1
+    [kept] = await engine.history(f"discord:{CHANNEL_ID}")
+    assert kept.bot == " sampled take 2: hello"
