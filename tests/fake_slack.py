@@ -6,7 +6,7 @@ SLACK_API_URL points at; `apps.connections.open` hands out its own
 be told to answer one 429 with Retry-After or to do its next call but withhold
 the answer (`hold_response`), and a scope can be withheld so the methods needing
 it answer `missing_scope`. It keeps what users would see: the messages posted
-(and those a test adds) per channel, read back by `conversations.history` and
+(and those a test adds) per channel, edited by `chat.update`, read back by `conversations.history` and
 `conversations.replies`; and of the AI-app surface each thread's assistant
 status, the reactions, the published Home tabs, ephemeral messages. The
 websocket side sends `events_api` and `interactive` envelopes, records the
@@ -259,6 +259,8 @@ class FakeSlack:
             self.calls[-1].response_ts = message["ts"]
             shown = {key: value for key, value in message.items() if key != "metadata"}
             return {"ok": True, "channel": params.get("channel"), "ts": message["ts"], "message": shown}
+        if method == "chat.update":
+            return self._update(params)
         if method == "conversations.history":
             return self._history(params)
         if method == "conversations.replies":
@@ -321,6 +323,26 @@ class FakeSlack:
                 message[key] = json.loads(value) if isinstance(value, str) else value
         self.messages.setdefault(str(params.get("channel", "")), []).append(message)
         return message
+
+    def _update(self, params: dict[str, Any]) -> dict[str, Any]:
+        """chat.update (its reference page, and the shape of the Java SDK's chat.update sample): the
+        message at `channel` + `ts` gets the new text and blocks and an `edited` mark; only the
+        bot's own messages can be updated."""
+        channel, ts = str(params.get("channel", "")), str(params.get("ts", ""))
+        message = next((m for m in self.messages.get(channel, []) if m["ts"] == ts), None)
+        if message is None:
+            return {"ok": False, "error": "message_not_found"}
+        if message.get("user") != BOT_USER_ID:
+            return {"ok": False, "error": "cant_update_message"}
+        message["text"] = params.get("text") or ""
+        blocks = params.get("blocks")
+        if blocks:
+            message["blocks"] = json.loads(blocks) if isinstance(blocks, str) else blocks
+        else:
+            message.pop("blocks", None)
+        message["edited"] = {"user": BOT_USER_ID, "ts": new_ts()}
+        shown = {key: value for key, value in message.items() if key != "metadata"}
+        return {"ok": True, "channel": channel, "ts": ts, "text": message["text"], "message": shown}
 
     def _history(self, params: dict[str, Any]) -> dict[str, Any]:
         """conversations.history: the channel's top-level messages (thread parents among them), newest

@@ -17,16 +17,24 @@ import itertools
 import sqlite3
 from collections.abc import AsyncIterator, Iterator, Sequence
 
+import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from fake_discord import BOT_ID, CHANNEL_ID, OTHER_USER_ID, FakeDiscord
+from fake_slack import FakeSlack, block_actions, dm, event_body, wait_for
 from model_doubles import GatedModel
 from redis_servers import delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
 from test_discord import MENTION, answer_to
 from test_discord_app import eventually
 from test_memory import backend, make_store  # noqa: F401 (fixtures)
+from test_slack import SECRET
+from test_slack import Bot as SlackBot
+from test_slack_surface import click
 
 from adapters.discord import DiscordAdapter
+from adapters.slack import SlackAdapter
+from adapters.slack_surface import AGAIN_ACTION, AGAIN_LABEL
 
 from bot.chat import HELP, chat
 from bot.engine import ReplyEngine
@@ -438,3 +446,144 @@ async def test_discord_again_is_rate_limited_like_a_message(discord, discord_bot
     assert len(discord.edits(reply)) == 1
     [kept] = await engine.history(f"discord:{CHANNEL_ID}")
     assert kept.bot == " sampled take 2: hello"
+
+
+# -- Slack: the "Try again" button, the reply updated ------------------------------------------
+
+
+@pytest.fixture
+async def slack() -> AsyncIterator[FakeSlack]:
+    fake = await FakeSlack().start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def slack_bot(slack, tiny_model, make_settings):
+    """Start the Slack adapter (HTTP mode on a real aiohttp server, or Socket Mode) over a real
+    engine, `Takes` and a memory store, against the fake."""
+    cleanups = []
+
+    async def start(memory: str = "memory://", *, socket_mode: bool = False, **overrides) -> SlackBot:
+        tokens = {"slack_app_token": "xapp-test"} if socket_mode else {"slack_signing_secret": SECRET}
+        settings = make_settings(slack_bot_token="xoxb-test", slack_api_url=slack.api_url, memory_url=memory,
+                                 **tokens, **overrides)
+        model = Takes(tiny_model)
+        engine = ReplyEngine(model, open_store(memory, max_turns=5), settings)
+        await engine.start()
+        adapter = SlackAdapter(settings, engine)
+        app = web.Application()
+        adapter.mount(app)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await adapter.start()
+        bot = SlackBot(adapter, engine, model, f"http://127.0.0.1:{port}/slack/events", aiohttp.ClientSession())
+        cleanups.append((bot, runner))
+        return bot
+
+    yield start
+    for bot, runner in cleanups:
+        bot.adapter.stop_accepting()
+        await bot.adapter.drain(10)
+        await bot.adapter.close()
+        await runner.cleanup()
+        await bot.engine.close(timeout=10)
+        await bot.session.close()
+
+
+def shown(fake: FakeSlack, channel: str, ts: str) -> dict:
+    """The bot's message at `ts` as Slack holds it now (edits included), as it comes in a payload."""
+    message = next(m for m in fake.messages[channel] if m["ts"] == ts)
+    return {key: value for key, value in message.items() if key != "metadata"}
+
+
+def try_again(message: dict) -> dict:
+    """The action a click on the "Try again" button of `message` sends (from its blocks)."""
+    block = next(b for b in message["blocks"] if b["type"] == "actions")
+    button = next(e for e in block["elements"] if e["action_id"] == AGAIN_ACTION)
+    return {"type": "button", "action_id": button["action_id"], "block_id": block.get("block_id", "again"),
+            "value": button["value"], "text": button["text"]}
+
+
+async def slack_dm(fake: FakeSlack, bot: SlackBot, text: str) -> dict:
+    """DM the bot over HTTP; its answer, as Slack holds it."""
+    before = len(fake.posts)
+    await bot.send(event_body(dm(text)))
+    await wait_for(lambda: len(fake.posts) > before and not fake.thinking, what="the answer")
+    return shown(fake, "D1", fake.posts[-1].response_ts)
+
+
+async def test_slack_try_again_updates_the_latest_answer_and_replaces_the_exchange(slack, slack_bot, memory_url):
+    bot = await slack_bot(memory_url)
+    await slack_dm(slack, bot, "hello")
+    answer = await slack_dm(slack, bot, "how are you?")
+    first, old = await bot.engine.history("slack:T1:D1")
+    assert answer["text"] == "take 2: how are you?"
+    assert [b["type"] for b in answer["blocks"]] == ["section", "context_actions", "actions"]
+    assert try_again(answer)["text"]["text"] == AGAIN_LABEL
+
+    payload = block_actions(try_again(answer), user="U3", message=answer, channel="D1")
+    assert await click(bot, payload) == 200
+    [update] = await wait_for(lambda: slack.calls_to("chat.update"), what="the answer updated")
+    assert (update.params["channel"], update.params["ts"]) == ("D1", answer["ts"])
+    now = shown(slack, "D1", answer["ts"])
+    assert now["text"] == "sampled take 3: how are you?" and "edited" in now
+    assert now["blocks"][0]["text"]["text"] == "sampled take 3: how are you?"
+    assert len(slack.posts) == 2  # updated in place: nothing new posted
+    new_first, new = await bot.engine.history("slack:T1:D1")
+    assert new_first == first and (new.user, new.bot) == ("how are you?", " sampled take 3: how are you?")
+    assert new.id != old.id
+
+    # The buttons now name the new answer: a rating is its rating.
+    assert await click(bot, block_actions(clicked_on(now, "good"), message=now, channel="D1")) == 200
+    [row] = await eventually(bot.engine.store.list_feedback, what="the rating")
+    assert (row.exchange, row.rating) == (ExchangeRef("slack:T1:D1", new.id), "good")
+
+
+async def test_slack_try_again_on_an_older_answer_tells_the_clicker_only(slack, slack_bot):
+    bot = await slack_bot(socket_mode=True)
+    older = await slack_dm_over_socket(slack, "hello")
+    await slack_dm_over_socket(slack, "how are you?")
+    before = await bot.engine.history("slack:T1:D1")
+
+    envelope = await slack.send_interactive(block_actions(try_again(older), message=older, channel="D1"))
+    await wait_for(lambda: slack.acked(envelope), what="the click's ack")
+    [note] = await wait_for(lambda: slack.calls_to("chat.postEphemeral"), what="the note")
+    assert (note.params["user"], note.params["channel"], note.params["thread_ts"]) == ("U2", "D1", older["thread_ts"])
+    assert note.params["text"] == "I can only redo my latest answer in this conversation."
+    assert slack.calls_to("chat.update") == []
+    assert await bot.engine.history("slack:T1:D1") == before
+
+
+async def slack_dm_over_socket(fake: FakeSlack, text: str) -> dict:
+    before = len(fake.posts)
+    envelope = await fake.send_envelope(event_body(dm(text)))
+    await wait_for(lambda: fake.acked(envelope) and len(fake.posts) > before and not fake.thinking,
+                   what="the answer")
+    return shown(fake, "D1", fake.posts[-1].response_ts)
+
+
+async def test_slack_try_again_is_rate_limited_like_a_message(slack, slack_bot):
+    bot = await slack_bot(rate_limit_burst=2, rate_limit_per_minute=1)
+    answer = await slack_dm(slack, bot, "hello")
+    assert await click(bot, block_actions(try_again(answer), message=answer, channel="D1")) == 200
+    await wait_for(lambda: slack.calls_to("chat.update"), what="the first redo")
+    now = shown(slack, "D1", answer["ts"])
+    assert await click(bot, block_actions(try_again(now), message=now, channel="D1")) == 200
+    [note] = await wait_for(lambda: slack.calls_to("chat.postEphemeral"), what="the rate limit note")
+    assert note.params["text"].startswith("You're sending messages faster than I can answer.")
+    assert len(slack.calls_to("chat.update")) == 1
+    [kept] = await bot.engine.history("slack:T1:D1")
+    assert kept.bot == " sampled take 2: hello"
+
+
+def clicked_on(message: dict, rating: str) -> dict:
+    """The action a click on `message`'s feedback button for `rating` sends."""
+    actions = next(b for b in message["blocks"] if b["type"] == "context_actions")
+    buttons = actions["elements"][0]
+    button = buttons["positive_button" if rating == "good" else "negative_button"]
+    return {"type": "feedback_buttons", "action_id": buttons["action_id"], "block_id": actions.get("block_id", "b1"),
+            "value": button["value"], "text": button["text"]}
