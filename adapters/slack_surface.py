@@ -428,7 +428,8 @@ def home_view(settings: Settings, conversation: str | None, notice: str | None =
             "*How to talk to me*\n"
             "• Write to me in *Messages*, or mention me in a channel: there I answer in a thread.\n"
             "• Say `reset` (or `forget`) in a conversation to make me forget it.\n"
-            "• Rate a reply with the buttons under it: it tells the people running me what works."
+            "• Rate a reply with the buttons under it: it tells the people running me what works. "
+            "*Try again* under my latest reply gets you another answer instead."
         ))),
         SectionBlock(text=MarkdownTextObject(text=(
             "*What I remember*\n"

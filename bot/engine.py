@@ -271,7 +271,8 @@ class ReplyEngine:
         elif ticket.conversation != conversation:
             raise ValueError(f"a ticket of {ticket.conversation} cannot answer in {conversation}")
         try:
-            stored = await self._admitted(ticket, lambda: self._retry_in_order(ticket, exchange_id, user or conversation))
+            who = user or conversation
+            stored = await self._admitted(ticket, lambda: self._retry_in_order(ticket, exchange_id, who))
         except ReplyError as error:
             self.metrics.retries.labels(platform, error.outcome).inc()
             raise

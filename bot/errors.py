@@ -127,6 +127,7 @@ class NoOtherAnswer(CannotRetry):
 class MemoryUnavailable(CannotRetry):
     user_message = "I can't redo answers right now: my memory is unavailable. Please try again later."
     outcome = "memory_unavailable"
+    retry_after: float = 30
 
 
 class PersonaRefused(ValueError):

@@ -101,7 +101,10 @@ class WebState:
         self.chat_budget = max(1, settings.queue_size * settings.web_queue_percent // 100)
         per_minute = settings.web_rate_limit_per_minute
         # Not `caller_limiter or ...`: a TokenBucketLimiter with no buckets yet is falsy (len() 0).
-        self.caller_limiter = caller_limiter if caller_limiter is not None else TokenBucketLimiter(burst=max(1, per_minute), per_minute=per_minute)
+        self.caller_limiter = (
+            caller_limiter if caller_limiter is not None
+            else TokenBucketLimiter(burst=max(1, per_minute), per_minute=per_minute)
+        )
 
     def stop_accepting(self) -> None:
         self.closing = True

@@ -4,14 +4,15 @@ discord.py client (see ../shared/docs/platforms.md).
 One aiohttp server on 127.0.0.1 (port 0): REST under `/api/v10`, the gateway
 websocket at `/gateway`. It knows one guild with two text channels and a
 thread, a DM channel, a few users; it records every REST call, echoes the
-bot's own messages back on the gateway as Discord does (and its edits, as
-MESSAGE_UPDATE), answers a message sent again with the same nonce
-(`enforce_nonce`) with the one created first, and can answer 429, hold a request for a while before handling it, handle a request but
+bot's own messages back on the gateway as Discord does, answers a message sent
+again with the same nonce (`enforce_nonce`) with the one created first, and can
+answer 429, hold a request for a while before handling it, handle a request but
 withhold its answer (`hold_response`), reject the token (401), refuse intents
 (4014) or drop the gateway (4000; 4004 ends a session for good). It also
 dispatches reactions and interactions (slash commands, the message context
 menu) from a server install or from a user's install in places the bot is no
 member of, and answers their callbacks and followups.
+The bot's edits of its messages (PATCH) are kept, and sent on as MESSAGE_UPDATE.
 """
 
 from __future__ import annotations

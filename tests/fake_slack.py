@@ -6,11 +6,12 @@ SLACK_API_URL points at; `apps.connections.open` hands out its own
 be told to answer one 429 with Retry-After or to do its next call but withhold
 the answer (`hold_response`), and a scope can be withheld so the methods needing
 it answer `missing_scope`. It keeps what users would see: the messages posted
-(and those a test adds) per channel, edited by `chat.update`, read back by `conversations.history` and
+(and those a test adds) per channel, read back by `conversations.history` and
 `conversations.replies`; and of the AI-app surface each thread's assistant
 status, the reactions, the published Home tabs, ephemeral messages. The
 websocket side sends `events_api` and `interactive` envelopes, records the
 client's acks and can ask it to reconnect.
+`chat.update` edits the bot's stored messages.
 """
 
 from __future__ import annotations

@@ -230,7 +230,8 @@ def test_chat_page_rates_answers_and_tries_again_on_the_latest(
     with web_chat(model, settings) as base:
         page = browser.new_page()
         problems: list[str] = []
-        page.on("console", lambda message: problems.append(message.text) if message.type in ("error", "warning") else None)
+        page.on("console", lambda message: problems.append(message.text)
+                if message.type in ("error", "warning") else None)
         page.goto(base + "/")
         assert send(page, "hello") == "take 1: hello"
         assert send(page, "how are you?") == "take 2: how are you?"

@@ -153,7 +153,9 @@ async def test_retry_samples_a_new_answer_to_the_same_message_and_replaces_the_e
         ["hello", " take 1: hello", "how are you?"]]
     history = await engine.history("c")
     assert [(e.id, e.user, e.bot) for e in history] == [
-        (first.exchange.id, "hello", " take 1: hello"), (again.exchange.id, "how are you?", " sampled take 3: how are you?")]
+        (first.exchange.id, "hello", " take 1: hello"),
+        (again.exchange.id, "how are you?", " sampled take 3: how are you?"),
+    ]
     assert history[1].at == again.at
     # The next message sees the new answer.
     await engine.respond("c", "nice", user="u")
