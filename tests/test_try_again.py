@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from fake_discord import BOT_ID, CHANNEL_ID, OTHER_USER_ID, FakeDiscord
 from fake_slack import FakeSlack, block_actions, dm, event_body, wait_for
+from bot_process import sample
 from model_doubles import GatedModel
 from redis_servers import delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
 from test_discord import MENTION, answer_to
@@ -202,9 +203,12 @@ async def test_retry_counts_against_the_rate_limit_like_a_message(make_engine, t
         reply = await engine.respond("c", "hello", user="u")
         again = await engine.retry("c", reply.exchange.id, user="u")
         with pytest.raises(RateLimited):
-            await engine.retry("c", again.exchange.id, user="u")
+            await engine.retry("c", again.exchange.id, user="u", platform="discord")
         [kept] = await engine.history("c")
         assert kept.id == again.exchange.id
+        exposition = engine.metrics.render().decode()
+        assert sample(exposition, "blenderchat_retries_total", platform="api", outcome="ok") == 1
+        assert sample(exposition, "blenderchat_retries_total", platform="discord", outcome="rate_limited") == 1
 
 
 async def test_retries_wait_their_turn_in_the_conversation_and_the_second_finds_the_answer_redone(
