@@ -22,6 +22,7 @@ from bot.engine import Reply, ReplyEngine
 from bot.errors import ReplyError
 from bot.inbox import Claim, Inbox
 from bot.locks import Ticket
+from bot.memory import ExchangeRef
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -199,6 +200,24 @@ async def respond(
         return Reply(error.user_message)
     except Exception:
         log.exception("Unexpected error answering a %s message in %s", message.platform, message.conversation)
+        return Reply(APOLOGY)
+
+
+async def redo(
+    engine: ReplyEngine, exchange: ExchangeRef, user: str, platform: str, ticket: Ticket | None = None
+) -> Reply | None:
+    """"Try again" on the answer that is `exchange`, asked by `user`: a Reply naming its new
+    exchange is the new answer, to show in place of the old one; a Reply without one says why
+    there is none (not the latest answer, the rate limit...), to show apart, the old answer
+    kept; None is a deliberate silence. Errors are mapped as `respond` maps them."""
+    try:
+        return await engine.retry(exchange.conversation, exchange.id, user=user, platform=platform, ticket=ticket)
+    except ReplyError as error:
+        if getattr(error, "notify", True) is False:
+            return None
+        return Reply(error.user_message)
+    except Exception:
+        log.exception("Unexpected error redoing a %s answer in %s", platform, exchange.conversation)
         return Reply(APOLOGY)
 
 

@@ -4,7 +4,8 @@ Answers messages that mention the bot, replies to its own messages (not
 forwards of them) and DMs; `/reset` and `/help` are slash commands and "Ask
 BlenderBot" a message context menu, all usable wherever the app is installed (a
 server, or a user's account). 👍 / 👎 reactions on its replies are ratings
-(adapters/discord_feedback.py). Needs only Discord's default (non-privileged)
+(adapters/discord_feedback.py); 🔁 on its latest reply in a channel is "try again":
+another answer, edited into that reply. Needs only Discord's default (non-privileged)
 intents: mentions, replies and DMs carry their content, and so do the bot's own
 messages. Each message takes its place in its channel's line as it arrives
 (before the typing indicator, which runs alongside the reply), so a channel's
@@ -33,10 +34,11 @@ from adapters.base import (
     answer_once,
     forget,
     is_reset,
+    redo,
     respond,
     split_message,
 )
-from adapters.discord_feedback import RepliesSent, exchange_answering, rating_for
+from adapters.discord_feedback import RepliesSent, exchange_answering, is_again, rating_for
 from bot.config import Settings
 from bot.engine import ReplyEngine
 from bot.errors import EngineClosed
@@ -58,7 +60,8 @@ HELP_TEXT = (
     "a member, only you see the answer.\n"
     "- Each channel and each thread is its own conversation, and I remember it.\n"
     "- `/reset` (or mention me with just `reset`) makes me forget this channel's conversation.\n"
-    "- React with 👍 or 👎 on my replies to tell the people running me what works.\n"
+    "- React with 👍 or 👎 on my replies to tell the people running me what works, and with 🔁 on my latest "
+    "reply to get another answer instead.\n"
     "I can be wrong or odd: don't take my word for facts."
 )
 ASK_COMMAND = "Ask BlenderBot"
@@ -425,8 +428,9 @@ class DiscordAdapter:
 
     def _on_reaction(self, payload: discord.RawReactionActionEvent) -> None:
         me = self._client.user
-        rating = rating_for(payload.emoji.name or "") if payload.emoji.is_unicode_emoji() else None
-        if rating is None or me is None or payload.user_id == me.id or not self._replies.accepting:
+        emoji = (payload.emoji.name or "") if payload.emoji.is_unicode_emoji() else ""
+        rating, again = rating_for(emoji), is_again(emoji)
+        if (rating is None and not again) or me is None or payload.user_id == me.id or not self._replies.accepting:
             return
         # Discord says whose message it is; only the bot's replies are rated.
         if payload.message_author_id is not None and payload.message_author_id != me.id:
@@ -436,6 +440,13 @@ class DiscordAdapter:
         channel = self._client.get_channel(payload.channel_id) or discord.Object(payload.channel_id)
         if payload.guild_id is not None and not self._allowed_here(payload.guild_id, channel):
             return
+        if again:
+            # In the conversation's line now, before any await, like a message.
+            known = self._sent.get(payload.message_id)
+            ticket = self.engine.take_ticket(known.conversation if known else f"discord:{payload.channel_id}")
+            self._replies.spawn(self._again(payload, ticket), name=f"discord-again-{payload.message_id}", ticket=ticket)
+            return
+        assert rating is not None
         self._replies.spawn(self._rate(payload, rating), name=f"discord-rating-{payload.message_id}")
 
     async def _rate(self, payload: discord.RawReactionActionEvent, rating: str) -> None:
@@ -446,6 +457,29 @@ class DiscordAdapter:
             await self.engine.rate(exchange, rating, user=str(payload.user_id), platform="discord")
         except StoreUnavailable:
             pass  # logged by the engine; the reaction stays on Discord
+
+    async def _again(self, payload: discord.RawReactionActionEvent, ticket: Ticket) -> None:
+        """🔁: another answer, edited into the reply reacted to; or a reply saying why not."""
+        exchange = self._sent.get(payload.message_id) or await self._exchange_of(payload)
+        if exchange is None or exchange.conversation != ticket.conversation:
+            return  # not a reply the bot remembers (a notice, or a forgotten conversation)
+        message = self._client.get_partial_messageable(payload.channel_id).get_partial_message(payload.message_id)
+        reply = await redo(self.engine, exchange, str(payload.user_id), "discord", ticket)
+        if reply is None or not reply.text:
+            return
+        try:
+            if reply.exchange is None:  # refused (not the latest answer, the rate limit...): say why, under it
+                await message.channel.send(reply.text, reference=message.to_reference(fail_if_not_exists=False))
+                return
+            first, *rest = split_message(reply.text, MESSAGE_LIMIT)
+            await message.edit(content=first)
+            sent = [payload.message_id] + [(await message.channel.send(chunk)).id for chunk in rest]
+        except discord.HTTPException as error:
+            # The new answer is stored; the old text stays on Discord (deleted meanwhile, or no permission).
+            log.warning("Could not show a redone answer in channel %s (%s %s)", payload.channel_id, error.status,
+                        error.text)
+            return
+        self._sent.remember(sent, reply.exchange)
 
     async def _exchange_of(self, payload: discord.RawReactionActionEvent) -> Any:
         """A reply not sent by this process (or long ago): the exchange answering the message

@@ -1,4 +1,5 @@
-"""👍 / 👎 reactions on the bot's replies on Discord, as ratings of the exchange.
+"""Reactions on the bot's replies on Discord: 👍 / 👎 rate the exchange, 🔁 asks for
+another answer ("try again", edited into the reply; adapters/discord.py).
 
 A reply this process sent is remembered by message id (bounded). Any other reply
 of the bot (sent before a restart, or by another replica) is known by the message
@@ -20,11 +21,17 @@ from bot.memory import BAD, GOOD, Exchange, ExchangeRef
 MAX_REMEMBERED = 20_000  # message ids of recent replies, each a few hundred bytes
 _SKIN_TONES = "".join(chr(code) for code in range(0x1F3FB, 0x1F400))
 _RATINGS = {"\N{THUMBS UP SIGN}": GOOD, "\N{THUMBS DOWN SIGN}": BAD}
+AGAIN = "\N{CLOCKWISE RIGHTWARDS AND LEFTWARDS OPEN CIRCLE ARROWS}"  # 🔁
 
 
 def rating_for(emoji: str) -> str | None:
     """GOOD for 👍, BAD for 👎 (in any skin tone); None for any other reaction."""
     return _RATINGS.get(emoji.rstrip("\ufe0f").rstrip(_SKIN_TONES))
+
+
+def is_again(emoji: str) -> bool:
+    """True for 🔁 (with or without its emoji presentation selector)."""
+    return emoji.rstrip("\ufe0f") == AGAIN
 
 
 class RepliesSent:

@@ -15,6 +15,12 @@
 - Feedback buttons under every reply that is a stored exchange; a click is acked
   at once, stored against that exchange, counted, and answered with a note only
   the clicker sees.
+- A "Try again" button below them: another answer to the same message, edited into
+  the reply (`chat.update`, with buttons naming the new exchange). Only the latest
+  answer of a conversation can be redone; on an older one, or over the rate limit,
+  the clicker gets a note saying so. (It is a plain button in an `actions` block:
+  a `context_actions` block takes only feedback buttons and icon buttons, and the
+  only icon Slack offers is a trash can.)
 
 Every call here is a nicety: when it fails the answer still goes out, and a scope
 the workspace has not granted is logged once (`Niceties`).
@@ -49,9 +55,12 @@ from slack_sdk.models.blocks import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.base import redo
 from adapters.dedupe import DedupeStore, InProcessDedupe
+from adapters.slack_text import to_slack_text
 from bot.config import DEFAULT_SLACK_PROMPTS, Settings
 from bot.engine import ReplyEngine
+from bot.locks import Ticket
 from bot.memory import BAD, GOOD, ExchangeRef, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -66,6 +75,9 @@ PROMPTS_TITLE = "Try asking me"
 MANIFEST_PROMPTS = DEFAULT_SLACK_PROMPTS
 FEEDBACK_ACTION = "reply_feedback"
 FORGET_ACTION = "forget_my_conversations"
+AGAIN_ACTION = "reply_again"
+AGAIN_LABEL = "\N{CLOCKWISE RIGHTWARDS AND LEFTWARDS OPEN CIRCLE ARROWS} Try again"
+SECTION_LIMIT = 3000  # characters of text a section block holds
 THANKS = {
     GOOD: "Thanks for the feedback: glad that reply worked for you!",
     BAD: "Thanks for the feedback: that reply is noted as a bad one.",
@@ -211,12 +223,14 @@ class SlackSurface:
         app.event("assistant_thread_started")(self._on_thread_started)
         app.action(FEEDBACK_ACTION)(self._on_feedback)
         app.action(FORGET_ACTION)(self._on_forget)
+        app.action(AGAIN_ACTION)(self._on_again)
 
     # -- what replies carry ------------------------------------------------
 
     def reply_blocks(self, text: str, exchange: ExchangeRef | None) -> list[dict[str, Any]] | None:
-        """Blocks for the last chunk of a reply: its text and the feedback buttons. None
-        for answers that are no stored exchange (errors, confirmations, deflections)."""
+        """Blocks for the last chunk of a reply: its text, the feedback buttons and "Try
+        again". None for answers that are no stored exchange (errors, confirmations,
+        deflections)."""
         if exchange is None:
             return None
         value = f"{exchange.id}|{exchange.conversation}"
@@ -229,8 +243,11 @@ class SlackSurface:
                 text="Bad reply", accessibility_label="Mark this reply as bad", value=f"{BAD}|{value}"
             ),
         )
+        again = ButtonElement(text=AGAIN_LABEL, action_id=AGAIN_ACTION, value=value,
+                              accessibility_label="Get another answer to the same message")
         return [SectionBlock(text=MarkdownTextObject(text=text)).to_dict(),
-                ContextActionsBlock(elements=[buttons]).to_dict()]
+                ContextActionsBlock(elements=[buttons]).to_dict(),
+                ActionsBlock(elements=[again]).to_dict()]
 
     # -- the Messages tab and assistant threads -----------------------------
 
@@ -346,6 +363,47 @@ class SlackSurface:
                 lambda: self.client.chat_postEphemeral(channel=channel, user=user, thread_ts=thread, text=text),
             )
 
+    # -- "Try again" ----------------------------------------------------------
+
+    async def _on_again(self, ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
+        user, team = (body.get("user") or {}).get("id"), _team(body, {})
+        exchange = _parse_exchange(action.get("value"))
+        channel = (body.get("channel") or {}).get("id")
+        message = body.get("message") or {}
+        ts = message.get("ts") or (body.get("container") or {}).get("message_ts")
+        welcome = bool(user and channel and ts) and self._welcome(team, user or "")
+        if exchange is None or not welcome or not exchange.conversation.startswith(f"slack:{team}:"):
+            await ack()
+            return
+        # Its place in the conversation's line, before anything awaits (the ack too), like a message.
+        ticket = self.engine.take_ticket(exchange.conversation)
+        await ack()
+        task = self.spawn(self._again(exchange, str(user), str(channel), str(ts), message.get("thread_ts"), ticket))
+        if task is None:
+            ticket.release()  # shutting down: refused
+        else:
+            task.add_done_callback(lambda _: ticket.release())
+
+    async def _again(self, exchange: ExchangeRef, user: str, channel: str, ts: str, thread: str | None,
+                     ticket: Ticket) -> None:
+        reply = await redo(self.engine, exchange, user, "slack", ticket)
+        if reply is None or not reply.text:
+            return
+        if reply.exchange is None:  # refused (not the latest answer, the rate limit...): tell the clicker
+            await self.niceties.call(
+                "chat.postEphemeral",
+                lambda: self.client.chat_postEphemeral(channel=channel, user=user, thread_ts=thread, text=reply.text),
+            )
+            return
+        text = _fit(to_slack_text(reply.text))
+        blocks = self.reply_blocks(text, reply.exchange)
+        try:
+            await self.client.chat_update(channel=channel, ts=ts, text=text, blocks=blocks, link_names=False)
+        except (SlackApiError, *NETWORK_ERRORS) as error:
+            # The new answer is stored; the old one stays shown (deleted meanwhile, or Slack is unreachable).
+            reason = error.response.get("error") if isinstance(error, SlackApiError) else error
+            log.warning("Could not show a redone answer in %s: %s", channel, reason)
+
     def _welcome(self, team: str, user: str) -> bool:
         """Whether this workspace and person get anything from the bot at all."""
         if user in self.settings.blocked_users:
@@ -370,7 +428,8 @@ def home_view(settings: Settings, conversation: str | None, notice: str | None =
             "*How to talk to me*\n"
             "• Write to me in *Messages*, or mention me in a channel: there I answer in a thread.\n"
             "• Say `reset` (or `forget`) in a conversation to make me forget it.\n"
-            "• Rate a reply with the buttons under it: it tells the people running me what works."
+            "• Rate a reply with the buttons under it: it tells the people running me what works. "
+            "*Try again* under my latest reply gets you another answer instead."
         ))),
         SectionBlock(text=MarkdownTextObject(text=(
             "*What I remember*\n"
@@ -405,10 +464,30 @@ def _parse_feedback(value: Any) -> tuple[str, ExchangeRef] | None:
     if not isinstance(value, str):
         return None
     rating, _, rest = value.partition("|")
-    exchange_id, _, conversation = rest.partition("|")
-    if rating not in THANKS or not _EXCHANGE_ID.fullmatch(exchange_id) or not conversation:
+    exchange = _parse_exchange(rest)
+    if rating not in THANKS or exchange is None:
         return None
-    return rating, ExchangeRef(conversation, exchange_id)
+    return rating, exchange
+
+
+def _parse_exchange(value: Any) -> ExchangeRef | None:
+    """`<exchange id>|<conversation>` as `reply_blocks` wrote it, or None."""
+    if not isinstance(value, str):
+        return None
+    exchange_id, _, conversation = value.partition("|")
+    if not _EXCHANGE_ID.fullmatch(exchange_id) or not conversation:
+        return None
+    return ExchangeRef(conversation, exchange_id)
+
+
+def _fit(text: str) -> str:
+    """Slack text cut to what a section block holds, never inside an entity such as `&amp;`.
+    (An answer of at most 127 tokens, the model's limit, always fits; this is a guard.)"""
+    if len(text) <= SECTION_LIMIT:
+        return text
+    cut = SECTION_LIMIT - 1
+    entity = text.rfind("&", cut - 5, cut)
+    return text[: entity if entity >= 0 else cut] + "\N{HORIZONTAL ELLIPSIS}"
 
 
 def _team(body: dict[str, Any], event: dict[str, Any]) -> str:

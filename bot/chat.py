@@ -12,8 +12,8 @@ from bot.memory import BAD, GOOD, Exchange, ExchangeRef, StoreUnavailable
 from bot.text import clean_text
 
 HELP = (
-    "Type a message and press Enter. /good or /bad rates the last reply, /reset (or /forget) forgets this "
-    "conversation, /quit (or Ctrl-D) leaves."
+    "Type a message and press Enter. /good or /bad rates the last reply, /again tries another answer to your "
+    "last message, /reset (or /forget) forgets this conversation, /quit (or Ctrl-D) leaves."
 )
 RATINGS = {"/good": GOOD, "/bad": BAD}
 # How many remembered exchanges are shown when a conversation is resumed.
@@ -40,6 +40,16 @@ async def chat(engine: ReplyEngine, conversation: str) -> None:
             print("bot> (conversation forgotten)")
         elif command in RATINGS:
             print(f"bot> {await _rate(engine, last, RATINGS[command])}")
+        elif command == "/again":
+            if last is None:
+                print("bot> (no reply to redo yet)")
+                continue
+            try:
+                reply = await engine.retry(conversation, last.id, user="terminal", platform="terminal")
+                answer, last = reply.text, reply.exchange
+            except ReplyError as error:
+                answer = f"({error.user_message})"
+            print(f"bot> {answer}", flush=True)
         elif command == "/help":
             print(HELP)
         elif command:

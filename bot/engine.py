@@ -20,6 +20,13 @@ conversations idle past `MEMORY_TTL`.
 
 `respond()` also says which stored exchange the answer is (its id), so that
 people can rate it (`rate()`: kept with the conversation, counted in the metrics).
+
+`retry()` is "try again", the one way every surface does it: another answer to
+the message of the conversation's latest exchange, sampled (beam search would
+give the same one again), safety-checked, stored in that exchange's place under
+a new id (a rating belongs to the answer rated: the old answer's ratings stay
+with the old id and are not moved). It waits its turn in the conversation's line
+and counts against the user's rate limit like a message.
 """
 
 from __future__ import annotations
@@ -27,17 +34,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from bot.config import Settings
 from bot.errors import (
+    AnswerGone,
     ConversationBusy,
     EmptyMessage,
     EngineBusy,
     EngineClosed,
     GenerationFailed,
+    MemoryUnavailable,
     MessageTooLong,
+    NoOtherAnswer,
+    NotLatest,
     PersonaRefused,
     ReplyError,
     ReplyTimeout,
@@ -54,6 +67,8 @@ from bot.text import clean_text, neutralize_mentions
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 # Shown when the model's answer is empty once control characters are removed.
 NO_ANSWER = "Hmm, I'm not sure what to say to that."
 
@@ -62,6 +77,9 @@ SWEEP_INTERVAL = 3600.0
 
 # Weight of the newest reply in the running estimate of how long one reply takes.
 TURN_TIME_WEIGHT = 0.3
+
+# Sampled answers tried by `retry()` for one that is safe and differs from the answer it replaces.
+RETRY_SAMPLES = 2
 
 # Said instead of waiting for an answer that cannot come within REPLY_TIMEOUT.
 TOO_SLOW = "I'm answering slowly right now and couldn't get to this in time. Please try again in a minute."
@@ -108,7 +126,8 @@ class ReplyEngine:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.safety = safety  # None: built from settings by start()
-        self.limiter = limiter or TokenBucketLimiter.from_settings(settings)
+        # Not `limiter or ...`: a TokenBucketLimiter holding no buckets yet has len() 0, so it is falsy.
+        self.limiter = limiter if limiter is not None else TokenBucketLimiter.from_settings(settings)
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._executor: ThreadPoolExecutor | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -237,6 +256,41 @@ class ReplyEngine:
             return False
         return await self.limiter.admits(user)
 
+    async def retry(
+        self,
+        conversation: str,
+        exchange_id: str,
+        *,
+        user: str | None = None,
+        platform: str = "api",
+        ticket: Ticket | None = None,
+    ) -> Reply:
+        """"Try again": a new, sampled answer to the message of `exchange_id`, which must
+        be the conversation's latest exchange; it replaces that exchange's answer in
+        memory, in its place, under a new id (the Reply's `exchange`), and the caller
+        shows it in place of the old one. Raises `NotLatest` for an older answer,
+        `AnswerGone` for one no longer remembered, `NoOtherAnswer` when no safe,
+        different answer came, and the `ReplyError`s of a message (rate limit, busy,
+        timeout...): each with a `user_message` to show, the old answer kept.
+        `user` and `ticket` as for `reply()`."""
+        own_ticket = ticket is None
+        if ticket is None:
+            ticket = self.take_ticket(conversation)
+        elif ticket.conversation != conversation:
+            raise ValueError(f"a ticket of {ticket.conversation} cannot answer in {conversation}")
+        try:
+            who = user or conversation
+            stored = await self._admitted(ticket, lambda: self._retry_in_order(ticket, exchange_id, who))
+        except ReplyError as error:
+            self.metrics.retries.labels(platform, error.outcome).inc()
+            raise
+        finally:
+            if own_ticket:
+                ticket.release()
+        self.metrics.retries.labels(platform, "ok").inc()
+        log.info("An answer in conversation %s was redone (%s)", conversation, platform)
+        return Reply(shown_text(stored.bot), ExchangeRef(conversation, stored.id), stored.at)
+
     async def rate(self, exchange: ExchangeRef, rating: str, *, user: str, platform: str) -> bool:
         """Record `user`'s rating (GOOD or BAD) of a reply, replacing that user's
         earlier rating of it; True if stored, False if that exchange is no longer
@@ -297,6 +351,11 @@ class ReplyEngine:
             raise EmptyMessage()
         if len(text) > self.settings.max_input_chars:
             raise MessageTooLong(len(text), self.settings.max_input_chars)
+        return await self._admitted(ticket, lambda: self._reply_in_order(ticket, text, user, exchange_id))
+
+    async def _admitted(self, ticket: Ticket, work: Callable[[], Awaitable[_T]]) -> _T:
+        """`work()` (a message's or a retry's turn), if the engine takes it now: refused
+        while closing, when the queue is full, or when the wait would be too long."""
         if self._closing:
             raise EngineClosed()
         if self._pending.count >= self.settings.queue_size:
@@ -305,7 +364,7 @@ class ReplyEngine:
         self.metrics.queue_depth.inc()
         try:
             with self._pending:
-                return await self._reply_in_order(ticket, text, user, exchange_id)
+                return await work()
         finally:
             self.metrics.queue_depth.dec()
 
@@ -366,6 +425,68 @@ class ReplyEngine:
             await lock.release()
         self._measure_turn(time.monotonic() - held)
         return clean_text(generated.text) or NO_ANSWER, stored
+
+    async def _retry_in_order(self, ticket: Ticket, exchange_id: str, user: str) -> Exchange:
+        """The exchange `exchange_id` with a new answer, stored in its place."""
+        conversation = ticket.conversation
+        deadline = asyncio.get_running_loop().time() + self.settings.reply_timeout
+        lock = self._conversation_lock(conversation)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await ticket.turn()
+                await self.limiter.acquire(user)
+                await lock.acquire()
+        except TimeoutError:
+            raise ReplyTimeout() from None
+        held = time.monotonic()
+        try:
+            try:
+                history = await self.store.history(conversation)
+            except Exception as error:
+                # Without the history there is no telling which answer is the latest.
+                _log_store_error("Could not read the history of conversation %s", conversation, error)
+                self.metrics.errors.labels("memory_read").inc()
+                raise MemoryUnavailable() from None
+            place = next((index for index, exchange in enumerate(history) if exchange.id == exchange_id), None)
+            if place is None:
+                raise AnswerGone()
+            if place != len(history) - 1:
+                raise NotLatest()
+            latest = history[place]
+            try:
+                async with asyncio.timeout_at(deadline):
+                    generated = await self._sample_another(
+                        _turns(history[:place], latest.user), self.settings.persona, conversation, latest.bot
+                    )
+            except TimeoutError:
+                raise ReplyTimeout() from None
+            try:
+                stored = await self.store.replace_exchange(
+                    conversation, exchange_id, generated.text, new_id=new_exchange_id()
+                )
+            except Exception as error:
+                _log_store_error("Could not store a redone answer in conversation %s", conversation, error)
+                self.metrics.errors.labels("memory_write").inc()
+                raise MemoryUnavailable() from None
+            if stored is None:
+                raise AnswerGone()  # forgotten meanwhile by another replica without shared locks
+        finally:
+            await lock.release()
+        self._measure_turn(time.monotonic() - held)
+        return stored
+
+    async def _sample_another(
+        self, turns: list[str], persona: tuple[str, ...], conversation: str, old: str
+    ) -> Generated:
+        """A sampled answer that passes the safety filter and is not the old answer again."""
+        for _ in range(RETRY_SAMPLES):
+            generated = await self._generate(turns, persona, sample=True)
+            text = clean_text(generated.text)
+            if await self._unsafe(text, "output", conversation):
+                continue
+            if (text or NO_ANSWER) != (clean_text(old) or NO_ANSWER):
+                return generated
+        raise NoOtherAnswer()
 
     def _measure_turn(self, seconds: float) -> None:
         if self._turn_seconds == 0.0:

@@ -102,5 +102,33 @@ class UserBlocked(ReplyError):
     notify = False
 
 
+class CannotRetry(ReplyError):
+    """"Try again" cannot redo that answer; `user_message` says why. The answer
+    shown stays as it is."""
+
+    outcome = "cannot_retry"
+
+
+class NotLatest(CannotRetry):
+    user_message = "I can only redo my latest answer in this conversation."
+    outcome = "not_latest"
+
+
+class AnswerGone(CannotRetry):
+    user_message = "I no longer remember that answer (it was redone or forgotten), so I can't redo it."
+    outcome = "answer_gone"
+
+
+class NoOtherAnswer(CannotRetry):
+    user_message = "I couldn't come up with a different answer this time. Please try again."
+    outcome = "no_other_answer"
+
+
+class MemoryUnavailable(CannotRetry):
+    user_message = "I can't redo answers right now: my memory is unavailable. Please try again later."
+    outcome = "memory_unavailable"
+    retry_after: float = 30
+
+
 class PersonaRefused(ValueError):
     """A persona that cannot be used; `str(error)` says why and what to change."""

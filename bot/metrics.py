@@ -45,6 +45,10 @@ class Metrics:
             "blenderchat_feedback", "Ratings of replies by platform and rating (good, bad)", ["platform", "rating"],
             registry=self.registry,
         )
+        self.retries = Counter(
+            "blenderchat_retries", "\"Try again\" requests by platform and outcome", ["platform", "outcome"],
+            registry=self.registry,
+        )
         self.inbox_depth = Gauge(
             "blenderchat_inbox_depth", "Accepted messages not yet answered and delivered", registry=self.registry
         )

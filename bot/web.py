@@ -33,10 +33,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from bot.config import Settings, parse_duration
 from bot.engine import NO_ANSWER, ReplyEngine
 from bot.errors import (
+    AnswerGone,
     ConversationBusy,
     EmptyMessage,
     EngineBusy,
+    MemoryUnavailable,
     MessageTooLong,
+    NoOtherAnswer,
+    NotLatest,
     RateLimited,
     ReplyError,
     ReplyTimeout,
@@ -96,7 +100,11 @@ class WebState:
         self.chats = InFlight()  # of those, /api/chat requests: at most `chat_budget`
         self.chat_budget = max(1, settings.queue_size * settings.web_queue_percent // 100)
         per_minute = settings.web_rate_limit_per_minute
-        self.caller_limiter = caller_limiter or TokenBucketLimiter(burst=max(1, per_minute), per_minute=per_minute)
+        # Not `caller_limiter or ...`: a TokenBucketLimiter with no buckets yet is falsy (len() 0).
+        self.caller_limiter = (
+            caller_limiter if caller_limiter is not None
+            else TokenBucketLimiter(burst=max(1, per_minute), per_minute=per_minute)
+        )
 
     def stop_accepting(self) -> None:
         self.closing = True
@@ -158,6 +166,7 @@ def build_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/api/chat", api_chat)
+    app.router.add_post("/api/again", api_again)
     app.router.add_get("/api/history", api_history)
     app.router.add_post("/api/reset", api_reset)
     app.router.add_post("/api/feedback", api_rate)
@@ -375,6 +384,10 @@ _STATUS = {
     UserBlocked: 403,
     ReplyTimeout: 504,
     EngineBusy: 503,  # EngineClosed too
+    NotLatest: 409,
+    NoOtherAnswer: 409,
+    AnswerGone: 404,
+    MemoryUnavailable: 503,
 }
 
 
@@ -401,14 +414,9 @@ async def api_chat(request: web.Request) -> web.Response:
     user = _user(data.get("user"))
     # The request's place in its conversation's line, before anything awaits.
     with state.engine.take_ticket(f"web:{conversation_id}") as ticket, state.chats:
-        try:
-            if state.chats.count > state.chat_budget:
-                raise EngineBusy()  # the rest of the queue is kept for Discord and Slack
-            # Per caller as well as per user: a client sending a new `user` each time gains nothing.
-            await state.caller_limiter.acquire(_caller(request))
-        except ReplyError as error:
-            state.engine.metrics.replies.labels("web", error.outcome).inc()  # as the engine counts its own
-            return _reply_error(error)
+        refused = await _refused(request, state.engine.metrics.replies)
+        if refused is not None:
+            return refused
         # The user is the `user` field, else the conversation: `web:<id>`, as BLOCKED_USERS names them.
         entry = Entry(f"web:{uuid.uuid4().hex}", "web", ticket.conversation, f"web:{user or conversation_id}", text)
         # Recorded, so that if this process dies the exchange is still stored (the caller is gone).
@@ -426,6 +434,47 @@ async def api_chat(request: web.Request) -> web.Response:
     # stored. Both null when nothing was stored (a deflection, or the memory was down).
     exchange_id = reply.exchange.id if reply.exchange else None
     return web.json_response({"reply": reply.text, "exchange_id": exchange_id, "at": reply.at})
+
+
+async def _refused(request: web.Request, counter: Any) -> web.Response | None:
+    """The answer to a chat or try-again request the web API does not take now (its share of
+    the queue is used, or the caller is over its rate), counted in `counter` as the engine
+    counts its own refusals; None if it is taken. Called holding a place in `state.chats`."""
+    state = request.app[STATE]
+    try:
+        if state.chats.count > state.chat_budget:
+            raise EngineBusy()  # the rest of the queue is kept for Discord and Slack
+        # Per caller as well as per user: a client sending a new `user` each time gains nothing.
+        await state.caller_limiter.acquire(_caller(request))
+    except ReplyError as error:
+        counter.labels("web", error.outcome).inc()
+        return _reply_error(error)
+    return None
+
+
+@_bad_request
+async def api_again(request: web.Request) -> web.Response:
+    """Try again: `{"conversation": "abc", "exchange_id": <the latest reply's id>}`. A new answer
+    to the same message replaces that reply (in `GET /api/history` too) under a new
+    `exchange_id`; an older reply gets 409 `not_latest`. Limited like a message."""
+    state = request.app[STATE]
+    data = await _json_object(request)
+    conversation_id = _conversation_id(data.get("conversation"))
+    exchange_id = data.get("exchange_id")
+    if not isinstance(exchange_id, str) or not ID_PATTERN.fullmatch(exchange_id):
+        raise BadRequest("exchange_id must be the id /api/chat or /api/history gave for that reply.")
+    user = _user(data.get("user"))
+    with state.engine.take_ticket(f"web:{conversation_id}") as ticket, state.chats:
+        refused = await _refused(request, state.engine.metrics.retries)
+        if refused is not None:
+            return refused
+        try:
+            reply = await state.engine.retry(ticket.conversation, exchange_id, user=f"web:{user or conversation_id}",
+                                             platform="web", ticket=ticket)  # fmt: skip
+        except ReplyError as error:
+            return _reply_error(error)
+    assert reply.exchange is not None  # a retry always stores its answer
+    return web.json_response({"reply": reply.text, "exchange_id": reply.exchange.id, "at": reply.at})
 
 
 def _caller(request: web.Request) -> str:

@@ -14,6 +14,7 @@ reject the token (401), refuse intents
 dispatches reactions and interactions (slash commands, the message context
 menu) from a server install or from a user's install in places the bot is no
 member of, and answers their callbacks and followups.
+The bot's edits of its messages (PATCH) are kept, and sent on as MESSAGE_UPDATE.
 """
 
 from __future__ import annotations
@@ -356,6 +357,12 @@ class FakeDiscord:
             and (channel_id is None or call.path == f"/channels/{channel_id}/messages")
         ]
 
+    def edits(self, message_id: int | None = None) -> list[Call]:
+        """The bot's successful edits of messages (of one message, if given), in order."""
+        return [call for call in self.calls if call.method == "PATCH" and call.status == 200
+                and call.path.startswith("/channels/") and "/messages/" in call.path
+                and (message_id is None or call.path.endswith(f"/messages/{message_id}"))]
+
     def touching(self, channel_id: int) -> list[Call]:
         """Every call about a channel: typing and messages."""
         return [call for call in self.calls if call.path.startswith(f"/channels/{channel_id}/")]
@@ -440,6 +447,8 @@ class FakeDiscord:
             return 200, self._list_messages(parts[1], call.query)
         if method == "POST" and parts[0] == "channels" and parts[-1] == "messages":
             return self._create_message(int(parts[1]), body, call)
+        if method == "PATCH" and parts[0] == "channels" and parts[2] == "messages" and len(parts) == 4:
+            return self._edit_message(int(parts[1]), int(parts[3]), body)
         if method == "POST" and parts[0] == "interactions" and parts[-1] == "callback":
             kind = body["type"]
             interaction = {
@@ -494,6 +503,21 @@ class FakeDiscord:
                 ids = [id for id in ids if id < int(query["before"])]
             ids = ids[-limit:]
         return [self.messages[id] for id in reversed(ids)]
+
+    def _edit_message(self, channel_id: int, message_id: int, body: dict[str, Any]) -> tuple[int, Any]:
+        """PATCH /channels/{id}/messages/{id} (Discord's "Edit Message"): only the author edits the
+        content; the message comes back edited, and MESSAGE_UPDATE goes out on the gateway."""
+        message = self.messages.get(message_id)
+        if message is None or message["channel_id"] != str(channel_id):
+            return 404, {"message": "Unknown Message", "code": 10008}
+        if message["author"]["id"] != str(BOT_ID):
+            return 403, {"message": "Cannot edit a message authored by another user", "code": 50005}
+        edited = {**message, "edited_timestamp": _now()}
+        if "content" in body:
+            edited["content"] = body["content"] or ""
+        self.messages[message_id] = edited
+        asyncio.get_running_loop().create_task(self.dispatch("MESSAGE_UPDATE", edited))
+        return 200, edited
 
     async def _withhold(self, call: Call) -> None:
         """Keep the answer to `call` back until release_held() or stop()."""

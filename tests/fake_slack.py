@@ -11,6 +11,7 @@ it answer `missing_scope`. It keeps what users would see: the messages posted
 status, the reactions, the published Home tabs, ephemeral messages. The
 websocket side sends `events_api` and `interactive` envelopes, records the
 client's acks and can ask it to reconnect.
+`chat.update` edits the bot's stored messages.
 
 Every call and answer is checked against Slack's published contracts
 (tests/slack_contract.py, tests/contracts/slack/): a call missing a required
@@ -298,6 +299,8 @@ class FakeSlack:
             self.calls[-1].response_ts = message["ts"]
             shown = {key: value for key, value in message.items() if key != "metadata"}
             return {"ok": True, "channel": params.get("channel"), "ts": message["ts"], "message": shown}
+        if method == "chat.update":
+            return self._update(params)
         if method == "conversations.history":
             return self._history(params)
         if method == "conversations.replies":
@@ -359,6 +362,26 @@ class FakeSlack:
                 message[key] = json.loads(value) if isinstance(value, str) else value
         self.messages.setdefault(str(params.get("channel", "")), []).append(message)
         return message
+
+    def _update(self, params: dict[str, Any]) -> dict[str, Any]:
+        """chat.update (its reference page, and the shape of the Java SDK's chat.update sample): the
+        message at `channel` + `ts` gets the new text and blocks and an `edited` mark; only the
+        bot's own messages can be updated."""
+        channel, ts = str(params.get("channel", "")), str(params.get("ts", ""))
+        message = next((m for m in self.messages.get(channel, []) if m["ts"] == ts), None)
+        if message is None:
+            return {"ok": False, "error": "message_not_found"}
+        if message.get("user") != BOT_USER_ID:
+            return {"ok": False, "error": "cant_update_message"}
+        message["text"] = params.get("text") or ""
+        blocks = params.get("blocks")
+        if blocks:
+            message["blocks"] = json.loads(blocks) if isinstance(blocks, str) else blocks
+        else:
+            message.pop("blocks", None)
+        message["edited"] = {"user": BOT_USER_ID, "ts": new_ts()}
+        shown = {key: value for key, value in message.items() if key != "metadata"}
+        return {"ok": True, "channel": channel, "ts": ts, "text": message["text"], "message": shown}
 
     def _history(self, params: dict[str, Any]) -> dict[str, Any]:
         """conversations.history: the channel's top-level messages (thread parents among them), newest

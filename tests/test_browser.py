@@ -1,15 +1,27 @@
 """The web chat page in a real browser: headless Chromium (Debian's package)
-driven by Playwright, against `python -m bot run`."""
+driven by Playwright, against `python -m bot run`, and (for rating and "Try
+again", whose answers the test must know) against the web app served from the
+test over a model double."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+from test_try_again import Takes
 
+from bot.config import Settings
+from bot.engine import ReplyEngine
+from bot.memory import open_store
+from bot.web import build_app
 from bot_process import BotProcess, http, port_env
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -170,3 +182,112 @@ def test_chat_page_at_phone_width_wraps_welcomes_and_says_when_the_bot_is_down(
         page.close()
     finally:
         bot.close()
+
+
+# -- rating and "Try again" under each answer (issue 21, items 4 and 5) -----------------------
+
+
+@contextmanager
+def web_chat(model: Any, settings: Settings) -> Iterator[str]:
+    """The web app (page and API) over a real engine and `model`, served by aiohttp on a real
+    port from a thread of its own (the browser is driven synchronously); yields its base URL."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def serve() -> None:
+        engine = ReplyEngine(model, open_store(settings.memory_url, max_turns=5), settings)
+        await engine.start()
+        runner = web.AppRunner(build_app(engine, settings))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        box["stop"] = asyncio.Event()
+        box["base"] = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        started.set()
+        try:
+            await box["stop"].wait()
+        finally:
+            await runner.cleanup()
+            await engine.close(timeout=5)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), name="web-chat")
+    thread.start()
+    try:
+        assert started.wait(60), "the web chat did not start"
+        yield box["base"]
+    finally:
+        loop.call_soon_threadsafe(box["stop"].set)
+        thread.join(30)
+        loop.close()
+
+
+def test_chat_page_rates_answers_and_tries_again_on_the_latest(
+    browser: Browser, tiny_model: Any, make_settings: Any, tmp_path: Path
+) -> None:
+    model = Takes(tiny_model)  # its answers say which take they are: nothing depends on the random model's words
+    settings = make_settings(memory_url=f"sqlite:///{tmp_path / 'memory.db'}")
+    with web_chat(model, settings) as base:
+        page = browser.new_page()
+        problems: list[str] = []
+        page.on("console", lambda message: problems.append(message.text)
+                if message.type in ("error", "warning") else None)
+        page.goto(base + "/")
+        assert send(page, "hello") == "take 1: hello"
+        assert send(page, "how are you?") == "take 2: how are you?"
+        conversation = page.evaluate("localStorage.getItem('blenderchat.conversation')")
+        bars = page.locator(".actions")
+        expect(bars).to_have_count(2)
+        # "Try again" only under the latest answer; 👍 / 👎 under each, none chosen yet.
+        expect(page.locator(".actions .again")).to_have_count(1)
+        expect(bars.last.locator(".again")).to_have_text("🔁 Try again")
+        for button in page.locator(".actions .rate").all():
+            expect(button).to_have_attribute("aria-pressed", "false")
+
+        first, latest = bars.first, bars.last
+        first.locator(".rate.bad").click()
+        expect(first.locator(".rate.bad")).to_have_attribute("aria-pressed", "true")
+        first.locator(".rate.good").click()  # changed their mind: the chosen one moves
+        expect(first.locator(".rate.good")).to_have_attribute("aria-pressed", "true")
+        expect(first.locator(".rate.bad")).to_have_attribute("aria-pressed", "false")
+        latest.locator(".rate.bad").click()
+        expect(latest.locator(".rate.bad")).to_have_attribute("aria-pressed", "true")
+        _, _, report = http("GET", base + "/api/feedback")
+        assert report["counts"] == {"web": {"good": 1, "bad": 1}}
+        assert sorted((r["exchange"]["user"], r["rating"]) for r in report["recent"]) == [
+            ("hello", "good"), ("how are you?", "bad")]
+
+        # Try again: the answer is replaced in place, and the bad rating was the old answer's, not this one's.
+        latest.locator(".again").click()
+        bubbles = page.locator(".msg.bot")
+        expect(bubbles.last).to_have_text("sampled take 3: how are you?")
+        expect(latest.locator(".rate.bad")).to_have_attribute("aria-pressed", "false")
+        assert model.samples[-1] is True
+        _, _, stored = http("GET", f"{base}/api/history?conversation={conversation}")
+        assert [(e["user"], e["bot"]) for e in stored["exchanges"]] == [
+            ("hello", "take 1: hello"), ("how are you?", "sampled take 3: how are you?")]
+        assert latest.get_attribute("data-exchange") == stored["exchanges"][1]["id"]
+        latest.locator(".rate.good").click()
+        expect(latest.locator(".rate.good")).to_have_attribute("aria-pressed", "true")
+
+        assert problems == []
+
+        # No different answer this time: the page says so and keeps the answer.
+        model.same = True
+        latest.locator(".again").click()
+        expect(latest.locator(".note")).to_have_text(
+            "I couldn't come up with a different answer this time. Please try again.")
+        expect(bubbles.last).to_have_text("sampled take 3: how are you?")
+        expect(latest.locator(".again")).to_be_enabled()
+
+        # On reload: the stored answers, each with the rating chosen in this browser.
+        page.reload()
+        expect(page.locator(".msg")).to_have_count(4)
+        assert page.locator(".msg").all_inner_texts() == [
+            "hello", "take 1: hello", "how are you?", "sampled take 3: how are you?"]
+        expect(bars.first.locator(".rate.good")).to_have_attribute("aria-pressed", "true")
+        expect(bars.last.locator(".rate.good")).to_have_attribute("aria-pressed", "true")
+        expect(bars.last.locator(".rate.bad")).to_have_attribute("aria-pressed", "false")
+        expect(page.locator(".actions .again")).to_have_count(1)
+        assert [problem for problem in problems if "409 (Conflict)" not in problem] == []  # Chromium logs the 409
+        page.close()

@@ -309,7 +309,7 @@ async def test_every_reply_carries_feedback_buttons_but_errors_do_not(start_bot,
     await bot.send(event_body(dm("this message is much longer than forty characters")))
     posts = await answered(fake, 2)
     blocks = json_blocks(posts[0])
-    assert [b["type"] for b in blocks] == ["section", "context_actions"]
+    assert [b["type"] for b in blocks] == ["section", "context_actions", "actions"]  # the last: Try again
     assert blocks[0]["text"]["text"] == posts[0].params["text"]
     buttons = blocks[1]["elements"][0]
     assert buttons["type"] == "feedback_buttons" and buttons["action_id"] == FEEDBACK_ACTION

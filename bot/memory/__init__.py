@@ -5,7 +5,10 @@ exchange is written in one step, so a crash never leaves half of one, and each
 conversation keeps at most `max_turns` exchanges. Every exchange has an id
 (`append_exchange(..., exchange_id=...)`, else a new one); appending an id the
 conversation already holds does nothing, so a retried or replayed append never
-stores an exchange twice. People's ratings of replies (feedback) name the
+stores an exchange twice. "Try again" replaces an exchange's reply in place
+(`replace_exchange`): the new reply gets a new id, so a rating stays with the
+reply that was rated (ratings of the replaced one are kept, still counted, and
+never move to the new one). People's ratings of replies (feedback) name the
 exchange by that id; they are kept with the conversation they belong to and
 deleted with it (reset, idle sweep, expiry). `open_store(url)` picks the
 backend from `MEMORY_URL`; a new backend is one new module here.
@@ -73,6 +76,16 @@ class ConversationStore(Protocol):
         """Store one whole exchange atomically, dropping the oldest beyond the limit;
         nothing if the conversation already holds `exchange_id`. The stored
         exchange (the one stored before, for a repeated id)."""
+
+    async def replace_exchange(
+        self, conversation: str, exchange_id: str, bot_text: str, *, new_id: str
+    ) -> Exchange | None:
+        """Give the exchange `exchange_id` the reply `bot_text` and the id `new_id`, in its
+        place (same user message, same position, `at` now), atomically; the conversation
+        counts as active again. The new exchange; the one holding `new_id` already if a
+        repeated call finds it done; None if the conversation holds neither (forgotten,
+        trimmed away, or replaced by another). Ratings of the old reply are left as they
+        are, under the old id: never moved to the new reply."""
 
     async def reset(self, conversation: str) -> bool:
         """Forget a conversation and its feedback; True if there was anything to forget."""

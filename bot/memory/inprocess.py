@@ -39,6 +39,18 @@ class InProcessStore:
         exchanges.append(exchange)
         return exchange
 
+    async def replace_exchange(
+        self, conversation: str, exchange_id: str, bot_text: str, *, new_id: str
+    ) -> Exchange | None:
+        exchanges = self._conversations.get(conversation, deque())
+        for index, exchange in enumerate(exchanges):
+            if exchange.id == new_id:
+                return exchange
+            if exchange.id == exchange_id:
+                exchanges[index] = Exchange(exchange.user, bot_text, time.time(), new_id)
+                return exchanges[index]
+        return None
+
     async def reset(self, conversation: str) -> bool:
         self._feedback.pop(conversation, None)
         return self._conversations.pop(conversation, None) is not None

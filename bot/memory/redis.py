@@ -5,6 +5,7 @@ exchange, so a user message is never stored without its reply. The push, the
 trim to `max_turns` and the key's expiry are one Lua script, which first looks
 for the exchange's id in the list: a command resent after a lost answer (the
 client retries on a dropped connection) finds it there and stores nothing twice.
+"Try again" replaces an element in place (LSET, in a script that finds it by id).
 
 Idle conversations are forgotten by Redis itself: every stored exchange sets the
 key to expire `ttl` seconds later, so `sweep` has nothing left to do (it returns
@@ -53,6 +54,36 @@ end
 return ARGV[1]
 """
 
+# Replace an exchange's reply and id in its place in the list (LSET), and keep the
+# conversation (and its ratings) alive as a new exchange would.
+# KEYS: the conversation's list, its feedback hash. ARGV: the old id, the new id, the
+# new reply, the time (JSON number), the expiry in ms (0: none). Returns the element
+# now holding the new id (also when a repeated call finds it done), else nil.
+REPLACE = """
+local elements = redis.call('LRANGE', KEYS[1], 0, -1)
+for i = #elements, 1, -1 do
+  local ok, stored = pcall(cjson.decode, elements[i])
+  if ok and type(stored) == 'table' then
+    if stored['id'] == ARGV[2] then
+      return elements[i]
+    end
+    if stored['id'] == ARGV[1] then
+      stored['id'] = ARGV[2]
+      stored['bot'] = ARGV[3]
+      stored['at'] = tonumber(ARGV[4])
+      local element = cjson.encode(stored)
+      redis.call('LSET', KEYS[1], i - 1, element)
+      if tonumber(ARGV[5]) > 0 then
+        redis.call('PEXPIRE', KEYS[1], ARGV[5])
+        redis.call('PEXPIRE', KEYS[2], ARGV[5])
+      end
+      return element
+    end
+  end
+end
+return false
+"""
+
 # Store a rating only while the conversation still holds the rated exchange, and
 # make the rating expire exactly when the conversation does.
 # KEYS: the conversation's list, its feedback hash; ARGV: the exchange's id, field, value.
@@ -88,11 +119,13 @@ class RedisStore:
         self._client: Redis | None = None
         self._append_once: AsyncScript | None = None
         self._add_feedback: AsyncScript | None = None
+        self._replace: AsyncScript | None = None
 
     async def open(self) -> None:
         self._client = connect(self._url)
         self._append_once = self._client.register_script(APPEND_ONCE)
         self._add_feedback = self._client.register_script(ADD_FEEDBACK)
+        self._replace = self._client.register_script(REPLACE)
         try:
             await self._client.ping()
         except RedisError as error:
@@ -155,6 +188,21 @@ class RedisStore:
         except RedisError as error:
             raise StoreUnavailable(f"could not write to Redis: {error}") from error
         return _exchange(stored)
+
+    async def replace_exchange(
+        self, conversation: str, exchange_id: str, bot_text: str, *, new_id: str
+    ) -> Exchange | None:
+        client = self._redis
+        assert self._replace is not None  # registered by open()
+        try:
+            stored = await self._replace(
+                keys=[self._key(conversation), self._feedback_key(conversation)],
+                args=[exchange_id, new_id, bot_text, repr(time.time()), self._ttl_ms],
+                client=client,
+            )
+        except RedisError as error:
+            raise StoreUnavailable(f"could not write to Redis: {error}") from error
+        return None if stored is None else _exchange(stored)
 
     async def reset(self, conversation: str) -> bool:
         try:

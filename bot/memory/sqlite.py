@@ -2,11 +2,12 @@
 
 One row per exchange, so a user message is never stored without its reply;
 the insert, the conversation's timestamp and the trimming to `max_turns` are
-one transaction. Ratings of replies sit in `feedback`, keyed by the exchange's
-id, deleted in the same transaction as their conversation. A transaction that
-fails anywhere, BEGIN and COMMIT included, or is cancelled, is rolled back, so
-one failed write (a full disk) never leaves the connection inside a
-transaction that every later write would trip over.
+one transaction; "try again" rewrites an exchange's row in place. Ratings of
+replies sit in `feedback`, keyed by the exchange's id, deleted in the same
+transaction as their conversation. A transaction that fails anywhere, BEGIN
+and COMMIT included, or is cancelled, is rolled back, so one failed write (a
+full disk) never leaves the connection inside a transaction that every later
+write would trip over.
 """
 
 from __future__ import annotations
@@ -134,6 +135,27 @@ class SQLiteStore:
                 (conversation, conversation, self._max_turns),
             )
         return Exchange(user_text, bot_text, now, exchange_id)
+
+    async def replace_exchange(
+        self, conversation: str, exchange_id: str, bot_text: str, *, new_id: str
+    ) -> Exchange | None:
+        now = time.time()
+        select = "SELECT id, user_text FROM exchanges WHERE conversation = ? AND exchange_id = ?"
+        async with self._transaction() as db:
+            rows = list(await db.execute_fetchall(select, (conversation, exchange_id)))
+            if not rows:  # replaced already (a repeated call), or gone
+                done = list(await db.execute_fetchall(
+                    "SELECT user_text, bot_text, created_at, exchange_id FROM exchanges "
+                    "WHERE conversation = ? AND exchange_id = ?", (conversation, new_id)))
+                return Exchange(*done[0]) if done else None
+            row_id, user_text = rows[0]
+            # The row keeps its number, so its place in the conversation; ratings keep the old id.
+            await db.execute(
+                "UPDATE exchanges SET bot_text = ?, exchange_id = ?, created_at = ? WHERE id = ?",
+                (bot_text, new_id, now, row_id),
+            )
+            await db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation))
+        return Exchange(user_text, bot_text, now, new_id)
 
     async def reset(self, conversation: str) -> bool:
         async with self._transaction() as db:

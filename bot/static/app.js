@@ -1,5 +1,6 @@
-// The web chat: talks to /api/chat, /api/history and /api/reset. The conversation id
-// (and the API token, when the server needs one) are kept in this browser's localStorage.
+// The web chat: talks to /api/chat, /api/history, /api/reset, /api/feedback (👍/👎 under each
+// answer) and /api/again ("Try again" on the latest answer). The conversation id, the API token
+// (when the server needs one) and this browser's ratings are kept in its localStorage.
 "use strict";
 
 const log = document.getElementById("log");
@@ -29,6 +30,90 @@ function show(kind, text) {
   return div;
 }
 
+// This browser's rating of each answer, by exchange id, so the chosen one stays shown on reload.
+function ratings() {
+  try { return JSON.parse(localStorage.getItem("blenderchat.ratings")) || {}; } catch (e) { return {}; }
+}
+
+function remember(exchangeId, rating) {
+  const all = ratings();
+  all[exchangeId] = rating;
+  const ids = Object.keys(all);
+  if (ids.length > 500) delete all[ids[0]];  // bounded: the oldest go first
+  localStorage.setItem("blenderchat.ratings", JSON.stringify(all));
+}
+
+// The buttons under an answer that is a stored exchange: 👍 / 👎, and "Try again" on the latest
+// answer only (the bot can redo only that one). `bar.dataset.exchange` is the answer shown now.
+function addActions(bubble, exchangeId) {
+  for (const old of log.querySelectorAll(".actions .again")) old.remove();
+  const bar = document.createElement("div");
+  bar.className = "actions";
+  bar.dataset.exchange = exchangeId;
+  for (const [rating, label, title] of [["good", "👍", "Good reply"], ["bad", "👎", "Bad reply"]]) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "rate " + rating;
+    button.textContent = label;
+    button.title = title;
+    button.setAttribute("aria-label", title);
+    button.addEventListener("click", () => rate(bar, rating));
+    bar.appendChild(button);
+  }
+  const again = document.createElement("button");
+  again.type = "button";
+  again.className = "again";
+  again.textContent = "🔁 Try again";
+  again.title = "Another answer to the same message";
+  again.addEventListener("click", () => tryAgain(bubble, bar));
+  bar.appendChild(again);
+  const note = document.createElement("span");
+  note.className = "note";
+  bar.appendChild(note);
+  bubble.after(bar);
+  showRating(bar);
+}
+
+function showRating(bar) {
+  const chosen = ratings()[bar.dataset.exchange];
+  for (const button of bar.querySelectorAll(".rate")) {
+    button.setAttribute("aria-pressed", String(button.classList.contains(chosen)));
+  }
+}
+
+async function rate(bar, rating) {
+  const note = bar.querySelector(".note");
+  note.textContent = "";
+  try {
+    await api("POST", "/api/feedback", {conversation: conversationId(), exchange_id: bar.dataset.exchange, rating});
+    remember(bar.dataset.exchange, rating);
+    showRating(bar);
+  } catch (error) {
+    note.textContent = error.message;
+  }
+}
+
+async function tryAgain(bubble, bar) {
+  const note = bar.querySelector(".note");
+  const before = bubble.textContent;
+  note.textContent = "";
+  for (const button of bar.querySelectorAll("button")) button.disabled = true;
+  bubble.className = "msg bot thinking";
+  bubble.textContent = "thinking…";
+  try {
+    const data = await api("POST", "/api/again", {conversation: conversationId(), exchange_id: bar.dataset.exchange});
+    bubble.textContent = data.reply;
+    bar.dataset.exchange = data.exchange_id;  // a new answer: the rating of the old one is not its rating
+    showRating(bar);
+  } catch (error) {
+    bubble.textContent = before;  // the old answer stays
+    note.textContent = error.message;
+  } finally {
+    bubble.className = "msg bot";
+    for (const button of bar.querySelectorAll("button")) button.disabled = false;
+  }
+}
+
 // Every request of the page goes through here: JSON in and out, the token when one was given.
 async function api(method, path, body) {
   const headers = {"Content-Type": "application/json"};
@@ -56,7 +141,7 @@ async function loadHistory() {
     const data = await api("GET", "/api/history?conversation=" + encodeURIComponent(conversationId()));
     for (const exchange of data.exchanges) {
       show("user", exchange.user);
-      show("bot", exchange.bot);
+      addActions(show("bot", exchange.bot), exchange.id);
     }
   } catch (error) {
     show("error", error.message);
@@ -75,6 +160,7 @@ chatForm.addEventListener("submit", async (event) => {
     const data = await api("POST", "/api/chat", {conversation: conversationId(), text});
     thinking.className = "msg bot";
     thinking.textContent = data.reply;
+    if (data.exchange_id) addActions(thinking, data.exchange_id);  // none for a deflection: nothing stored
   } catch (error) {
     thinking.className = "msg error";
     thinking.textContent = error.message;
