@@ -296,8 +296,9 @@ class LongAnswers:
     def __init__(self, model) -> None:
         self.model = model
 
-    def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False) -> list[Generated]:
-        results = self.model.generate(conversations, sample=sample)
+    def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False,
+                 personas: Sequence[Sequence[str]] | None = None) -> list[Generated]:
+        results = self.model.generate(conversations, sample=sample, personas=personas)
         return [Generated(_pad(result.text), result.new_tokens) for result in results]
 
 

@@ -49,8 +49,9 @@ class RewrittenModel(GatedModel):
         super().__init__(model)
         self.rewrite = rewrite
 
-    def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False) -> list[Generated]:
-        results = super().generate(conversations, sample=sample)
+    def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False,
+                 personas: Sequence[Sequence[str]] | None = None) -> list[Generated]:
+        results = super().generate(conversations, sample=sample, personas=personas)
         return [Generated(self.rewrite(r.text, sample), r.new_tokens) for r in results]
 
 

@@ -56,11 +56,12 @@ class ModelSpy:
         self.model, self.delay, self.reply, self.echo = model, delay, reply, echo
         self.inputs: list[list[str]] = []
 
-    def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False) -> list[Any]:
+    def generate(self, conversations: Sequence[Sequence[str]], *, sample: bool = False,
+                 personas: Sequence[Sequence[str]] | None = None) -> list[Any]:
         self.inputs += [list(turns) for turns in conversations]
         if self.delay:
             time.sleep(self.delay)
-        results = self.model.generate(conversations, sample=sample)
+        results = self.model.generate(conversations, sample=sample, personas=personas)
         if self.reply is not None:
             results = [replace(result, text=self.reply) for result in results]
         if self.echo:  # to tell answers apart
