@@ -45,6 +45,8 @@ class IncomingMessage:
     conversation: str  # e.g. "discord:<channel>", "slack:<team>:<channel>:<thread>"
     user: str  # platform user id, for rate limits and logs
     text: str  # mentions already resolved or stripped
+    channel: str | None = None  # whose settings apply (persona): "discord:<channel>", "slack:<team>:<channel>"
+    listened: bool = False  # not addressed to the bot: answered because the channel listens
 
 
 class AdapterStartError(RuntimeError):
@@ -177,7 +179,7 @@ async def respond(
     try:
         return await engine.respond(
             message.conversation, message.text, user=message.user, platform=message.platform, ticket=ticket,
-            exchange_id=exchange_id,
+            exchange_id=exchange_id, channel=message.channel, listened=message.listened,
         )
     except ReplyError as error:
         if getattr(error, "notify", True) is False:
@@ -188,10 +190,13 @@ async def respond(
         return Reply(APOLOGY)
 
 
-async def forget(engine: ReplyEngine, conversation: str, confirmation: str, ticket: Ticket | None = None) -> str:
-    """Forget a conversation (`reset`/`forget`/`/reset`), in line; the text to send back."""
+async def forget(
+    engine: ReplyEngine, conversation: str, confirmation: str, ticket: Ticket | None = None, *, dm: bool = False
+) -> str:
+    """Forget a conversation (`reset`/`forget`/`/reset`), in line; the text to send back.
+    `dm`: a person's own DM with the bot, whose channel settings (its persona) go too."""
     try:
-        await engine.reset(conversation, ticket=ticket)
+        await engine.reset(conversation, ticket=ticket, with_settings=dm)
     except Exception:
         log.exception("Could not reset conversation %s", conversation)
         return APOLOGY

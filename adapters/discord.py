@@ -6,7 +6,15 @@ BlenderBot" a message context menu, all usable wherever the app is installed (a
 server, or a user's account). 👍 / 👎 reactions on its replies are ratings
 (adapters/discord_feedback.py). Needs only Discord's default (non-privileged)
 intents: mentions, replies and DMs carry their content, and so do the bot's own
-messages. Each message takes its place in its channel's line as it arrives
+messages.
+
+`/blenderbot persona|listen|show|reset` change a channel's settings (bot/settings_commands.py):
+registered for people with Manage Channels, checked again here against the member's
+permissions the interaction carries. A channel's settings are its own (a thread's are
+its parent channel's: `discord:<channel>`; a DM's are the DM's). In a channel set to
+listen, the bot answers every message, not only those addressed to it, which needs the
+privileged Message Content intent (DISCORD_MESSAGE_CONTENT=on): without it Discord
+blanks those messages, so listening cannot be turned on. Each message takes its place in its channel's line as it arrives
 (before the typing indicator, which runs alongside the reply), so a channel's
 messages are answered and sent in the order they were written.
 """
@@ -17,7 +25,7 @@ import asyncio
 import contextvars
 import logging
 import re
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import discord
@@ -36,6 +44,7 @@ from adapters.base import (
     split_message,
 )
 from adapters.discord_feedback import RepliesSent, exchange_sent_as, rating_for
+from bot import settings_commands
 from bot.config import Settings
 from bot.engine import ReplyEngine
 from bot.errors import EngineClosed
@@ -58,6 +67,8 @@ HELP_TEXT = (
     "- Each channel and each thread is its own conversation, and I remember it.\n"
     "- `/reset` (or mention me with just `reset`) makes me forget this channel's conversation.\n"
     "- React with 👍 or 👎 on my replies to tell the people running me what works.\n"
+    "- People who can manage a channel give me a character there, or let me answer every message in it: "
+    "`/blenderbot persona`, `/blenderbot listen on|off`, `/blenderbot show`, `/blenderbot reset`.\n"
     "I can be wrong or odd: don't take my word for facts."
 )
 ASK_COMMAND = "Ask BlenderBot"
@@ -68,6 +79,14 @@ PRIVILEGED_INTENT_HELP = (
     "or unset DISCORD_MESSAGE_CONTENT"
 )
 START_TIMEOUT = 60.0  # seconds from start() to READY before giving up
+SETTINGS_COMMAND = "blenderbot"
+NOT_A_MODERATOR = "Only people who can manage this channel (Manage Channels) can change my settings here."
+LISTEN_NEEDS_INTENT = (
+    "I can't listen in channels yet: Discord only shows me messages that mention me. The people running me must "
+    "enable the Message Content intent at https://discord.com/developers/applications -> the app -> Bot -> "
+    "Privileged Gateway Intents, and set DISCORD_MESSAGE_CONTENT=on."
+)
+LISTEN_IN_A_DM = "In a DM I answer every message already."
 
 # Plain messages and replies; the other types are system notices (joins, pins, thread starts...).
 _ANSWERED_TYPES = frozenset({discord.MessageType.default, discord.MessageType.reply})
@@ -247,7 +266,41 @@ class DiscordAdapter:
             await self._command(interaction, self._ask_command(interaction, message, ticket), ticket)
 
         tree.add_command(app_commands.ContextMenu(name=ASK_COMMAND, callback=ask))
+        tree.add_command(self._settings_group())
         return tree
+
+    def _settings_group(self) -> app_commands.Group:
+        """`/blenderbot ...`: only where the bot is (a server that installed it, its own DM), and
+        shown by Discord only to people with Manage Channels (checked again on each use)."""
+        group = app_commands.Group(
+            name=SETTINGS_COMMAND,
+            description="My settings in this channel (for people who manage it)",
+            default_permissions=discord.Permissions(manage_channels=True),
+            allowed_contexts=app_commands.AppCommandContext(guild=True, dm_channel=True, private_channel=False),
+            allowed_installs=app_commands.AppInstallationType(guild=True, user=False),
+        )
+        engine = self.engine
+
+        async def persona(interaction: discord.Interaction, text: str) -> None:
+            await self._settings_command(interaction, lambda channel: settings_commands.set_persona(engine, channel, text))
+
+        async def listen(interaction: discord.Interaction, mode: Literal["on", "off"]) -> None:
+            await self._settings_command(interaction, lambda channel: self._set_listening(interaction, channel, mode))
+
+        async def show(interaction: discord.Interaction) -> None:
+            await self._settings_command(interaction, lambda channel: settings_commands.show(engine, channel))
+
+        async def reset(interaction: discord.Interaction) -> None:
+            await self._settings_command(interaction, lambda channel: settings_commands.reset(engine, channel))
+
+        for name, description, callback in (
+            ("persona", "Give me a character in this channel: facts about me, separated by |", persona),
+            ("listen", "Answer every message in this channel (on), or only those for me (off)", listen),
+            ("show", "Show my settings in this channel", show),
+            ("reset", "Put my settings in this channel back to the defaults", reset),
+        ):
+            group.add_command(app_commands.Command(name=name, description=description, callback=callback))
+        return group
 
     async def _sync_commands(self) -> None:
         try:
@@ -261,8 +314,9 @@ class DiscordAdapter:
     def _on_message(self, message: discord.Message) -> None:
         if not self._replies.accepting:
             return
-        text = self._text_to_answer(message)
-        if text is not None:
+        answerable = self._text_to_answer(message)
+        if answerable is not None:
+            text, listened = answerable
             conversation = f"discord:{message.channel.id}"
             # Its place in the channel's line, now: gateway events arrive in order, and nothing has awaited yet.
             ticket = self.engine.take_ticket(conversation)
@@ -271,11 +325,14 @@ class DiscordAdapter:
                 key=f"discord:{message.id}", platform="discord", conversation=conversation,
                 user=str(message.author.id), text=text,
                 route={"channel": message.channel.id, "message": message.id, "dm": in_dm,
-                       "unreadable": _unreadable(message, in_dm, self.settings)},
+                       "unreadable": _unreadable(message, in_dm, self.settings),
+                       "settings": _settings_key(message.channel), "listened": listened},
             )  # fmt: skip
             self._replies.spawn(self._take(message, entry, ticket), name=f"discord-reply-{message.id}", ticket=ticket)
 
     async def _take(self, message: discord.Message | discord.PartialMessage, entry: Entry, ticket: Ticket) -> None:
+        if entry.route.get("listened") and not await self.engine.listening(entry.route["settings"]):
+            return  # a message not for the bot, in a channel that does not listen
         claim = await self.inbox.accept(entry)
         if claim is not None:
             await answer_once(self.inbox, claim, self._respond(message, entry, ticket))
@@ -293,8 +350,9 @@ class DiscordAdapter:
         # In a copy of the client's context, which says where Discord's API is.
         self._context.copy().run(self._replies.spawn, work, name=f"discord-replay-{message_id}", ticket=ticket)
 
-    def _text_to_answer(self, message: discord.Message) -> str | None:
-        """What the model should see, or None when the bot should stay silent."""
+    def _text_to_answer(self, message: discord.Message) -> tuple[str, bool] | None:
+        """What the model should see, and whether it is only overheard (not addressed to the
+        bot: answered if the channel listens); None when the bot should stay silent."""
         me = self._client.user
         author = message.author
         if me is None or author.id == me.id or author.bot or message.webhook_id is not None:
@@ -306,9 +364,16 @@ class DiscordAdapter:
         if isinstance(message.channel, discord.DMChannel):
             if not self.settings.discord_dms:
                 return None
-        elif not self._allowed_here(_guild_id(message), message.channel) or not _addressed_to(message, me.id):
+            return _model_text(message, me.id), False
+        if not self._allowed_here(_guild_id(message), message.channel):
             return None
-        return _model_text(message, me.id)
+        if _addressed_to(message, me.id):
+            return _model_text(message, me.id), False
+        # Without the Message Content intent an overheard message has no text: nothing to listen to.
+        if not self.settings.discord_message_content or _addressed_to_others(message, me.id):
+            return None
+        text = _model_text(message, me.id)
+        return (text, True) if text else None
 
     def _allowed_here(self, guild_id: int | None, channel: Any) -> bool:
         guilds, channels = self.settings.discord_guild_ids, self.settings.discord_channel_ids
@@ -324,10 +389,14 @@ class DiscordAdapter:
         if entry.route.get("unreadable"):
             await self._send(message, [CANNOT_READ], entry)
             return
-        if is_reset(text):
-            await self._send(message, [await forget(self.engine, conversation, RESET_DONE, ticket)], entry)
+        listened = bool(entry.route.get("listened"))
+        if is_reset(text) and not listened:
+            done = await forget(self.engine, conversation, RESET_DONE, ticket, dm=bool(entry.route.get("dm")))
+            await self._send(message, [done], entry)
             return
-        incoming = IncomingMessage("discord", conversation, entry.user, text)
+        # Entries recorded before channel settings existed have no "settings": the channel's own key.
+        channel = entry.route.get("settings") or f"discord:{entry.route['channel']}"
+        incoming = IncomingMessage("discord", conversation, entry.user, text, channel=channel, listened=listened)
         # Alongside the reply, not before it: a slow or rate-limited typing POST must not delay the answer.
         typing = asyncio.create_task(_show_typing(message.channel), name=f"discord-typing-{message.id}")
         try:
@@ -419,7 +488,9 @@ class DiscordAdapter:
         # Resetting waits for a reply in flight in the channel; Discord wants an answer within 3 s.
         private = not _bot_is_member(interaction)
         await interaction.response.defer(thinking=True, ephemeral=private)
-        confirmation = await forget(self.engine, ticket.conversation, RESET_DONE, ticket)
+        # In the bot's own DM the person forgets their data: the DM's settings (its persona) too.
+        in_dm = bool(interaction.context.dm_channel)
+        confirmation = await forget(self.engine, ticket.conversation, RESET_DONE, ticket, dm=in_dm)
         await interaction.followup.send(confirmation, ephemeral=private)
 
     async def _ask_command(self, interaction: discord.Interaction, message: discord.Message, ticket: Ticket) -> None:
@@ -433,7 +504,9 @@ class DiscordAdapter:
         if not text:
             await interaction.followup.send(NOTHING_TO_ASK, ephemeral=private)
             return
-        incoming = IncomingMessage("discord", ticket.conversation, str(interaction.user.id), text)
+        # The channel's persona where the bot is a member; elsewhere nobody there chose one.
+        channel = _interaction_settings_key(interaction) if not private else None
+        incoming = IncomingMessage("discord", ticket.conversation, str(interaction.user.id), text, channel=channel)
         reply = await respond(self.engine, incoming, ticket)
         if reply is None or not reply.text:
             await interaction.delete_original_response()  # a deliberate silence: take "thinking..." away
@@ -443,6 +516,27 @@ class DiscordAdapter:
             sent.append((await interaction.followup.send(chunk, ephemeral=private, wait=True)).id)
         if reply.exchange is not None and not private:
             self._sent.remember(sent, reply.exchange)
+
+    async def _settings_command(self, interaction: discord.Interaction, work: Any) -> None:
+        """Run `work(channel)` (a settings verb, its answer's text) for a moderator, tracked like
+        a reply; answered only to them. Discord shows the commands only to people with Manage
+        Channels, but a server can hand them to anyone: the member's own permissions decide."""
+
+        async def run() -> None:
+            if not _may_change_settings(interaction):
+                await interaction.response.send_message(NOT_A_MODERATOR, ephemeral=True)
+                return
+            await interaction.response.defer(thinking=True, ephemeral=True)  # the safety filter, the store
+            await interaction.followup.send(await work(_interaction_settings_key(interaction)), ephemeral=True)
+
+        await self._command(interaction, run())
+
+    async def _set_listening(self, interaction: discord.Interaction, channel: str, mode: str) -> str:
+        if interaction.guild_id is None:
+            return LISTEN_IN_A_DM
+        if mode == "on" and not self.settings.discord_message_content:
+            return LISTEN_NEEDS_INTENT
+        return await settings_commands.set_listening(self.engine, channel, mode == "on")
 
     def _interaction_allowed(self, interaction: discord.Interaction) -> bool:
         if str(interaction.user.id) in self.settings.blocked_users:
@@ -470,6 +564,25 @@ def _interaction_conversation(interaction: discord.Interaction) -> str:
     return f"discord:{interaction.channel_id}:user:{interaction.user.id}"
 
 
+def _settings_key(channel: Any) -> str:
+    """Whose settings apply in `channel`: its own, or for a thread its parent channel's."""
+    if isinstance(channel, discord.Thread) and channel.parent_id:
+        return f"discord:{channel.parent_id}"
+    return f"discord:{channel.id}"
+
+
+def _interaction_settings_key(interaction: discord.Interaction) -> str:
+    channel = interaction.channel or discord.Object(interaction.channel_id or 0)
+    return _settings_key(channel)
+
+
+def _may_change_settings(interaction: discord.Interaction) -> bool:
+    """A member with Manage Channels in a server the bot is in, or the person in their own DM with the bot."""
+    if interaction.guild_id is None:
+        return bool(interaction.context.dm_channel)
+    return _bot_is_member(interaction) and interaction.permissions.manage_channels
+
+
 def _unreadable(message: discord.Message, in_dm: bool, settings: Settings) -> bool:
     """Discord blanked the message's content: it replied to the bot without mentioning
     it, and the bot has no Message Content intent."""
@@ -491,6 +604,20 @@ def _addressed_to(message: discord.Message, my_id: int) -> bool:
         return False
     replied = reference.resolved or reference.cached_message
     return isinstance(replied, discord.Message) and replied.author.id == my_id
+
+
+def _addressed_to_others(message: discord.Message, my_id: int) -> bool:
+    """Said to someone else: it mentions another person (or a role, or everyone), or replies to
+    a message that is not the bot's (or one Discord did not show: it may be anyone's)."""
+    if message.mention_everyone or message.raw_role_mentions:
+        return True
+    if any(user_id != my_id for user_id in message.raw_mentions) or any(u.id != my_id for u in message.mentions):
+        return True
+    reference = message.reference
+    if reference is None:
+        return False
+    replied = reference.resolved or reference.cached_message
+    return not (isinstance(replied, discord.Message) and replied.author.id == my_id)
 
 
 def _model_text(message: discord.Message, my_id: int) -> str:

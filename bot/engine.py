@@ -20,6 +20,15 @@ conversations idle past `MEMORY_TTL`.
 
 `respond()` also says which stored exchange the answer is (its id), so that
 people can rate it (`rate()`: kept with the conversation, counted in the metrics).
+
+Each channel has settings of its own, kept in the memory's store so every replica
+shares them (`channel_settings`, `set_persona`, `set_listening`, `reset_settings`):
+a message answered with `channel=` gets that channel's persona in place of PERSONA.
+A channel is what the people running it control: a Discord channel (a thread
+counts as its parent channel), a Slack channel, a DM, a web or terminal
+conversation; the adapters name it. A message the bot only overheard in a
+listening channel (`listened=True`) also takes a token of the channel's own rate
+limit, and is left unanswered, silently, when either limit says no.
 """
 
 from __future__ import annotations
@@ -27,8 +36,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from bot.config import Settings
 from bot.errors import (
@@ -39,12 +50,24 @@ from bot.errors import (
     GenerationFailed,
     MessageTooLong,
     PersonaRefused,
+    RateLimited,
     ReplyError,
     ReplyTimeout,
 )
 from bot.inflight import InFlight
 from bot.locks import ConversationLines, ConversationLock, ConversationLocks, Ticket
-from bot.memory import RATINGS, ConversationStore, Exchange, ExchangeRef, Feedback, StoreUnavailable, new_exchange_id
+from bot.memory import (
+    LISTEN,
+    PERSONA,
+    RATINGS,
+    ChannelSettings,
+    ConversationStore,
+    Exchange,
+    ExchangeRef,
+    Feedback,
+    StoreUnavailable,
+    new_exchange_id,
+)
 from bot.metrics import Metrics
 from bot.model import ChatModel, Generated
 from bot.prompt import PersonaTooLong, persona_lines
@@ -53,6 +76,7 @@ from bot.safety import SafetyFilter
 from bot.text import clean_text, neutralize_mentions
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Shown when the model's answer is empty once control characters are removed.
 NO_ANSWER = "Hmm, I'm not sure what to say to that."
@@ -81,6 +105,16 @@ class Reply:
 def shown_text(bot_text: str) -> str:
     """A stored reply as the engine gave it out (control characters gone, mentions defused)."""
     return neutralize_mentions(clean_text(bot_text) or NO_ANSWER)
+
+
+@dataclass(frozen=True)
+class _Asked:
+    """Who asked, and where: what answering a message needs besides its text."""
+
+    user: str  # whose rate limit counts
+    exchange_id: str
+    channel: str | None  # whose settings apply; None: the defaults
+    listened: bool  # overheard in a listening channel, not addressed to the bot
 
 
 @dataclass
@@ -183,18 +217,24 @@ class ReplyEngine:
         platform: str = "api",
         ticket: Ticket | None = None,
         exchange_id: str | None = None,
+        channel: str | None = None,
+        listened: bool = False,
     ) -> str:
         """The bot's answer to `text` in `conversation`; raises `ReplyError` subclasses
         for answers the user should get instead (busy, too long, timeout...).
 
         `user` is who the rate limit counts; without one, the conversation.
+        `channel` is whose settings apply (its persona; without one, PERSONA);
+        `listened` says the message was not addressed to the bot, which answers it
+        because the channel listens (see the module's docstring).
         `ticket` (from `take_ticket`) is the message's place in line; without one
         a place is taken now and released on return. `exchange_id` names the
         stored exchange (default: a new id): if the conversation holds it already
         (a message answered, then replayed after a crash), its stored answer is
         given again, not generated and stored a second time."""
         reply = await self.respond(
-            conversation, text, user=user, platform=platform, ticket=ticket, exchange_id=exchange_id
+            conversation, text, user=user, platform=platform, ticket=ticket, exchange_id=exchange_id,
+            channel=channel, listened=listened,
         )
         return reply.text
 
@@ -207,6 +247,8 @@ class ReplyEngine:
         platform: str = "api",
         ticket: Ticket | None = None,
         exchange_id: str | None = None,
+        channel: str | None = None,
+        listened: bool = False,
     ) -> Reply:
         """`reply()`, with the stored exchange the answer is (for ratings)."""
         started = time.monotonic()
@@ -216,7 +258,8 @@ class ReplyEngine:
         elif ticket.conversation != conversation:
             raise ValueError(f"a ticket of {ticket.conversation} cannot answer in {conversation}")
         try:
-            answer, stored = await self._reply(ticket, text, user or conversation, exchange_id or new_exchange_id())
+            asked = _Asked(user or conversation, exchange_id or new_exchange_id(), channel, listened)
+            answer, stored = await self._reply(ticket, text, asked)
         except ReplyError as error:
             self.metrics.replies.labels(platform, error.outcome).inc()
             raise
@@ -248,15 +291,20 @@ class ReplyEngine:
         log.info("A reply in conversation %s was rated %s (%s)", exchange.conversation, rating, platform)
         return stored
 
-    async def reset(self, conversation: str, *, ticket: Ticket | None = None) -> bool:
-        """Forget a conversation, in line: after the messages that came before, before those after."""
+    async def reset(self, conversation: str, *, ticket: Ticket | None = None, with_settings: bool = False) -> bool:
+        """Forget a conversation, in line: after the messages that came before, before those after.
+        `with_settings`: a person forgetting their own DM (or web, terminal) conversation, whose
+        channel settings are kept under the conversation's own key: those go too."""
         own_ticket = ticket is None
         if ticket is None:
             ticket = self.take_ticket(conversation)
         try:
             await ticket.turn()
             async with self._conversation_lock(conversation):
-                return await self.store.reset(conversation)
+                forgotten = await self.store.reset(conversation)
+                if with_settings:
+                    forgotten = await self.store.reset_channel_settings(conversation) or forgotten
+                return forgotten
         finally:
             if own_ticket:
                 ticket.release()
@@ -279,9 +327,65 @@ class ReplyEngine:
             raise PersonaRefused("That persona did not pass the safety filter; nothing was changed.")
         return persona
 
+    # -- channel settings ------------------------------------------------------
+    # Each raises StoreUnavailable (logged here) when the memory cannot be used.
+
+    async def channel_settings(self, channel: str) -> ChannelSettings:
+        """`channel`'s own settings (defaults for what was never set)."""
+        values = await self._settings_call("read", channel, self.store.channel_settings(channel))
+        return ChannelSettings.from_values(values)
+
+    async def set_persona(self, channel: str, text: str) -> tuple[str, ...]:
+        """Give `channel` the persona written in `text`, once `check_persona` accepts it
+        (else `PersonaRefused`, and nothing is stored); the persona's lines."""
+        persona = await self.check_persona(text)
+        await self._settings_call(
+            "write", channel, self.store.set_channel_setting(channel, PERSONA, "\n".join(persona))
+        )
+        log.info("Channel %s has a persona of its own now (%d lines)", channel, len(persona))
+        return persona
+
+    async def set_listening(self, channel: str, on: bool) -> None:
+        """Whether the bot answers every message in `channel`, or only those addressed to it."""
+        await self._settings_call(
+            "write", channel, self.store.set_channel_setting(channel, LISTEN, "on" if on else "off")
+        )
+        log.info("Channel %s: listening %s", channel, "on" if on else "off")
+
+    async def reset_settings(self, channel: str) -> bool:
+        """`channel` back to the defaults (PERSONA, not listening); True if it had settings."""
+        return await self._settings_call("write", channel, self.store.reset_channel_settings(channel))
+
+    async def listening(self, channel: str) -> bool:
+        """Whether `channel` listens; False when that cannot be read (the bot stays quiet)."""
+        try:
+            return (await self.channel_settings(channel)).listen
+        except StoreUnavailable:
+            return False
+
+    async def _settings_call(self, kind: str, channel: str, call: Awaitable[T]) -> T:
+        """`call` (a store's read or write of `channel`'s settings), its failure logged and counted."""
+        try:
+            return await call
+        except Exception as error:
+            _log_store_error(f"Could not {kind} the settings of channel %s", channel, error)
+            self.metrics.errors.labels(f"memory_{kind}").inc()
+            raise StoreUnavailable(f"the settings of {channel} could not be {kind}") from error
+
+    async def _persona_for(self, channel: str | None) -> tuple[str, ...]:
+        """The persona a message in `channel` is answered with: the channel's own, else PERSONA
+        (also when the settings cannot be read: the answer matters more than the character)."""
+        if channel is None:
+            return self.settings.persona
+        try:
+            own = (await self.channel_settings(channel)).persona
+        except StoreUnavailable:
+            return self.settings.persona
+        return own or self.settings.persona
+
     # -- internals -------------------------------------------------------
 
-    async def _reply(self, ticket: Ticket, text: str, user: str, exchange_id: str) -> tuple[str, Exchange | None]:
+    async def _reply(self, ticket: Ticket, text: str, asked: _Asked) -> tuple[str, Exchange | None]:
         text = clean_text(text)
         if not text:
             raise EmptyMessage()
@@ -295,7 +399,7 @@ class ReplyEngine:
         self.metrics.queue_depth.inc()
         try:
             with self._pending:
-                return await self._reply_in_order(ticket, text, user, exchange_id)
+                return await self._reply_in_order(ticket, text, asked)
         finally:
             self.metrics.queue_depth.dec()
 
@@ -314,9 +418,7 @@ class ReplyEngine:
             raise EngineBusy(TOO_SLOW, retry_after=expected, notify=notify)
         self._lines.accept(ticket)
 
-    async def _reply_in_order(
-        self, ticket: Ticket, text: str, user: str, exchange_id: str
-    ) -> tuple[str, Exchange | None]:
+    async def _reply_in_order(self, ticket: Ticket, text: str, asked: _Asked) -> tuple[str, Exchange | None]:
         """The answer and the exchange stored for it (None if nothing was stored)."""
         conversation = ticket.conversation
         deadline = asyncio.get_running_loop().time() + self.settings.reply_timeout
@@ -325,7 +427,7 @@ class ReplyEngine:
             async with asyncio.timeout_at(deadline):
                 await ticket.turn()
                 # In line, not before: a limiter that takes a while (a Redis round trip) would let messages overtake.
-                await self.limiter.acquire(user)
+                await self._admit(asked)
                 await lock.acquire()
         except TimeoutError:
             raise ReplyTimeout() from None
@@ -337,25 +439,38 @@ class ReplyEngine:
                 if await self._unsafe(text, "input", conversation):
                     return self.settings.safety_deflection, None  # never shown to the model nor stored
                 history = await self._load_history(conversation)
+                persona = await self._persona_for(asked.channel)
             finally:
                 self._preparing -= 1  # from here to the queue there is no await
-            answered = next((exchange for exchange in history if exchange.id == exchange_id), None)
+            answered = next((exchange for exchange in history if exchange.id == asked.exchange_id), None)
             if answered is not None:
                 # Answered before (by a process that died before delivering it): the same answer again.
                 return clean_text(answered.bot) or NO_ANSWER, answered
             try:
                 async with asyncio.timeout_at(deadline):
-                    generated = await self._generate_safely(_turns(history, text), self.settings.persona, conversation)
+                    generated = await self._generate_safely(_turns(history, text), persona, conversation)
             except TimeoutError:
                 raise ReplyTimeout() from None
             if generated is None:
                 return self.settings.safety_deflection, None
             # The answer exists now: it is stored and returned whatever the deadline says.
-            stored = await self._store_exchange(conversation, text, generated.text, exchange_id)
+            stored = await self._store_exchange(conversation, text, generated.text, asked.exchange_id)
         finally:
             await lock.release()
         self._measure_turn(time.monotonic() - held)
         return clean_text(generated.text) or NO_ANSWER, stored
+
+    async def _admit(self, asked: _Asked) -> None:
+        """The rate limits: the user's, and for a message overheard in a listening channel the
+        channel's too. Over them, an overheard message gets silence: nobody asked the bot."""
+        try:
+            await self.limiter.acquire(asked.user)
+            if asked.listened and asked.channel is not None:
+                await self.limiter.acquire(f"channel:{asked.channel}")
+        except RateLimited as error:
+            if asked.listened:
+                raise RateLimited(error.retry_after, notify=False) from None
+            raise
 
     def _measure_turn(self, seconds: float) -> None:
         if self._turn_seconds == 0.0:
