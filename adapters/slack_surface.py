@@ -311,7 +311,8 @@ class SlackSurface:
 
     async def _forget(self, user: str, conversation: str) -> None:
         try:
-            forgotten = await self.engine.reset(conversation)
+            # The person's data: the DM's settings (a persona given there) go with it.
+            forgotten = await self.engine.reset(conversation, with_settings=True)
         except Exception:
             log.exception("Could not forget conversation %s", conversation)
             notice = FORGET_FAILED
@@ -373,6 +374,15 @@ def home_view(settings: Settings, conversation: str | None, notice: str | None =
             "• Rate a reply with the buttons under it: it tells the people running me what works."
         ))),
         SectionBlock(text=MarkdownTextObject(text=(
+            "*My settings in a channel*\n"
+            "• `/blenderbot persona <facts separated by |>` gives me a character there, "
+            "`/blenderbot listen on` (or `off`) makes me answer every message there (or only mentions), "
+            "`/blenderbot show` shows them, `/blenderbot reset` puts them back.\n"
+            "• In a channel, workspace admins and owners can use them"
+            + (" (and the people the bot's operators named)" if settings.slack_admin_users else "")
+            + "; in our DM, you can give me a persona yourself."
+        ))),
+        SectionBlock(text=MarkdownTextObject(text=(
             "*What I remember*\n"
             f"• The last {settings.memory_max_turns} exchanges of each conversation (our DM, or each channel "
             f"thread), {kept}.\n"
@@ -388,7 +398,8 @@ def home_view(settings: Settings, conversation: str | None, notice: str | None =
             style="danger",
             confirm=ConfirmObject(
                 title="Forget our conversations?",
-                text="I will delete everything I remember of our direct messages, and your ratings in them. "
+                text="I will delete everything I remember of our direct messages, your ratings in them and the "
+                     "persona you gave me there. "
                      "Channel threads are shared: say `reset` in one to forget it.",
                 confirm="Forget",
                 deny="Keep",
