@@ -142,7 +142,8 @@ class ReplyEngine:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.safety = safety  # None: built from settings by start()
-        self.limiter = limiter or TokenBucketLimiter.from_settings(settings)
+        # `is None`, not `or`: an empty TokenBucketLimiter has len() 0 and would be dropped for the default.
+        self.limiter = limiter if limiter is not None else TokenBucketLimiter.from_settings(settings)
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._executor: ThreadPoolExecutor | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -464,9 +465,10 @@ class ReplyEngine:
         """The rate limits: the user's, and for a message overheard in a listening channel the
         channel's too. Over them, an overheard message gets silence: nobody asked the bot."""
         try:
-            await self.limiter.acquire(asked.user)
+            # The channel's first: a message it refuses costs the person nothing.
             if asked.listened and asked.channel is not None:
                 await self.limiter.acquire(f"channel:{asked.channel}")
+            await self.limiter.acquire(asked.user)
         except RateLimited as error:
             if asked.listened:
                 raise RateLimited(error.retry_after, notify=False) from None

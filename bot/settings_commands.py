@@ -19,7 +19,7 @@ USAGE = (
     f"`{COMMAND} show` shows this channel's settings, `{COMMAND} reset` puts them back to the defaults."
 )
 NOT_SAVED = "Sorry, I could not reach my memory to change that just now; nothing was changed. Please try again."
-NOT_READ = "Sorry, I could not read this channel's settings just now. Please try again."
+NOT_READ = "Sorry, I could not read my settings here just now. Please try again."
 NO_PERSONA_TEXT = (
     f"Write the persona after the verb, its facts separated by |, e.g. `{COMMAND} persona I love hiking | I have a dog`."
 )
@@ -34,7 +34,7 @@ async def set_persona(engine: ReplyEngine, channel: str, text: str) -> str:
         return str(refused)
     except StoreUnavailable:
         return NOT_SAVED
-    return "Done: in this channel my persona is now: " + " | ".join(persona)
+    return "Done: my persona here is now: " + " | ".join(persona)
 
 
 async def set_listening(engine: ReplyEngine, channel: str, on: bool, *, note: str = "") -> str:
@@ -49,7 +49,8 @@ async def set_listening(engine: ReplyEngine, channel: str, on: bool, *, note: st
     return "Done: in this channel I answer only messages that mention me or reply to me now."
 
 
-async def show(engine: ReplyEngine, channel: str) -> str:
+async def show(engine: ReplyEngine, channel: str, *, where: str = "This channel's", listening: bool = True) -> str:
+    """`listening`: whether listening applies there (not in a DM, the web chat, the terminal)."""
     try:
         settings = await engine.channel_settings(channel)
     except StoreUnavailable:
@@ -60,8 +61,11 @@ async def show(engine: ReplyEngine, channel: str) -> str:
         persona = "the default (PERSONA): " + " | ".join(engine.settings.persona)
     else:
         persona = "none"
-    listening = "on: I answer every message" if settings.listen else "off: I answer messages that mention me"
-    return f"This channel's settings:\n• Persona: {persona}\n• Listening: {listening}"
+    shown = f"{where} settings:\n• Persona: {persona}"
+    if listening:
+        shown += "\n• Listening: " + ("on: I answer every message" if settings.listen else
+                                      "off: I answer messages that mention me")
+    return shown
 
 
 async def reset(engine: ReplyEngine, channel: str) -> str:
@@ -70,8 +74,8 @@ async def reset(engine: ReplyEngine, channel: str) -> str:
     except StoreUnavailable:
         return NOT_SAVED
     if not had:
-        return "This channel already has the default settings."
-    return "Done: this channel is back to the default settings (the default persona, listening off)."
+        return "Nothing to reset: the default settings apply here already."
+    return "Done: the default settings apply here again (the default persona, listening off)."
 
 
 async def run(engine: ReplyEngine, channel: str, text: str, *, listen_refusal: str | None = None,
