@@ -8,13 +8,13 @@ server, or a user's account). 👍 / 👎 reactions on its replies are ratings
 intents: mentions, replies and DMs carry their content, and so do the bot's own
 messages.
 
-`/blenderbot persona|listen|show|reset` change a channel's settings (bot/settings_commands.py):
-registered for people with Manage Channels, checked again here against the member's
-permissions the interaction carries. A channel's settings are its own (a thread's are
-its parent channel's: `discord:<channel>`; a DM's are the DM's). In a channel set to
-listen, the bot answers every message, not only those addressed to it, which needs the
-privileged Message Content intent (DISCORD_MESSAGE_CONTENT=on): without it Discord
-blanks those messages, so listening cannot be turned on. Each message takes its place in its channel's line as it arrives
+`/blenderbot persona|listen|show|reset` change a channel's settings
+(adapters/discord_settings.py); a channel's persona goes with its answers. In a channel
+set to listen, the bot answers every message, not only those addressed to it (not other
+bots', nor messages said to someone else), which needs the privileged Message Content
+intent (DISCORD_MESSAGE_CONTENT=on): without it Discord blanks those messages.
+
+Each message takes its place in its channel's line as it arrives
 (before the typing indicator, which runs alongside the reply), so a channel's
 messages are answered and sent in the order they were written.
 """
@@ -25,7 +25,7 @@ import asyncio
 import contextvars
 import logging
 import re
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
 import discord
@@ -44,7 +44,7 @@ from adapters.base import (
     split_message,
 )
 from adapters.discord_feedback import RepliesSent, exchange_sent_as, rating_for
-from bot import settings_commands
+from adapters.discord_settings import SettingsCommands, interaction_settings_key, settings_key
 from bot.config import Settings
 from bot.engine import ReplyEngine
 from bot.errors import EngineClosed
@@ -79,14 +79,6 @@ PRIVILEGED_INTENT_HELP = (
     "or unset DISCORD_MESSAGE_CONTENT"
 )
 START_TIMEOUT = 60.0  # seconds from start() to READY before giving up
-SETTINGS_COMMAND = "blenderbot"
-NOT_A_MODERATOR = "Only people who can manage this channel (Manage Channels) can change my settings here."
-LISTEN_NEEDS_INTENT = (
-    "I can't listen in channels yet: Discord only shows me messages that mention me. The people running me must "
-    "enable the Message Content intent at https://discord.com/developers/applications -> the app -> Bot -> "
-    "Privileged Gateway Intents, and set DISCORD_MESSAGE_CONTENT=on."
-)
-LISTEN_IN_A_DM = "In a DM I answer every message already."
 
 # Plain messages and replies; the other types are system notices (joins, pins, thread starts...).
 _ANSWERED_TYPES = frozenset({discord.MessageType.default, discord.MessageType.reply})
@@ -266,41 +258,8 @@ class DiscordAdapter:
             await self._command(interaction, self._ask_command(interaction, message, ticket), ticket)
 
         tree.add_command(app_commands.ContextMenu(name=ASK_COMMAND, callback=ask))
-        tree.add_command(self._settings_group())
+        tree.add_command(SettingsCommands(self.settings, self.engine, self._command, _bot_is_member).group())
         return tree
-
-    def _settings_group(self) -> app_commands.Group:
-        """`/blenderbot ...`: only where the bot is (a server that installed it, its own DM), and
-        shown by Discord only to people with Manage Channels (checked again on each use)."""
-        group = app_commands.Group(
-            name=SETTINGS_COMMAND,
-            description="My settings in this channel (for people who manage it)",
-            default_permissions=discord.Permissions(manage_channels=True),
-            allowed_contexts=app_commands.AppCommandContext(guild=True, dm_channel=True, private_channel=False),
-            allowed_installs=app_commands.AppInstallationType(guild=True, user=False),
-        )
-        engine = self.engine
-
-        async def persona(interaction: discord.Interaction, text: str) -> None:
-            await self._settings_command(interaction, lambda channel: settings_commands.set_persona(engine, channel, text))
-
-        async def listen(interaction: discord.Interaction, mode: Literal["on", "off"]) -> None:
-            await self._settings_command(interaction, lambda channel: self._set_listening(interaction, channel, mode))
-
-        async def show(interaction: discord.Interaction) -> None:
-            await self._settings_command(interaction, lambda channel: settings_commands.show(engine, channel))
-
-        async def reset(interaction: discord.Interaction) -> None:
-            await self._settings_command(interaction, lambda channel: settings_commands.reset(engine, channel))
-
-        for name, description, callback in (
-            ("persona", "Give me a character in this channel: facts about me, separated by |", persona),
-            ("listen", "Answer every message in this channel (on), or only those for me (off)", listen),
-            ("show", "Show my settings in this channel", show),
-            ("reset", "Put my settings in this channel back to the defaults", reset),
-        ):
-            group.add_command(app_commands.Command(name=name, description=description, callback=callback))
-        return group
 
     async def _sync_commands(self) -> None:
         try:
@@ -326,7 +285,7 @@ class DiscordAdapter:
                 user=str(message.author.id), text=text,
                 route={"channel": message.channel.id, "message": message.id, "dm": in_dm,
                        "unreadable": _unreadable(message, in_dm, self.settings),
-                       "settings": _settings_key(message.channel), "listened": listened},
+                       "settings": settings_key(message.channel), "listened": listened},
             )  # fmt: skip
             self._replies.spawn(self._take(message, entry, ticket), name=f"discord-reply-{message.id}", ticket=ticket)
 
@@ -505,7 +464,7 @@ class DiscordAdapter:
             await interaction.followup.send(NOTHING_TO_ASK, ephemeral=private)
             return
         # The channel's persona where the bot is a member; elsewhere nobody there chose one.
-        channel = _interaction_settings_key(interaction) if not private else None
+        channel = interaction_settings_key(interaction) if not private else None
         incoming = IncomingMessage("discord", ticket.conversation, str(interaction.user.id), text, channel=channel)
         reply = await respond(self.engine, incoming, ticket)
         if reply is None or not reply.text:
@@ -516,27 +475,6 @@ class DiscordAdapter:
             sent.append((await interaction.followup.send(chunk, ephemeral=private, wait=True)).id)
         if reply.exchange is not None and not private:
             self._sent.remember(sent, reply.exchange)
-
-    async def _settings_command(self, interaction: discord.Interaction, work: Any) -> None:
-        """Run `work(channel)` (a settings verb, its answer's text) for a moderator, tracked like
-        a reply; answered only to them. Discord shows the commands only to people with Manage
-        Channels, but a server can hand them to anyone: the member's own permissions decide."""
-
-        async def run() -> None:
-            if not _may_change_settings(interaction):
-                await interaction.response.send_message(NOT_A_MODERATOR, ephemeral=True)
-                return
-            await interaction.response.defer(thinking=True, ephemeral=True)  # the safety filter, the store
-            await interaction.followup.send(await work(_interaction_settings_key(interaction)), ephemeral=True)
-
-        await self._command(interaction, run())
-
-    async def _set_listening(self, interaction: discord.Interaction, channel: str, mode: str) -> str:
-        if interaction.guild_id is None:
-            return LISTEN_IN_A_DM
-        if mode == "on" and not self.settings.discord_message_content:
-            return LISTEN_NEEDS_INTENT
-        return await settings_commands.set_listening(self.engine, channel, mode == "on")
 
     def _interaction_allowed(self, interaction: discord.Interaction) -> bool:
         if str(interaction.user.id) in self.settings.blocked_users:
@@ -562,25 +500,6 @@ def _interaction_conversation(interaction: discord.Interaction) -> str:
     if _bot_is_member(interaction):
         return f"discord:{interaction.channel_id}"
     return f"discord:{interaction.channel_id}:user:{interaction.user.id}"
-
-
-def _settings_key(channel: Any) -> str:
-    """Whose settings apply in `channel`: its own, or for a thread its parent channel's."""
-    if isinstance(channel, discord.Thread) and channel.parent_id:
-        return f"discord:{channel.parent_id}"
-    return f"discord:{channel.id}"
-
-
-def _interaction_settings_key(interaction: discord.Interaction) -> str:
-    channel = interaction.channel or discord.Object(interaction.channel_id or 0)
-    return _settings_key(channel)
-
-
-def _may_change_settings(interaction: discord.Interaction) -> bool:
-    """A member with Manage Channels in a server the bot is in, or the person in their own DM with the bot."""
-    if interaction.guild_id is None:
-        return bool(interaction.context.dm_channel)
-    return _bot_is_member(interaction) and interaction.permissions.manage_channels
 
 
 def _unreadable(message: discord.Message, in_dm: bool, settings: Settings) -> bool:

@@ -21,7 +21,8 @@ USAGE = (
 NOT_SAVED = "Sorry, I could not reach my memory to change that just now; nothing was changed. Please try again."
 NOT_READ = "Sorry, I could not read my settings here just now. Please try again."
 NO_PERSONA_TEXT = (
-    f"Write the persona after the verb, its facts separated by |, e.g. `{COMMAND} persona I love hiking | I have a dog`."
+    "Write the persona after the verb, its facts separated by |, "
+    f"e.g. `{COMMAND} persona I love hiking | I have a dog`."
 )
 
 

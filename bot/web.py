@@ -420,8 +420,8 @@ async def api_chat(request: web.Request) -> web.Response:
         try:
             # A web conversation's own settings (its persona, PUT /api/settings) are kept under its key.
             reply = await state.engine.respond(
-                ticket.conversation, text, user=entry.user, platform="web", ticket=ticket, exchange_id=entry.exchange_id,
-                channel=ticket.conversation,
+                ticket.conversation, text, user=entry.user, platform="web", ticket=ticket,
+                exchange_id=entry.exchange_id, channel=ticket.conversation,
             )
         except ReplyError as error:
             return _reply_error(error)

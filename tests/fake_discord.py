@@ -223,7 +223,8 @@ class FakeDiscord:
             known = {o["name"]: o for o in registered.get("options") or []}
             unknown = set(options or {}) - set(known)
             assert not unknown, f"/{name} {subcommand} has no options {unknown}"
-            given = [{"name": key, "type": known[key]["type"], "value": value} for key, value in (options or {}).items()]
+            given = [{"name": key, "type": known[key]["type"], "value": value}
+                     for key, value in (options or {}).items()]
             data["options"] = [{"name": subcommand, "type": registered["type"], "options": given}]
         return await self._interaction(data, channel_id, user_id, permissions=permissions)
 

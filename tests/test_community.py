@@ -24,7 +24,8 @@ from fake_discord import (
 from model_doubles import GatedModel
 from test_discord import MENTION, RunningBot, answer_to, fake, settle  # noqa: F401 (fixtures)
 
-from adapters.discord import HELP_TEXT, LISTEN_NEEDS_INTENT, NOT_A_MODERATOR, RESET_DONE, DiscordAdapter
+from adapters.discord import HELP_TEXT, RESET_DONE, DiscordAdapter
+from adapters.discord_settings import LISTEN_NEEDS_INTENT, NOT_A_MODERATOR
 from bot.engine import ReplyEngine
 from bot.memory import ChannelSettings, open_store
 
