@@ -153,3 +153,17 @@ async def test_forgetting_the_dm_on_the_home_tab_forgets_the_persona_given_there
     await wait_for(lambda: "Done" in json.dumps(fake.home_views["U2"]), what="the confirmation on the Home tab")
     assert await bot.engine.channel_settings("slack:T1:D1") == ChannelSettings()
     assert await bot.engine.history("slack:T1:D1") == []
+
+
+async def test_in_socket_mode_the_command_is_acked_on_the_socket_and_answered(start_bot, fake, sqlite_memory):
+    fake.admins.add("U2")
+    bot = await start_bot(socket_mode=True, memory_url=sqlite_memory)
+    envelope = await fake.send_slash_command(fake.slash_command("/blenderbot", "listen on", channel="G1"))
+    await wait_for(lambda: fake.acked(envelope), what="the ack")
+    await wait_for(lambda: fake.responses, what="the answer")
+    assert fake.responses[0]["text"].startswith("Done: I answer every message")
+    assert await bot.engine.listening("slack:T1:G1")
+    # A private channel's messages come as message.groups events.
+    await fake.send_envelope(event_body(channel_message("hello, private channel", channel="G1", channel_type="group")))
+    [post] = await answered(fake, 1)
+    assert post.params["channel"] == "G1"
