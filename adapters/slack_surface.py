@@ -50,6 +50,7 @@ from slack_sdk.models.blocks import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.dedupe import DedupeStore, InProcessDedupe
+from adapters.slack_text import to_slack_text
 from bot.config import DEFAULT_SLACK_PROMPTS, Settings
 from bot.engine import ReplyEngine
 from bot.memory import BAD, GOOD, ExchangeRef, StoreUnavailable
@@ -295,8 +296,16 @@ class SlackSurface:
     # -- the Home tab --------------------------------------------------------
 
     async def _publish_home(self, user: str, conversation: str | None, notice: str | None = None) -> None:
-        view = home_view(self.settings, conversation, notice)
+        persona = await self._dm_persona(conversation) if conversation is not None else ()
+        view = home_view(self.settings, conversation, notice, persona=persona)
         await self.niceties.call("views.publish", lambda: self.client.views_publish(user_id=user, view=view))
+
+    async def _dm_persona(self, conversation: str) -> tuple[str, ...]:
+        """The persona given in the person's DM (none when it cannot be read: the tab still shows)."""
+        try:
+            return (await self.engine.channel_settings(conversation)).persona
+        except StoreUnavailable:
+            return ()
 
     async def _on_forget(self, ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
         await ack()
@@ -354,8 +363,11 @@ class SlackSurface:
         return not self.settings.slack_team_ids or team in self.settings.slack_team_ids
 
 
-def home_view(settings: Settings, conversation: str | None, notice: str | None = None) -> dict[str, Any]:
-    """The Home tab: what the bot is, how to talk to it, what it keeps, and the forget button."""
+def home_view(
+    settings: Settings, conversation: str | None, notice: str | None = None, *, persona: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The Home tab: what the bot is, how to talk to it, its settings commands (and the persona
+    given in the person's DM), what it keeps, and the forget button."""
     if settings.memory_ttl > 0:
         kept = f"deleted after {_duration(settings.memory_ttl)} without a new message"
     else:
@@ -381,6 +393,7 @@ def home_view(settings: Settings, conversation: str | None, notice: str | None =
             "• In a channel, workspace admins and owners can use them"
             + (" (and the people the bot's operators named)" if settings.slack_admin_users else "")
             + "; in our DM, you can give me a persona yourself."
+            + (f"\n• In our DM my persona is: {to_slack_text(' | '.join(persona))}" if persona else "")
         ))),
         SectionBlock(text=MarkdownTextObject(text=(
             "*What I remember*\n"

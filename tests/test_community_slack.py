@@ -139,8 +139,8 @@ async def test_a_listening_channel_answers_every_message_and_a_normal_one_does_n
 async def test_forgetting_the_dm_on_the_home_tab_forgets_the_persona_given_there(start_bot, fake, sqlite_memory):
     bot = await start_bot(memory_url=sqlite_memory)
     # In their DM with the bot anyone may give it a persona: it is their own conversation.
-    assert (await blenderbot(bot, fake, "persona I am a pirate", user="U3", channel="D1")).startswith("Done")
-    assert await blenderbot(bot, fake, "listen on", user="U3", channel="D1") == "In our DM I answer every message already."
+    assert (await blenderbot(bot, fake, "persona I am a pirate", channel="D1")).startswith("Done")
+    assert await blenderbot(bot, fake, "listen on", channel="D1") == "In our DM I answer every message already."
     await bot.send(event_body(dm("ahoy!")))
     await answered(fake, 1)
     assert bot.model.personas == [("I am a pirate",)]
@@ -148,11 +148,13 @@ async def test_forgetting_the_dm_on_the_home_tab_forgets_the_persona_given_there
     assert (await bot.send(event_body(home_opened("home"))))[0] == 200
     view = await wait_for(lambda: fake.home_views.get("U2"), what="the Home tab")
     assert "/blenderbot persona" in json.dumps(view) and "/blenderbot listen on" in json.dumps(view)
+    assert "In our DM my persona is: I am a pirate" in json.dumps(view)
     assert await click(bot, block_actions({"type": "button", "action_id": FORGET_ACTION, "block_id": "b",
                                            "value": forget_button(view)["value"]}, view=view)) == 200
     await wait_for(lambda: "Done" in json.dumps(fake.home_views["U2"]), what="the confirmation on the Home tab")
     assert await bot.engine.channel_settings("slack:T1:D1") == ChannelSettings()
     assert await bot.engine.history("slack:T1:D1") == []
+    assert "my persona is" not in json.dumps(fake.home_views["U2"])
 
 
 async def test_in_socket_mode_the_command_is_acked_on_the_socket_and_answered(start_bot, fake, sqlite_memory):
