@@ -22,6 +22,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.slack_surface import NETWORK_ERRORS
+from adapters.slack_text import to_model_text, to_slack_text
 from bot import settings_commands
 from bot.config import Settings
 from bot.engine import ReplyEngine
@@ -73,7 +74,7 @@ class SlackSettingsCommand:
             log.exception("The %s command failed", COMMAND)
             text = settings_commands.NOT_SAVED
         try:
-            await respond(text=text, response_type="ephemeral")
+            await respond(text=to_slack_text(text), response_type="ephemeral")  # shown as written, pinging nobody
         except NETWORK_ERRORS as error:  # the person sees no answer; nothing else to do
             log.warning("Could not answer a %s command: %s", COMMAND, error)
 
@@ -90,7 +91,8 @@ class SlackSettingsCommand:
                 return NOT_HERE
             if not await self._may_change_settings(user):
                 return NOT_AN_ADMIN
-        text = command.get("text") or ""
+        # As the model reads Slack text: `&amp;` back to `&`, tokens (<@U…>, <!here>) as plain words.
+        text = to_model_text(command.get("text") or "", bot_user_id=None, names={})
         if in_dm and text.strip().lower().startswith("listen"):
             return LISTEN_IN_A_DM
         return await settings_commands.run(self.engine, f"slack:{team}:{channel}", text, listen_note=LISTEN_NOTE)
