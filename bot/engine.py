@@ -371,7 +371,8 @@ class ReplyEngine:
         except Exception as error:
             _log_store_error(f"Could not {kind} the settings of channel %s", channel, error)
             self.metrics.errors.labels(f"memory_{kind}").inc()
-            raise StoreUnavailable(f"the settings of {channel} could not be {kind}") from error
+            done = "read" if kind == "read" else "written"
+            raise StoreUnavailable(f"the settings of {channel} could not be {done}") from error
 
     async def _persona_for(self, channel: str | None) -> tuple[str, ...]:
         """The persona a message in `channel` is answered with: the channel's own, else PERSONA
