@@ -67,9 +67,11 @@ class SettingsCommands:
         )
         engine = self.engine
 
+        @app_commands.describe(text="Facts about me, separated by |, e.g. I love hiking | I have a dog")
         async def persona(interaction: discord.Interaction, text: str) -> None:
             await self._answer(interaction, lambda channel: settings_commands.set_persona(engine, channel, text))
 
+        @app_commands.describe(mode="on: I answer every message here; off: only those that mention or reply to me")
         async def listen(interaction: discord.Interaction, mode: Literal["on", "off"]) -> None:
             await self._answer(interaction, lambda channel: self._set_listening(interaction, channel, mode))
 

@@ -170,3 +170,16 @@ async def test_in_socket_mode_the_command_is_acked_on_the_socket_and_answered(st
     await fake.send_envelope(event_body(channel_message("hello, private channel", channel="G1", channel_type="group")))
     [post] = await answered(fake, 1)
     assert post.params["channel"] == "G1"
+
+
+async def test_reset_in_a_dm_forgets_its_persona_but_reset_in_a_channel_keeps_the_channels(start_bot, fake,
+                                                                                          sqlite_memory):
+    fake.admins.add("U2")
+    bot = await start_bot(memory_url=sqlite_memory)
+    await blenderbot(bot, fake, "persona I am a pirate", channel="D1")
+    await blenderbot(bot, fake, "persona I love hiking")
+    await bot.send(event_body(dm("reset")))
+    await bot.send(event_body(mention("reset")))
+    await answered(fake, 2)
+    assert await bot.engine.channel_settings("slack:T1:D1") == ChannelSettings()
+    assert (await bot.engine.channel_settings("slack:T1:C1")).persona == ("I love hiking",)
