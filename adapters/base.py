@@ -46,6 +46,8 @@ class IncomingMessage:
     conversation: str  # e.g. "discord:<channel>", "slack:<team>:<channel>:<thread>"
     user: str  # platform user id, for rate limits and logs
     text: str  # mentions already resolved or stripped
+    channel: str | None = None  # whose settings apply (persona): "discord:<channel>", "slack:<team>:<channel>"
+    listened: bool = False  # not addressed to the bot: answered because the channel listens
 
 
 class Undelivered(Exception):
@@ -192,7 +194,7 @@ async def respond(
     try:
         return await engine.respond(
             message.conversation, message.text, user=message.user, platform=message.platform, ticket=ticket,
-            exchange_id=exchange_id,
+            exchange_id=exchange_id, channel=message.channel, listened=message.listened,
         )
     except ReplyError as error:
         if getattr(error, "notify", True) is False:
@@ -204,14 +206,18 @@ async def respond(
 
 
 async def redo(
-    engine: ReplyEngine, exchange: ExchangeRef, user: str, platform: str, ticket: Ticket | None = None
+    engine: ReplyEngine, exchange: ExchangeRef, user: str, platform: str, ticket: Ticket | None = None,
+    channel: str | None = None,
 ) -> Reply | None:
     """"Try again" on the answer that is `exchange`, asked by `user`: a Reply naming its new
     exchange is the new answer, to show in place of the old one; a Reply without one says why
     there is none (not the latest answer, the rate limit...), to show apart, the old answer
-    kept; None is a deliberate silence. Errors are mapped as `respond` maps them."""
+    kept; None is a deliberate silence. `channel`: whose persona, as for a message.
+    Errors are mapped as `respond` maps them."""
     try:
-        return await engine.retry(exchange.conversation, exchange.id, user=user, platform=platform, ticket=ticket)
+        return await engine.retry(
+            exchange.conversation, exchange.id, user=user, platform=platform, ticket=ticket, channel=channel
+        )
     except ReplyError as error:
         if getattr(error, "notify", True) is False:
             return None
@@ -221,10 +227,13 @@ async def redo(
         return Reply(APOLOGY)
 
 
-async def forget(engine: ReplyEngine, conversation: str, confirmation: str, ticket: Ticket | None = None) -> str:
-    """Forget a conversation (`reset`/`forget`/`/reset`), in line; the text to send back."""
+async def forget(
+    engine: ReplyEngine, conversation: str, confirmation: str, ticket: Ticket | None = None, *, dm: bool = False
+) -> str:
+    """Forget a conversation (`reset`/`forget`/`/reset`), in line; the text to send back.
+    `dm`: a person's own DM with the bot, whose channel settings (its persona) go too."""
     try:
-        await engine.reset(conversation, ticket=ticket)
+        await engine.reset(conversation, ticket=ticket, with_settings=dm)
     except Exception:
         log.exception("Could not reset conversation %s", conversation)
         return APOLOGY

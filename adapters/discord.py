@@ -7,7 +7,15 @@ server, or a user's account). 👍 / 👎 reactions on its replies are ratings
 (adapters/discord_feedback.py); 🔁 on its latest reply in a channel is "try again":
 another answer, edited into that reply. Needs only Discord's default (non-privileged)
 intents: mentions, replies and DMs carry their content, and so do the bot's own
-messages. Each message takes its place in its channel's line as it arrives
+messages.
+
+`/blenderbot persona|listen|show|reset` change a channel's settings
+(adapters/discord_settings.py); a channel's persona goes with its answers. In a channel
+set to listen, the bot answers every message, not only those addressed to it (not other
+bots', nor messages said to someone else), which needs the privileged Message Content
+intent (DISCORD_MESSAGE_CONTENT=on): without it Discord blanks those messages.
+
+Each message takes its place in its channel's line as it arrives
 (before the typing indicator, which runs alongside the reply), so a channel's
 messages are answered and sent in the order they were written.
 """
@@ -39,6 +47,7 @@ from adapters.base import (
     split_message,
 )
 from adapters.discord_feedback import RepliesSent, exchange_answering, is_again, rating_for
+from adapters.discord_settings import SettingsCommands, interaction_settings_key, settings_key
 from bot.config import Settings
 from bot.engine import ReplyEngine
 from bot.errors import EngineClosed
@@ -62,6 +71,8 @@ HELP_TEXT = (
     "- `/reset` (or mention me with just `reset`) makes me forget this channel's conversation.\n"
     "- React with 👍 or 👎 on my replies to tell the people running me what works, and with 🔁 on my latest "
     "reply to get another answer instead.\n"
+    "- People who can manage a channel give me a character there, or let me answer every message in it: "
+    "`/blenderbot persona`, `/blenderbot listen on|off`, `/blenderbot show`, `/blenderbot reset`.\n"
     "I can be wrong or odd: don't take my word for facts."
 )
 ASK_COMMAND = "Ask BlenderBot"
@@ -258,6 +269,7 @@ class DiscordAdapter:
             await self._command(interaction, self._ask_command(interaction, message, ticket), ticket)
 
         tree.add_command(app_commands.ContextMenu(name=ASK_COMMAND, callback=ask))
+        tree.add_command(SettingsCommands(self.settings, self.engine, self._command, _bot_is_member).group())
         return tree
 
     async def _sync_commands(self) -> None:
@@ -272,8 +284,9 @@ class DiscordAdapter:
     def _on_message(self, message: discord.Message) -> None:
         if not self._replies.accepting:
             return
-        text = self._text_to_answer(message)
-        if text is not None:
+        answerable = self._text_to_answer(message)
+        if answerable is not None:
+            text, listened = answerable
             conversation = f"discord:{message.channel.id}"
             # Its place in the channel's line, now: gateway events arrive in order, and nothing has awaited yet.
             ticket = self.engine.take_ticket(conversation)
@@ -282,11 +295,14 @@ class DiscordAdapter:
                 key=_message_key(message.id), platform="discord", conversation=conversation,
                 user=str(message.author.id), text=text,
                 route={"channel": message.channel.id, "message": message.id, "dm": in_dm,
-                       "unreadable": _unreadable(message, in_dm, self.settings)},
+                       "unreadable": _unreadable(message, in_dm, self.settings),
+                       "settings": settings_key(message.channel), "listened": listened},
             )  # fmt: skip
             self._replies.spawn(self._take(message, entry, ticket), name=f"discord-reply-{message.id}", ticket=ticket)
 
     async def _take(self, message: discord.Message | discord.PartialMessage, entry: Entry, ticket: Ticket) -> None:
+        if entry.route.get("listened") and not await self.engine.listening(entry.route["settings"]):
+            return  # a message not for the bot, in a channel that does not listen
         claim = await self.inbox.accept(entry)
         if claim is not None:
             await answer_once(self.inbox, claim, self._respond(message, claim, ticket))
@@ -303,8 +319,9 @@ class DiscordAdapter:
         # In a copy of the client's context, which says where Discord's API is.
         self._context.copy().run(self._replies.spawn, work, name=f"discord-replay-{message_id}", ticket=ticket)
 
-    def _text_to_answer(self, message: discord.Message) -> str | None:
-        """What the model should see, or None when the bot should stay silent."""
+    def _text_to_answer(self, message: discord.Message) -> tuple[str, bool] | None:
+        """What the model should see, and whether it is only overheard (not addressed to the
+        bot: answered if the channel listens); None when the bot should stay silent."""
         me = self._client.user
         author = message.author
         if me is None or author.id == me.id or author.bot or message.webhook_id is not None:
@@ -316,9 +333,16 @@ class DiscordAdapter:
         if isinstance(message.channel, discord.DMChannel):
             if not self.settings.discord_dms:
                 return None
-        elif not self._allowed_here(_guild_id(message), message.channel) or not _addressed_to(message, me.id):
+            return _model_text(message, me.id), False
+        if not self._allowed_here(_guild_id(message), message.channel):
             return None
-        return _model_text(message, me.id)
+        if _addressed_to(message, me.id):
+            return _model_text(message, me.id), False
+        # Without the Message Content intent an overheard message has no text: nothing to listen to.
+        if not self.settings.discord_message_content or _addressed_to_others(message, me.id):
+            return None
+        text = _model_text(message, me.id)
+        return (text, True) if text else None
 
     def _allowed_here(self, guild_id: int | None, channel: Any) -> bool:
         guilds, channels = self.settings.discord_guild_ids, self.settings.discord_channel_ids
@@ -335,10 +359,14 @@ class DiscordAdapter:
         if entry.route.get("unreadable"):
             await self._send(message, [CANNOT_READ], claim)
             return
-        if is_reset(text):
-            await self._send(message, [await forget(self.engine, conversation, RESET_DONE, ticket)], claim)
+        listened = bool(entry.route.get("listened"))
+        if is_reset(text) and not listened:
+            done = await forget(self.engine, conversation, RESET_DONE, ticket, dm=bool(entry.route.get("dm")))
+            await self._send(message, [done], claim)
             return
-        incoming = IncomingMessage("discord", conversation, entry.user, text)
+        # Entries recorded before channel settings existed have no "settings": the channel's own key.
+        channel = entry.route.get("settings") or f"discord:{entry.route['channel']}"
+        incoming = IncomingMessage("discord", conversation, entry.user, text, channel=channel, listened=listened)
         # Alongside the reply, not before it: a slow or rate-limited typing POST must not delay the answer.
         typing = asyncio.create_task(_show_typing(message.channel), name=f"discord-typing-{message.id}")
         try:
@@ -464,7 +492,9 @@ class DiscordAdapter:
         if exchange is None or exchange.conversation != ticket.conversation:
             return  # not a reply the bot remembers (a notice, or a forgotten conversation)
         message = self._client.get_partial_messageable(payload.channel_id).get_partial_message(payload.message_id)
-        reply = await redo(self.engine, exchange, str(payload.user_id), "discord", ticket)
+        # The channel's persona, as for a message there (a thread's is its parent's, when cached).
+        channel = settings_key(self._client.get_channel(payload.channel_id) or discord.Object(payload.channel_id))
+        reply = await redo(self.engine, exchange, str(payload.user_id), "discord", ticket, channel=channel)
         if reply is None or not reply.text:
             return
         try:
@@ -532,7 +562,9 @@ class DiscordAdapter:
         # Resetting waits for a reply in flight in the channel; Discord wants an answer within 3 s.
         private = not _bot_is_member(interaction)
         await interaction.response.defer(thinking=True, ephemeral=private)
-        confirmation = await forget(self.engine, ticket.conversation, RESET_DONE, ticket)
+        # In the bot's own DM the person forgets their data: the DM's settings (its persona) too.
+        in_dm = bool(interaction.context.dm_channel)
+        confirmation = await forget(self.engine, ticket.conversation, RESET_DONE, ticket, dm=in_dm)
         await interaction.followup.send(confirmation, ephemeral=private)
 
     async def _ask_command(self, interaction: discord.Interaction, message: discord.Message, ticket: Ticket) -> None:
@@ -546,7 +578,9 @@ class DiscordAdapter:
         if not text:
             await interaction.followup.send(NOTHING_TO_ASK, ephemeral=private)
             return
-        incoming = IncomingMessage("discord", ticket.conversation, str(interaction.user.id), text)
+        # The channel's persona where the bot is a member; elsewhere nobody there chose one.
+        channel = interaction_settings_key(interaction) if not private else None
+        incoming = IncomingMessage("discord", ticket.conversation, str(interaction.user.id), text, channel=channel)
         # Named after the interaction, which its answer's messages carry: a rating of them finds it.
         exchange_id = exchange_id_for(_interaction_key(interaction.id))
         reply = await respond(self.engine, incoming, ticket, exchange_id=exchange_id)
@@ -606,6 +640,20 @@ def _addressed_to(message: discord.Message, my_id: int) -> bool:
         return False
     replied = reference.resolved or reference.cached_message
     return isinstance(replied, discord.Message) and replied.author.id == my_id
+
+
+def _addressed_to_others(message: discord.Message, my_id: int) -> bool:
+    """Said to someone else: it mentions another person (or a role, or everyone), or replies to
+    a message that is not the bot's (or one Discord did not show: it may be anyone's)."""
+    if message.mention_everyone or message.raw_role_mentions:
+        return True
+    if any(user_id != my_id for user_id in message.raw_mentions) or any(u.id != my_id for u in message.mentions):
+        return True
+    reference = message.reference
+    if reference is None:
+        return False
+    replied = reference.resolved or reference.cached_message
+    return not (isinstance(replied, discord.Message) and replied.author.id == my_id)
 
 
 def _model_text(message: discord.Message, my_id: int) -> str:

@@ -10,7 +10,14 @@ de-duplication and name lookups await), and keeps it until its answer is
 posted, so a conversation's answers go out in the order its messages came.
 Translation only: Slack event -> IncomingMessage -> engine -> text. The AI-app
 surface around it (thinking status, suggested prompts, Home tab, feedback
-buttons) is adapters/slack_surface.py.
+buttons) is adapters/slack_surface.py; the `/blenderbot` command (a channel's
+persona and listening) adapters/slack_commands.py.
+
+A channel's settings (`slack:<team>:<channel>`, for all its threads) give its
+answers their persona. In a channel set to listen, every message (the
+`message.channels` / `message.groups` events) is answered, except those that
+mention someone else or everyone: whether a channel listens is asked of the
+engine when such a message comes, before it is recorded.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -43,6 +50,7 @@ from adapters.base import (
     split_message,
 )
 from adapters.dedupe import DedupeStore, InProcessDedupe
+from adapters.slack_commands import SlackSettingsCommand
 from adapters.slack_surface import NETWORK_ERRORS, SlackSurface
 from adapters.slack_text import mentioned_users, to_model_text, to_slack_text
 from bot.config import Settings
@@ -93,6 +101,13 @@ class _Turn:
     has_files: bool = False  # the message carries files (their content is not read)
     followup: bool = False  # a channel message in a thread: answered only if the bot is in that thread
     in_dm: bool = False
+    overheard: bool = False  # a channel message said to nobody in particular: answered if the channel listens
+    listened: bool = False  # answered because the channel listens
+
+    @property
+    def settings_key(self) -> str:
+        """Whose settings apply: the channel's (`slack:<team>:<channel>`), or the DM's."""
+        return ":".join(self.conversation.split(":")[:3])
 
 
 class SlackAdapter:
@@ -130,6 +145,9 @@ class SlackAdapter:
             greeted=dedupe,
         )
         self.surface.register(self.app)
+        SlackSettingsCommand(
+            settings, engine, self.client, spawn=lambda work: self._tasks.spawn(work, name="slack-command")
+        ).register(self.app)
         self._socket: Any = None  # AsyncSocketModeHandler; it needs a running loop to be built
         self._bot_user_id: str | None = None
         self._names: OrderedDict[str, tuple[str | None, float]] = OrderedDict()  # user -> (name or None, expiry)
@@ -238,16 +256,25 @@ class SlackAdapter:
             ticket = self.engine.take_ticket(turn.conversation)
             task = None
             try:
+                # A channel message said to nobody in particular: for the bot only if the channel listens.
+                taken = await self._heard(turn) if turn.overheard else turn
                 # One claim per user message: Slack retries an event with the same message, and a
                 # mention can also arrive as a `message` event with the same channel and ts.
-                claim = await self.inbox.accept(_entry(body, turn))
-                if claim is not None:
-                    work = answer_once(self.inbox, claim, self._reply(turn, ticket, claim))
-                    task = self._tasks.spawn(work, name=f"slack-reply-{turn.channel}-{turn.ts}", ticket=ticket)
+                claim = await self.inbox.accept(_entry(body, taken)) if taken is not None else None
+                if taken is not None and claim is not None:
+                    work = answer_once(self.inbox, claim, self._reply(taken, ticket, claim))
+                    task = self._tasks.spawn(work, name=f"slack-reply-{taken.channel}-{taken.ts}", ticket=ticket)
             finally:
                 if task is None:
                     ticket.release()
         await next()
+
+    async def _heard(self, turn: _Turn) -> _Turn | None:
+        """A channel message said to nobody in particular: answered as heard if the channel listens,
+        else as a thread follow-up if it is one (still to check), else not at all."""
+        if await self.engine.listening(turn.settings_key):
+            return replace(turn, followup=False, overheard=False, listened=True)
+        return turn if turn.followup else None
 
     def replay(self, claim: Claim) -> None:
         """Answer a message a stopped process left unanswered, in the conversation's line;
@@ -297,14 +324,17 @@ class SlackAdapter:
         if not is_dm and self.settings.slack_channel_ids and channel not in self.settings.slack_channel_ids:
             return None
         thread = event.get("thread_ts")
-        followup = event.get("type") == "message" and not is_dm
-        if followup and not (self.settings.slack_thread_followups and thread):
-            return None  # channel messages reach us only as thread follow-ups (message.channels scope)
-        if followup and self._bot_user_id in mentioned_users(event.get("text") or ""):
+        in_channel = event.get("type") == "message" and not is_dm  # the message.channels / .groups events
+        text = event.get("text") or ""
+        if in_channel and self._bot_user_id in mentioned_users(text):
             # Slack sends this message as an `app_mention` too, with the same key: that one is
-            # answered. Claimed here, the message would be dropped as a follow-up of a thread
-            # the bot is not in, and its claim would make the mention a duplicate.
-            log.debug("A message in thread %s of %s mentions the bot: left to its app_mention", thread, channel)
+            # answered. Claimed here, the message would be dropped (a follow-up of a thread the
+            # bot is not in, or overheard), and its claim would make the mention a duplicate.
+            log.debug("A message in %s mentions the bot: left to its app_mention", channel)
+            return None
+        followup = in_channel and self.settings.slack_thread_followups and bool(thread)
+        overheard = in_channel and not _said_to_others(text)
+        if in_channel and not (followup or overheard):
             return None
         if is_dm:
             # Slack's agent experience shows a DM as threads, the user's message the root of each
@@ -317,8 +347,8 @@ class SlackAdapter:
             conversation, reply_to = f"slack:{team}:{channel}", thread
         has_files = subtype == "file_share" or bool(event.get("files"))
         return _Turn(
-            conversation, user, event.get("text") or "", channel, ts, reply_to,
-            has_files=has_files, followup=followup, in_dm=is_dm,
+            conversation, user, text, channel, ts, reply_to,
+            has_files=has_files, followup=followup, in_dm=is_dm, overheard=overheard,
         )
 
     # -- answering -------------------------------------------------------
@@ -344,11 +374,16 @@ class SlackAdapter:
     async def _answer(self, turn: _Turn, ticket: Ticket, exchange_id: str) -> Reply | None:
         names = await self._names_for(turn)
         model_text = to_model_text(turn.raw_text, bot_user_id=self._bot_user_id, names=names)
-        if is_reset(model_text):
-            return Reply(await forget(self.engine, turn.conversation, RESET_DONE, ticket))
+        if is_reset(model_text) and not turn.listened:
+            # Forgetting a DM forgets its settings (its persona) too: the person's own data.
+            return Reply(await forget(self.engine, turn.conversation, RESET_DONE, ticket, dm=turn.in_dm))
         if turn.has_files and not model_text.strip():
+            if turn.listened:
+                return None  # a file shared in a listening channel: nobody asked the bot about it
             return Reply(FILE_ONLY)  # nothing but a file (or a mention and a file): say why there is no answer
-        message = IncomingMessage("slack", turn.conversation, turn.user, model_text)
+        message = IncomingMessage(
+            "slack", turn.conversation, turn.user, model_text, channel=turn.settings_key, listened=turn.listened
+        )
         return await respond(self.engine, message, ticket, exchange_id=exchange_id)
 
     async def _post(self, turn: _Turn, reply: Reply, claim: Claim) -> None:
@@ -489,11 +524,20 @@ async def _acknowledge() -> None:
 def _entry(body: dict[str, Any], turn: _Turn) -> Entry:
     """The inbox entry of a turn: the turn itself, keyed by the user's message."""
     team = body.get("team_id") or "-"
-    route = {name: getattr(turn, name) for name in ("channel", "ts", "thread_ts", "has_files", "followup", "in_dm")}
+    route = {name: getattr(turn, name)
+             for name in ("channel", "ts", "thread_ts", "has_files", "followup", "in_dm", "listened")}
     return Entry(
         key=f"slack:{team}:{turn.channel}:{turn.ts}", platform="slack", conversation=turn.conversation,
         user=turn.user, text=turn.raw_text, route=route,
     )  # fmt: skip
+
+
+def _said_to_others(text: str) -> bool:
+    """A message that mentions someone (the bot's own mention is handled before), a user group,
+    or the channel: said to them, not to the bot."""
+    return bool(mentioned_users(text)) or "<!subteam^" in text or any(
+        token in text for token in ("<!channel", "<!here", "<!everyone")
+    )
 
 
 def _bolt_logger() -> logging.Logger:

@@ -312,8 +312,16 @@ class SlackSurface:
     # -- the Home tab --------------------------------------------------------
 
     async def _publish_home(self, user: str, conversation: str | None, notice: str | None = None) -> None:
-        view = home_view(self.settings, conversation, notice)
+        persona = await self._dm_persona(conversation) if conversation is not None else ()
+        view = home_view(self.settings, conversation, notice, persona=persona)
         await self.niceties.call("views.publish", lambda: self.client.views_publish(user_id=user, view=view))
+
+    async def _dm_persona(self, conversation: str) -> tuple[str, ...]:
+        """The persona given in the person's DM (none when it cannot be read: the tab still shows)."""
+        try:
+            return (await self.engine.channel_settings(conversation)).persona
+        except StoreUnavailable:
+            return ()
 
     async def _on_forget(self, ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
         await ack()
@@ -328,7 +336,8 @@ class SlackSurface:
 
     async def _forget(self, user: str, conversation: str) -> None:
         try:
-            forgotten = await self.engine.reset(conversation)
+            # The person's data: the DM's settings (a persona given there) go with it.
+            forgotten = await self.engine.reset(conversation, with_settings=True)
         except Exception:
             log.exception("Could not forget conversation %s", conversation)
             notice = FORGET_FAILED
@@ -386,7 +395,9 @@ class SlackSurface:
 
     async def _again(self, exchange: ExchangeRef, user: str, channel: str, ts: str, thread: str | None,
                      ticket: Ticket) -> None:
-        reply = await redo(self.engine, exchange, user, "slack", ticket)
+        # The channel's persona, as for a message there: the first three parts of its conversation key.
+        settings = ":".join(exchange.conversation.split(":")[:3])
+        reply = await redo(self.engine, exchange, user, "slack", ticket, channel=settings)
         if reply is None or not reply.text:
             return
         if reply.exchange is None:  # refused (not the latest answer, the rate limit...): tell the clicker
@@ -411,8 +422,11 @@ class SlackSurface:
         return not self.settings.slack_team_ids or team in self.settings.slack_team_ids
 
 
-def home_view(settings: Settings, conversation: str | None, notice: str | None = None) -> dict[str, Any]:
-    """The Home tab: what the bot is, how to talk to it, what it keeps, and the forget button."""
+def home_view(
+    settings: Settings, conversation: str | None, notice: str | None = None, *, persona: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The Home tab: what the bot is, how to talk to it, its settings commands (and the persona
+    given in the person's DM), what it keeps, and the forget button."""
     if settings.memory_ttl > 0:
         kept = f"deleted after {_duration(settings.memory_ttl)} without a new message"
     else:
@@ -432,6 +446,16 @@ def home_view(settings: Settings, conversation: str | None, notice: str | None =
             "*Try again* under my latest reply gets you another answer instead."
         ))),
         SectionBlock(text=MarkdownTextObject(text=(
+            "*My settings in a channel*\n"
+            "• `/blenderbot persona <facts separated by |>` gives me a character there, "
+            "`/blenderbot listen on` (or `off`) makes me answer every message there (or only mentions), "
+            "`/blenderbot show` shows them, `/blenderbot reset` puts them back.\n"
+            "• In a channel, workspace admins and owners can use them"
+            + (" (and the people the bot's operators named)" if settings.slack_admin_users else "")
+            + "; in our DM, you can give me a persona yourself."
+            + (f"\n• In our DM my persona is: {to_slack_text(' | '.join(persona))}" if persona else "")
+        ))),
+        SectionBlock(text=MarkdownTextObject(text=(
             "*What I remember*\n"
             f"• The last {settings.memory_max_turns} exchanges of each conversation (our DM, or each channel "
             f"thread), {kept}.\n"
@@ -447,7 +471,8 @@ def home_view(settings: Settings, conversation: str | None, notice: str | None =
             style="danger",
             confirm=ConfirmObject(
                 title="Forget our conversations?",
-                text="I will delete everything I remember of our direct messages, and your ratings in them. "
+                text="I will delete everything I remember of our direct messages, your ratings in them and the "
+                     "persona you gave me there. "
                      "Channel threads are shared: say `reset` in one to forget it.",
                 confirm="Forget",
                 deny="Keep",

@@ -6,6 +6,7 @@ import asyncio
 import sys
 import threading
 
+from bot import settings_commands
 from bot.engine import NO_ANSWER, ReplyEngine
 from bot.errors import ReplyError
 from bot.memory import BAD, GOOD, Exchange, ExchangeRef, StoreUnavailable
@@ -13,7 +14,8 @@ from bot.text import clean_text
 
 HELP = (
     "Type a message and press Enter. /good or /bad rates the last reply, /again tries another answer to your "
-    "last message, /reset (or /forget) forgets this conversation, /quit (or Ctrl-D) leaves."
+    "last message, /persona shows my persona here, /persona I love hiking | I have a dog gives me one, /persona off "
+    "puts back the default, /reset (or /forget) forgets this conversation and its persona, /quit (or Ctrl-D) leaves."
 )
 RATINGS = {"/good": GOOD, "/bad": BAD}
 # How many remembered exchanges are shown when a conversation is resumed.
@@ -35,9 +37,11 @@ async def chat(engine: ReplyEngine, conversation: str) -> None:
             return
         command = line.strip()
         if command in ("/reset", "/forget"):
-            await engine.reset(conversation)
+            await engine.reset(conversation, with_settings=True)  # the person's own conversation, like a DM
             last = None
             print("bot> (conversation forgotten)")
+        elif command == "/persona" or command.startswith("/persona "):
+            print(f"bot> ({await _persona(engine, conversation, command.removeprefix('/persona').strip())})")
         elif command in RATINGS:
             print(f"bot> {await _rate(engine, last, RATINGS[command])}")
         elif command == "/again":
@@ -45,7 +49,9 @@ async def chat(engine: ReplyEngine, conversation: str) -> None:
                 print("bot> (no reply to redo yet)")
                 continue
             try:
-                reply = await engine.retry(conversation, last.id, user="terminal", platform="terminal")
+                reply = await engine.retry(
+                    conversation, last.id, user="terminal", platform="terminal", channel=conversation
+                )
                 answer, last = reply.text, reply.exchange
             except ReplyError as error:
                 answer = f"({error.user_message})"
@@ -54,7 +60,9 @@ async def chat(engine: ReplyEngine, conversation: str) -> None:
             print(HELP)
         elif command:
             try:
-                reply = await engine.respond(conversation, line, user="terminal", platform="terminal")
+                reply = await engine.respond(
+                    conversation, line, user="terminal", platform="terminal", channel=conversation
+                )
                 answer, last = reply.text, reply.exchange
             except ReplyError as error:
                 answer = error.user_message
@@ -82,6 +90,15 @@ async def _rate(engine: ReplyEngine, exchange: ExchangeRef | None, rating: str) 
     except StoreUnavailable:
         return "(the rating could not be stored)"
     return f"(thanks: last reply rated {rating})" if stored else "(that reply is no longer remembered)"
+
+
+async def _persona(engine: ReplyEngine, conversation: str, text: str) -> str:
+    """`/persona`: show this conversation's persona; `/persona <facts>`: set it; `/persona off`: the default."""
+    if not text:
+        return await settings_commands.show(engine, conversation, where="This conversation's", listening=False)
+    if text.lower() in ("off", "reset", "default"):
+        return await settings_commands.reset(engine, conversation)
+    return await settings_commands.set_persona(engine, conversation, text)
 
 
 def _stdin_lines() -> asyncio.Queue[str | None]:

@@ -113,6 +113,7 @@ class Settings:
     slack_reply_in_thread: bool = True
     slack_thread_followups: bool = False
     slack_suggested_prompts: tuple[str, ...] = DEFAULT_SLACK_PROMPTS
+    slack_admin_users: frozenset[str] = frozenset()  # may use /blenderbot in channels, besides admins and owners
 
     # Safety and abuse limits
     safety: bool = True
@@ -199,6 +200,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
         slack_reply_in_thread=env.flag("SLACK_REPLY_IN_THREAD", True),
         slack_thread_followups=env.flag("SLACK_THREAD_FOLLOWUPS", False),
         slack_suggested_prompts=_check_prompts(env.optional("SLACK_SUGGESTED_PROMPTS")),
+        slack_admin_users=env.ids("SLACK_ADMIN_USERS"),
         safety=env.flag("SAFETY", True),
         safety_blocklist=env.readable_file("SAFETY_BLOCKLIST"),
         safety_allowlist=env.readable_file("SAFETY_ALLOWLIST"),

@@ -27,6 +27,15 @@ give the same one again), safety-checked, stored in that exchange's place under
 a new id (a rating belongs to the answer rated: the old answer's ratings stay
 with the old id and are not moved). It waits its turn in the conversation's line
 and counts against the user's rate limit like a message.
+
+Each channel has settings of its own, kept in the memory's store so every replica
+shares them (`channel_settings`, `set_persona`, `set_listening`, `reset_settings`):
+a message answered with `channel=` gets that channel's persona in place of PERSONA.
+A channel is what the people running it control: a Discord channel (a thread
+counts as its parent channel), a Slack channel, a DM, a web or terminal
+conversation; the adapters name it. A message the bot only overheard in a
+listening channel (`listened=True`) also takes a token of the channel's own rate
+limit, and is left unanswered, silently, when either limit says no.
 """
 
 from __future__ import annotations
@@ -52,12 +61,24 @@ from bot.errors import (
     NoOtherAnswer,
     NotLatest,
     PersonaRefused,
+    RateLimited,
     ReplyError,
     ReplyTimeout,
 )
 from bot.inflight import InFlight
 from bot.locks import ConversationLines, ConversationLock, ConversationLocks, Ticket
-from bot.memory import RATINGS, ConversationStore, Exchange, ExchangeRef, Feedback, StoreUnavailable, new_exchange_id
+from bot.memory import (
+    LISTEN,
+    PERSONA,
+    RATINGS,
+    ChannelSettings,
+    ConversationStore,
+    Exchange,
+    ExchangeRef,
+    Feedback,
+    StoreUnavailable,
+    new_exchange_id,
+)
 from bot.metrics import Metrics
 from bot.model import ChatModel, Generated
 from bot.prompt import PersonaTooLong, persona_lines
@@ -99,6 +120,16 @@ class Reply:
 def shown_text(bot_text: str) -> str:
     """A stored reply as the engine gave it out (control characters gone, mentions defused)."""
     return neutralize_mentions(clean_text(bot_text) or NO_ANSWER)
+
+
+@dataclass(frozen=True)
+class _Asked:
+    """Who asked, and where: what answering a message needs besides its text."""
+
+    user: str  # whose rate limit counts
+    exchange_id: str
+    channel: str | None  # whose settings apply; None: the defaults
+    listened: bool  # overheard in a listening channel, not addressed to the bot
 
 
 @dataclass
@@ -202,18 +233,24 @@ class ReplyEngine:
         platform: str = "api",
         ticket: Ticket | None = None,
         exchange_id: str | None = None,
+        channel: str | None = None,
+        listened: bool = False,
     ) -> str:
         """The bot's answer to `text` in `conversation`; raises `ReplyError` subclasses
         for answers the user should get instead (busy, too long, timeout...).
 
         `user` is who the rate limit counts; without one, the conversation.
+        `channel` is whose settings apply (its persona; without one, PERSONA);
+        `listened` says the message was not addressed to the bot, which answers it
+        because the channel listens (see the module's docstring).
         `ticket` (from `take_ticket`) is the message's place in line; without one
         a place is taken now and released on return. `exchange_id` names the
         stored exchange (default: a new id): if the conversation holds it already
         (a message answered, then replayed after a crash), its stored answer is
         given again, not generated and stored a second time."""
         reply = await self.respond(
-            conversation, text, user=user, platform=platform, ticket=ticket, exchange_id=exchange_id
+            conversation, text, user=user, platform=platform, ticket=ticket, exchange_id=exchange_id,
+            channel=channel, listened=listened,
         )
         return reply.text
 
@@ -226,6 +263,8 @@ class ReplyEngine:
         platform: str = "api",
         ticket: Ticket | None = None,
         exchange_id: str | None = None,
+        channel: str | None = None,
+        listened: bool = False,
     ) -> Reply:
         """`reply()`, with the stored exchange the answer is (for ratings)."""
         started = time.monotonic()
@@ -235,7 +274,8 @@ class ReplyEngine:
         elif ticket.conversation != conversation:
             raise ValueError(f"a ticket of {ticket.conversation} cannot answer in {conversation}")
         try:
-            answer, stored = await self._reply(ticket, text, user or conversation, exchange_id or new_exchange_id())
+            asked = _Asked(user or conversation, exchange_id or new_exchange_id(), channel, listened)
+            answer, stored = await self._reply(ticket, text, asked)
         except ReplyError as error:
             self.metrics.replies.labels(platform, error.outcome).inc()
             raise
@@ -264,6 +304,7 @@ class ReplyEngine:
         user: str | None = None,
         platform: str = "api",
         ticket: Ticket | None = None,
+        channel: str | None = None,
     ) -> Reply:
         """"Try again": a new, sampled answer to the message of `exchange_id`, which must
         be the conversation's latest exchange; it replaces that exchange's answer in
@@ -272,15 +313,15 @@ class ReplyEngine:
         `AnswerGone` for one no longer remembered, `NoOtherAnswer` when no safe,
         different answer came, and the `ReplyError`s of a message (rate limit, busy,
         timeout...): each with a `user_message` to show, the old answer kept.
-        `user` and `ticket` as for `reply()`."""
+        `user`, `ticket` and `channel` (whose persona) as for `reply()`."""
         own_ticket = ticket is None
         if ticket is None:
             ticket = self.take_ticket(conversation)
         elif ticket.conversation != conversation:
             raise ValueError(f"a ticket of {ticket.conversation} cannot answer in {conversation}")
         try:
-            who = user or conversation
-            stored = await self._admitted(ticket, lambda: self._retry_in_order(ticket, exchange_id, who))
+            asked = _Asked(user or conversation, exchange_id, channel, listened=False)
+            stored = await self._admitted(ticket, lambda: self._retry_in_order(ticket, asked))
         except ReplyError as error:
             self.metrics.retries.labels(platform, error.outcome).inc()
             raise
@@ -312,15 +353,20 @@ class ReplyEngine:
             log.info("A reply in conversation %s was rated %s (%s)", exchange.conversation, rating, platform)
         return stored
 
-    async def reset(self, conversation: str, *, ticket: Ticket | None = None) -> bool:
-        """Forget a conversation, in line: after the messages that came before, before those after."""
+    async def reset(self, conversation: str, *, ticket: Ticket | None = None, with_settings: bool = False) -> bool:
+        """Forget a conversation, in line: after the messages that came before, before those after.
+        `with_settings`: a person forgetting their own DM (or web, terminal) conversation, whose
+        channel settings are kept under the conversation's own key: those go too."""
         own_ticket = ticket is None
         if ticket is None:
             ticket = self.take_ticket(conversation)
         try:
             await ticket.turn()
             async with self._conversation_lock(conversation):
-                return await self.store.reset(conversation)
+                forgotten = await self.store.reset(conversation)
+                if with_settings:
+                    forgotten = await self.store.reset_channel_settings(conversation) or forgotten
+                return forgotten
         finally:
             if own_ticket:
                 ticket.release()
@@ -343,15 +389,72 @@ class ReplyEngine:
             raise PersonaRefused("That persona did not pass the safety filter; nothing was changed.")
         return persona
 
+    # -- channel settings ------------------------------------------------------
+    # Each raises StoreUnavailable (logged here) when the memory cannot be used.
+
+    async def channel_settings(self, channel: str) -> ChannelSettings:
+        """`channel`'s own settings (defaults for what was never set)."""
+        values = await self._settings_call("read", channel, self.store.channel_settings(channel))
+        return ChannelSettings.from_values(values)
+
+    async def set_persona(self, channel: str, text: str) -> tuple[str, ...]:
+        """Give `channel` the persona written in `text`, once `check_persona` accepts it
+        (else `PersonaRefused`, and nothing is stored); the persona's lines."""
+        persona = await self.check_persona(text)
+        await self._settings_call(
+            "write", channel, self.store.set_channel_setting(channel, PERSONA, "\n".join(persona))
+        )
+        log.info("Channel %s has a persona of its own now (%d lines)", channel, len(persona))
+        return persona
+
+    async def set_listening(self, channel: str, on: bool) -> None:
+        """Whether the bot answers every message in `channel`, or only those addressed to it."""
+        await self._settings_call(
+            "write", channel, self.store.set_channel_setting(channel, LISTEN, "on" if on else "off")
+        )
+        log.info("Channel %s: listening %s", channel, "on" if on else "off")
+
+    async def reset_settings(self, channel: str) -> bool:
+        """`channel` back to the defaults (PERSONA, not listening); True if it had settings."""
+        return await self._settings_call("write", channel, self.store.reset_channel_settings(channel))
+
+    async def listening(self, channel: str) -> bool:
+        """Whether `channel` listens; False when that cannot be read (the bot stays quiet)."""
+        try:
+            return (await self.channel_settings(channel)).listen
+        except StoreUnavailable:
+            return False
+
+    async def _settings_call(self, kind: str, channel: str, call: Awaitable[_T]) -> _T:
+        """`call` (a store's read or write of `channel`'s settings), its failure logged and counted."""
+        try:
+            return await call
+        except Exception as error:
+            _log_store_error(f"Could not {kind} the settings of channel %s", channel, error)
+            self.metrics.errors.labels(f"memory_{kind}").inc()
+            done = "read" if kind == "read" else "written"
+            raise StoreUnavailable(f"the settings of {channel} could not be {done}") from error
+
+    async def _persona_for(self, channel: str | None) -> tuple[str, ...]:
+        """The persona a message in `channel` is answered with: the channel's own, else PERSONA
+        (also when the settings cannot be read: the answer matters more than the character)."""
+        if channel is None:
+            return self.settings.persona
+        try:
+            own = (await self.channel_settings(channel)).persona
+        except StoreUnavailable:
+            return self.settings.persona
+        return own or self.settings.persona
+
     # -- internals -------------------------------------------------------
 
-    async def _reply(self, ticket: Ticket, text: str, user: str, exchange_id: str) -> tuple[str, Exchange | None]:
+    async def _reply(self, ticket: Ticket, text: str, asked: _Asked) -> tuple[str, Exchange | None]:
         text = clean_text(text)
         if not text:
             raise EmptyMessage()
         if len(text) > self.settings.max_input_chars:
             raise MessageTooLong(len(text), self.settings.max_input_chars)
-        return await self._admitted(ticket, lambda: self._reply_in_order(ticket, text, user, exchange_id))
+        return await self._admitted(ticket, lambda: self._reply_in_order(ticket, text, asked))
 
     async def _admitted(self, ticket: Ticket, work: Callable[[], Awaitable[_T]]) -> _T:
         """`work()` (a message's or a retry's turn), if the engine takes it now: refused
@@ -383,9 +486,7 @@ class ReplyEngine:
             raise EngineBusy(TOO_SLOW, retry_after=expected, notify=notify)
         self._lines.accept(ticket)
 
-    async def _reply_in_order(
-        self, ticket: Ticket, text: str, user: str, exchange_id: str
-    ) -> tuple[str, Exchange | None]:
+    async def _reply_in_order(self, ticket: Ticket, text: str, asked: _Asked) -> tuple[str, Exchange | None]:
         """The answer and the exchange stored for it (None if nothing was stored)."""
         conversation = ticket.conversation
         deadline = asyncio.get_running_loop().time() + self.settings.reply_timeout
@@ -394,7 +495,7 @@ class ReplyEngine:
             async with asyncio.timeout_at(deadline):
                 await ticket.turn()
                 # In line, not before: a limiter that takes a while (a Redis round trip) would let messages overtake.
-                await self.limiter.acquire(user)
+                await self._admit(asked)
                 await lock.acquire()
         except TimeoutError:
             raise ReplyTimeout() from None
@@ -406,35 +507,37 @@ class ReplyEngine:
                 if await self._unsafe(text, "input", conversation):
                     return self.settings.safety_deflection, None  # never shown to the model nor stored
                 history = await self._load_history(conversation)
+                persona = await self._persona_for(asked.channel)
             finally:
                 self._preparing -= 1  # from here to the queue there is no await
-            answered = next((exchange for exchange in history if exchange.id == exchange_id), None)
+            answered = next((exchange for exchange in history if exchange.id == asked.exchange_id), None)
             if answered is not None:
                 # Answered before (by a process that died before delivering it): the same answer again.
                 return clean_text(answered.bot) or NO_ANSWER, answered
             try:
                 async with asyncio.timeout_at(deadline):
-                    generated = await self._generate_safely(_turns(history, text), self.settings.persona, conversation)
+                    generated = await self._generate_safely(_turns(history, text), persona, conversation)
             except TimeoutError:
                 raise ReplyTimeout() from None
             if generated is None:
                 return self.settings.safety_deflection, None
             # The answer exists now: it is stored and returned whatever the deadline says.
-            stored = await self._store_exchange(conversation, text, generated.text, exchange_id)
+            stored = await self._store_exchange(conversation, text, generated.text, asked.exchange_id)
         finally:
             await lock.release()
         self._measure_turn(time.monotonic() - held)
         return clean_text(generated.text) or NO_ANSWER, stored
 
-    async def _retry_in_order(self, ticket: Ticket, exchange_id: str, user: str) -> Exchange:
-        """The exchange `exchange_id` with a new answer, stored in its place."""
+    async def _retry_in_order(self, ticket: Ticket, asked: _Asked) -> Exchange:
+        """The exchange `asked.exchange_id` with a new answer, stored in its place."""
+        exchange_id = asked.exchange_id
         conversation = ticket.conversation
         deadline = asyncio.get_running_loop().time() + self.settings.reply_timeout
         lock = self._conversation_lock(conversation)
         try:
             async with asyncio.timeout_at(deadline):
                 await ticket.turn()
-                await self.limiter.acquire(user)
+                await self._admit(asked)
                 await lock.acquire()
         except TimeoutError:
             raise ReplyTimeout() from None
@@ -455,8 +558,9 @@ class ReplyEngine:
             latest = history[place]
             try:
                 async with asyncio.timeout_at(deadline):
+                    persona = await self._persona_for(asked.channel)
                     generated = await self._sample_another(
-                        _turns(history[:place], latest.user), self.settings.persona, conversation, latest.bot
+                        _turns(history[:place], latest.user), persona, conversation, latest.bot
                     )
             except TimeoutError:
                 raise ReplyTimeout() from None
@@ -487,6 +591,19 @@ class ReplyEngine:
             if (text or NO_ANSWER) != (clean_text(old) or NO_ANSWER):
                 return generated
         raise NoOtherAnswer()
+
+    async def _admit(self, asked: _Asked) -> None:
+        """The rate limits: the user's, and for a message overheard in a listening channel the
+        channel's too. Over them, an overheard message gets silence: nobody asked the bot."""
+        try:
+            # The channel's first: a message it refuses costs the person nothing.
+            if asked.listened and asked.channel is not None:
+                await self.limiter.acquire(f"channel:{asked.channel}")
+            await self.limiter.acquire(asked.user)
+        except RateLimited as error:
+            if asked.listened:
+                raise RateLimited(error.retry_after, notify=False) from None
+            raise
 
     def _measure_turn(self, seconds: float) -> None:
         if self._turn_seconds == 0.0:

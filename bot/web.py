@@ -41,6 +41,7 @@ from bot.errors import (
     MessageTooLong,
     NoOtherAnswer,
     NotLatest,
+    PersonaRefused,
     RateLimited,
     ReplyError,
     ReplyTimeout,
@@ -49,7 +50,7 @@ from bot.errors import (
 from bot.feedback import feedback_report
 from bot.inbox import Claim, Entry, Inbox
 from bot.inflight import InFlight
-from bot.memory import RATINGS, ExchangeRef, StoreUnavailable
+from bot.memory import RATINGS, ChannelSettings, ExchangeRef, StoreUnavailable
 from bot.ratelimit import RateLimiter, TokenBucketLimiter
 from bot.text import clean_text
 from bot.webaccess import OPEN_PATHS, is_loopback, make_request_guard
@@ -123,7 +124,8 @@ class WebState:
             with self.requests:  # a shutdown waits for it as for a request
                 try:
                     await self.engine.respond(entry.conversation, entry.text, user=entry.user, platform="web",
-                                              ticket=ticket, exchange_id=entry.exchange_id)  # fmt: skip
+                                              ticket=ticket, exchange_id=entry.exchange_id,
+                                              channel=entry.conversation)  # fmt: skip
                 except ReplyError:
                     pass  # nobody to tell
                 finally:
@@ -171,6 +173,8 @@ def build_app(
     app.router.add_post("/api/reset", api_reset)
     app.router.add_post("/api/feedback", api_rate)
     app.router.add_get("/api/feedback", api_feedback)
+    app.router.add_get("/api/settings", api_settings)
+    app.router.add_put("/api/settings", api_set_settings)
     app.router.add_get("/", chat_page)
     app.router.add_static("/static/", STATIC_DIR)
     return app
@@ -422,8 +426,10 @@ async def api_chat(request: web.Request) -> web.Response:
         # Recorded, so that if this process dies the exchange is still stored (the caller is gone).
         claim = await state.inbox.accept(entry)
         try:
+            # A web conversation's own settings (its persona, PUT /api/settings) are kept under its key.
             reply = await state.engine.respond(
-                ticket.conversation, text, user=entry.user, platform="web", ticket=ticket, exchange_id=entry.exchange_id
+                ticket.conversation, text, user=entry.user, platform="web", ticket=ticket,
+                exchange_id=entry.exchange_id, channel=ticket.conversation,
             )
         except ReplyError as error:
             return _reply_error(error)
@@ -470,7 +476,7 @@ async def api_again(request: web.Request) -> web.Response:
             return refused
         try:
             reply = await state.engine.retry(ticket.conversation, exchange_id, user=f"web:{user or conversation_id}",
-                                             platform="web", ticket=ticket)  # fmt: skip
+                                             platform="web", ticket=ticket, channel=ticket.conversation)  # fmt: skip
         except ReplyError as error:
             return _reply_error(error)
     assert reply.exchange is not None  # a retry always stores its answer
@@ -505,8 +511,63 @@ async def api_history(request: web.Request) -> web.Response:
 async def api_reset(request: web.Request) -> web.Response:
     data = await _json_object(request)
     conversation = _conversation(data.get("conversation"))
-    forgotten = await request.app[STATE].engine.reset(conversation)
+    # A web conversation is one person's, like a DM: forgetting it forgets its settings too.
+    forgotten = await request.app[STATE].engine.reset(conversation, with_settings=True)
     return web.json_response({"reset": forgotten})
+
+
+@_bad_request
+async def api_settings(request: web.Request) -> web.Response:
+    """A web conversation's settings: `{"persona": [its lines] or null, ...}` (null: PERSONA's)."""
+    conversation = _conversation(request.query.get("conversation"))
+    engine = request.app[STATE].engine
+    try:
+        settings = await engine.channel_settings(conversation)
+    except StoreUnavailable:
+        return _memory_unavailable()
+    return web.json_response(_settings_view(engine, settings))
+
+
+@_bad_request
+async def api_set_settings(request: web.Request) -> web.Response:
+    """Give a web conversation a persona of its own: `{"conversation": "abc", "persona": "I love
+    hiking | I have a dog"}` (facts separated by | or newlines), or `"persona": null` for the
+    default (PERSONA) again. A persona the safety filter or the model's window refuses is 422,
+    with the reason, and nothing changes. Answers the settings as GET /api/settings does."""
+    data = await _json_object(request)
+    conversation = _conversation(data.get("conversation"))
+    if "persona" not in data:
+        raise BadRequest("Missing field: persona (a text, or null for the default).")
+    if "listen" in data:
+        raise BadRequest("listen is for Discord and Slack channels (/blenderbot listen on|off); the web chat "
+                         "answers every message already.")
+    persona = data["persona"]
+    if persona is not None and not isinstance(persona, str):
+        raise BadRequest("persona must be a text (facts separated by |) or null.")
+    if isinstance(persona, str) and len(persona) > request.app[STATE].settings.max_input_chars:
+        raise BadRequest(f"persona must be at most {request.app[STATE].settings.max_input_chars} characters.")
+    engine = request.app[STATE].engine
+    try:
+        if persona is None:
+            await engine.reset_settings(conversation)
+        else:
+            await engine.set_persona(conversation, persona)
+        settings = await engine.channel_settings(conversation)
+    except PersonaRefused as refused:
+        return _error(422, "persona_refused", str(refused))
+    except StoreUnavailable:
+        return _memory_unavailable()
+    return web.json_response(_settings_view(engine, settings))
+
+
+def _settings_view(engine: ReplyEngine, settings: ChannelSettings) -> dict[str, Any]:
+    """`persona`: the conversation's own lines, or null; `default_persona`: PERSONA's (null if none)."""
+    return {"persona": list(settings.persona) or None, "default_persona": list(engine.settings.persona) or None}
+
+
+def _memory_unavailable() -> web.Response:
+    return _error(503, "memory_unavailable", "The memory store is unavailable right now. Please try again later.",
+                  headers={"Retry-After": "30"})
 
 
 @_bad_request

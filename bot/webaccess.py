@@ -11,7 +11,7 @@ the answers. So the web chat page and /api/* answer only:
   otherwise, logged once per name so an operator behind a proxy sees what to add;
 - from their own origin: a browser's `Origin` must be the same host and port,
   or a name in WEB_ALLOWED_HOSTS; 403 otherwise;
-- with `Content-Type: application/json` on POSTs to /api/*, which a cross-site
+- with `Content-Type: application/json` on POSTs and PUTs to /api/*, which a cross-site
   form or `text/plain` fetch cannot send without the browser asking first; 415.
 
 Health, readiness, metrics and Slack's signed events are not checked: probes,
@@ -102,7 +102,7 @@ def make_request_guard(settings: Settings) -> Callable[..., Awaitable[web.Stream
         origin = request.headers.get("Origin")
         if origin is not None and not _same_origin(origin, raw_host, hosts):
             return _refuse(api, 403, "cross_origin", "Requests from other web sites are not allowed.")
-        if api and request.method == "POST" and request.content_type != "application/json":
+        if api and request.method in ("POST", "PUT") and request.content_type != "application/json":
             return _refuse(api, 415, "unsupported_media_type", "Send the body as JSON with the header "
                            "Content-Type: application/json.")  # fmt: skip
         return await handler(request)

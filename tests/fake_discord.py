@@ -49,6 +49,9 @@ WEBHOOK_ID = 860000000000000001
 
 MESSAGE_CONTENT_INTENT = 1 << 15
 EPHEMERAL = 1 << 6
+SEND_MESSAGES = 1 << 11
+MANAGE_CHANNELS = 1 << 4
+MEMBER_PERMISSIONS = SEND_MESSAGES  # what an ordinary member may do in a channel
 NONCE_LENGTH = 25  # Discord refuses a longer nonce
 NONCE_WINDOW = 300.0  # seconds Discord remembers a nonce ("the past few minutes")
 
@@ -210,11 +213,26 @@ class FakeDiscord:
         await self.dispatch("MESSAGE_CREATE", data)
         return int(data["id"])
 
-    async def slash_command(self, name: str, *, channel_id: int = CHANNEL_ID, user_id: int = USER_ID) -> int:
+    async def slash_command(self, name: str, *, channel_id: int = CHANNEL_ID, user_id: int = USER_ID,
+                            subcommand: str | None = None, options: dict[str, Any] | None = None,
+                            permissions: int = MEMBER_PERMISSIONS) -> int:
         """Dispatch an INTERACTION_CREATE for a registered slash command; returns the interaction id.
-        `channel_id` GROUP_DM_ID or FOREIGN_CHANNEL_ID: used through the user's install of the app."""
+        `channel_id` GROUP_DM_ID or FOREIGN_CHANNEL_ID: used through the user's install of the app.
+        `subcommand` and its `options` (name -> value) are sent as Discord sends a subcommand's
+        (`data.options`: the subcommand, its options inside), each typed as the command was
+        registered; `permissions` are the member's in that channel (the interaction's
+        `member.permissions`)."""
         command = next(c for c in self.commands if c["name"] == name)
-        return await self._interaction({"id": command["id"], "name": name, "type": 1}, channel_id, user_id)
+        data: dict[str, Any] = {"id": command["id"], "name": name, "type": 1}
+        if subcommand is not None:
+            registered = next(o for o in command["options"] if o["name"] == subcommand)
+            known = {o["name"]: o for o in registered.get("options") or []}
+            unknown = set(options or {}) - set(known)
+            assert not unknown, f"/{name} {subcommand} has no options {unknown}"
+            given = [{"name": key, "type": known[key]["type"], "value": value}
+                     for key, value in (options or {}).items()]
+            data["options"] = [{"name": subcommand, "type": registered["type"], "options": given}]
+        return await self._interaction(data, channel_id, user_id, permissions=permissions)
 
     async def context_menu(self, name: str, message_id: int, *, channel_id: int | None = None,
                            user_id: int = USER_ID) -> int:
@@ -225,7 +243,8 @@ class FakeDiscord:
                 "resolved": {"messages": {str(message_id): message}}}
         return await self._interaction(data, channel_id or int(message["channel_id"]), user_id)
 
-    async def _interaction(self, command: dict[str, Any], channel_id: int, user_id: int) -> int:
+    async def _interaction(self, command: dict[str, Any], channel_id: int, user_id: int,
+                           permissions: int = MEMBER_PERMISSIONS) -> int:
         interaction_id = next(self._ids)
         token = f"interaction-token-{interaction_id}"
         self._interaction_channels[token] = channel_id
@@ -257,13 +276,13 @@ class FakeDiscord:
             data["channel"] = {"id": str(channel_id), "type": 0, "name": "elsewhere",
                                "guild_id": str(FOREIGN_GUILD_ID), "position": 0, "permission_overwrites": []}
             data["guild_id"] = str(FOREIGN_GUILD_ID)
-            data["member"] = {**self._member(user_id), "user": USERS[user_id], "permissions": "2048"}
+            data["member"] = {**self._member(user_id), "user": USERS[user_id], "permissions": str(permissions)}
             data["context"] = 0
             data["authorizing_integration_owners"] = {"1": str(user_id)}
         else:
             data["channel"] = {"id": str(channel_id), "type": 11 if channel_id == THREAD_ID else 0}
             data["guild_id"] = str(GUILD_ID)
-            data["member"] = {**self._member(user_id), "user": USERS[user_id], "permissions": "2048"}
+            data["member"] = {**self._member(user_id), "user": USERS[user_id], "permissions": str(permissions)}
             data["context"] = 0
         # The messages answering it carry this (Discord's ApplicationCommandInteractionMetadataResponse).
         metadata = {"id": data["id"], "type": 2, "user": USERS[user_id],

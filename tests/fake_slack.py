@@ -68,6 +68,10 @@ class Call:
 @dataclass
 class FakeSlack:
     users: dict[str, str] = field(default_factory=lambda: {"U2": "Alice", "U3": "Bob"})
+    # users.info's `is_admin` / `is_owner` (Slack's role flags; java-slack-sdk's users.info sample has both).
+    admins: set[str] = field(default_factory=set)
+    owners: set[str] = field(default_factory=set)
+    responses: list[dict[str, Any]] = field(default_factory=list)  # what was POSTed to a command's response_url
     calls: list[Call] = field(default_factory=list)
     acks: list[dict[str, Any]] = field(default_factory=list)
     sockets: list[web.WebSocketResponse] = field(default_factory=list)
@@ -101,6 +105,7 @@ class FakeSlack:
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._api)
         app.router.add_get("/socket", self._socket)
+        app.router.add_post("/commands/{id}", self._respond)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -326,7 +331,8 @@ class FakeSlack:
             user = params.get("user")
             if user not in self.users:
                 return {"ok": False, "error": "user_not_found"}
-            return {"ok": True, "user": _user(user, self.users[user])}
+            return {"ok": True, "user": {**_user(user, self.users[user]), "is_admin": user in self.admins,
+                                         "is_owner": user in self.owners, "is_primary_owner": False}}
         return {"ok": False, "error": "unknown_method"}
 
     def _suggest(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -447,6 +453,36 @@ class FakeSlack:
                 latest_reply=replies[-1]["ts"],
             )
         return shown
+
+    # -- slash commands --------------------------------------------------
+
+    def slash_command(self, command: str, text: str, *, user: str = "U2", channel: str = "C1",
+                      team: str = TEAM_ID) -> dict[str, Any]:
+        """The payload of a slash command, with the fields Slack documents for one (bolt-js's
+        `SlashCommand` type lists the same): its `response_url` is this fake's."""
+        return {
+            "token": "unused", "team_id": team, "team_domain": "fake", "channel_id": channel,
+            "channel_name": "directmessage" if channel.startswith("D") else "general", "user_id": user,
+            "user_name": self.users.get(user, user).lower(), "command": command, "text": text,
+            "api_app_id": "A1", "is_enterprise_install": "false",
+            "response_url": f"http://127.0.0.1:{self._port}/commands/{uuid.uuid4().hex}",
+            "trigger_id": f"{new_ts()}.{uuid.uuid4().hex[:12]}",
+        }
+
+    async def _respond(self, request: web.Request) -> web.Response:
+        """A POST to a command's response_url: JSON with `text` (and `response_type`), answered "ok"."""
+        body = await request.json()
+        assert isinstance(body.get("text"), str), body
+        self.responses.append(body)
+        return web.Response(text="ok")
+
+    async def send_slash_command(self, payload: dict[str, Any]) -> str:
+        """Send a `slash_commands` envelope (Socket Mode) on the newest connection; its envelope_id."""
+        envelope_id = uuid.uuid4().hex
+        await self.open_sockets[-1].send_json({
+            "envelope_id": envelope_id, "type": "slash_commands", "payload": payload, "accepts_response_payload": True,
+        })
+        return envelope_id
 
     # -- Socket Mode -----------------------------------------------------
 

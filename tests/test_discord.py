@@ -249,7 +249,7 @@ async def test_reset_by_mention_forgets_the_channel(fake, bot, word):
 
 
 async def test_slash_reset_forgets_and_confirms(fake, bot):
-    assert {command["name"] for command in fake.commands} == {"reset", "help", "Ask BlenderBot"}
+    assert {command["name"] for command in fake.commands} == {"reset", "help", "Ask BlenderBot", "blenderbot"}
     await answer_to(fake, f"{MENTION} remember that I like tea", mentions=(BOT_ID,))
 
     interaction = await fake.slash_command("reset")
@@ -390,7 +390,7 @@ async def test_sharded_client_identifies_its_shard_and_answers(fake, start_bot):
     bot = await start_bot(discord_shard_count=2, discord_shard_ids=(0,))
     await answer_to(fake, f"{MENTION} hello, shard", mentions=(BOT_ID,))
     assert [identify["shard"] for identify in fake.identifies] == [[0, 2]]
-    assert {command["name"] for command in fake.commands} == {"reset", "help", "Ask BlenderBot"}  # shard 0 does
+    assert {command["name"] for command in fake.commands} == {"reset", "help", "Ask BlenderBot", "blenderbot"}  # shard 0 does
     assert bot.adapter.connected
 
 

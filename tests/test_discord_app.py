@@ -116,9 +116,9 @@ async def test_reactions_of_blocked_users_are_ignored(fake, start_bot):
 async def test_every_command_is_registered_for_server_and_user_installs_in_every_context(fake, start_bot):
     await start_bot()
     commands = {command["name"]: command for command in fake.commands}
-    assert set(commands) == {"reset", "help", ASK_COMMAND}
+    assert set(commands) == {"reset", "help", ASK_COMMAND, "blenderbot"}  # /blenderbot: tests/test_community.py
     assert commands[ASK_COMMAND]["type"] == 3  # a message context menu
-    for command in commands.values():
+    for command in (commands["reset"], commands["help"], commands[ASK_COMMAND]):
         assert sorted(command["integration_types"]) == [0, 1]  # server install, user install
         assert sorted(command["contexts"]) == [0, 1, 2]  # servers, the bot's DM, other DMs and group DMs
 

@@ -7,15 +7,18 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+from urllib.parse import urlencode
 
 import yaml
 from conftest import REPO
-from fake_slack import dm, event_body, home_opened, mention, thread_started
+from fake_slack import dm, event_body, home_opened, mention, signed_headers, thread_started, wait_for
 from jsonschema import Draft7Validator
-from test_slack import answered, fake, start_bot  # noqa: F401 (fixtures)
+from test_slack import SECRET, answered, fake, start_bot  # noqa: F401 (fixtures)
 
+from adapters.slack_commands import COMMAND as SETTINGS_COMMAND
 from adapters.slack_surface import MANIFEST_PROMPTS
 
+FORM = "application/x-www-form-urlencoded"  # how Slack POSTs a slash command
 MANIFEST = REPO / "slack-manifest.yml"
 SCHEMA = REPO / "tests" / "contracts" / "slack" / "manifest.schema.1.0.0.json"
 
@@ -40,14 +43,15 @@ def test_manifest_validates_against_slacks_schema():
 
 
 def test_the_variants_the_comments_describe_validate_too():
-    """HTTP mode (both request URLs) and SLACK_THREAD_FOLLOWUPS=on (the follow-up scopes and
-    events), uncommented as the file says."""
+    """HTTP mode (both request URLs, the command's URL) and SLACK_THREAD_FOLLOWUPS=on or listening
+    channels (the follow-up scopes and events), uncommented as the file says."""
     text = MANIFEST.read_text().replace("socket_mode_enabled: true", "socket_mode_enabled: false")
-    text = re.sub(r"^(\s*)# (request_url: )", r"\1\2", text, flags=re.MULTILINE)
+    text = re.sub(r"^(\s*)# (request_url: |url: )", r"\1\2", text, flags=re.MULTILINE)
     text = re.sub(r"^(\s*)# (- \S+ # follow-ups)", r"\1\2", text, flags=re.MULTILINE)
     variant = manifest(text)
     settings = variant["settings"]
     assert settings["event_subscriptions"]["request_url"] == settings["interactivity"]["request_url"]
+    assert [c["url"] for c in variant["features"]["slash_commands"]] == [settings["interactivity"]["request_url"]]
     assert {"message.channels", "message.groups"} <= set(settings["event_subscriptions"]["bot_events"])
     assert {"channels:history", "groups:history"} <= set(variant["oauth_config"]["scopes"]["bot"])
     assert violations(variant) == []
@@ -84,6 +88,7 @@ def test_manifest_asks_for_exactly_the_scopes_and_events_the_bot_uses():
         "app_mentions:read",  # mentions
         "assistant:write",  # the agent experience; prompts other than the manifest's
         "chat:write",  # answers, the greeting, the thinking status, the feedback note
+        "commands",  # /blenderbot
         "im:history",  # DMs
         "reactions:write",  # the hourglass where an answer has no thread
         "users:read",  # mentioned people's names
@@ -108,3 +113,16 @@ async def test_every_subscribed_event_reaches_a_listener_and_the_legacy_one_too(
                     "item": {"type": "message", "channel": "C1", "ts": "1.1"}}
     assert (await bot.send(event_body(unsubscribed)))[0] == 404
     await answered(fake, 2)
+
+
+async def test_the_manifests_command_is_the_one_the_bot_takes(start_bot, fake):
+    """/blenderbot as the manifest declares it reaches a listener (Bolt answers 404 to a command nobody takes)."""
+    bot = await start_bot()
+    [command] = manifest()["features"]["slash_commands"]
+    assert command["command"] == SETTINGS_COMMAND
+    body = urlencode(fake.slash_command(command["command"], "show"))
+    status, _ = await bot.send(body, headers=signed_headers(SECRET, body, content_type=FORM))
+    assert status == 200
+    await wait_for(lambda: fake.responses, what="the answer")
+    other = urlencode(fake.slash_command("/weather", "94070"))
+    assert (await bot.send(other, headers=signed_headers(SECRET, other, content_type=FORM)))[0] == 404

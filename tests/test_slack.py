@@ -55,12 +55,14 @@ class ModelSpy:
     def __init__(self, model: Any, *, delay: float = 0.0, reply: str | None = None, echo: bool = False) -> None:
         self.model, self.delay, self.reply, self.echo = model, delay, reply, echo
         self.inputs: list[list[str]] = []
+        self.personas: list[tuple[str, ...]] = []  # each conversation's persona, as `inputs`
 
     def generate(
         self, conversations: Sequence[Sequence[str]], *, sample: bool = False,
         personas: Sequence[Sequence[str]] | None = None,
     ) -> list[Any]:
         self.inputs += [list(turns) for turns in conversations]
+        self.personas += [tuple(persona) for persona in personas or [()] * len(conversations)]
         if self.delay:
             time.sleep(self.delay)
         results = self.model.generate(conversations, sample=sample, personas=personas)
@@ -69,6 +71,9 @@ class ModelSpy:
         if self.echo:  # to tell answers apart
             results = [replace(result, text="re: " + turns[-1]) for result, turns in zip(results, conversations)]
         return results
+
+    def check_persona(self, persona: Sequence[str]) -> None:
+        self.model.check_persona(persona)
 
 
 @dataclass

@@ -12,11 +12,19 @@ never move to the new one). People's ratings of replies (feedback) name the
 exchange by that id; they are kept with the conversation they belong to and
 deleted with it (reset, idle sweep, expiry). `open_store(url)` picks the
 backend from `MEMORY_URL`; a new backend is one new module here.
+
+The store also keeps each channel's settings (its persona, whether the bot listens
+there: `ChannelSettings`), as named text values per channel, in the same place as the
+conversations, so every replica sees the same. A channel's settings are not part of
+any conversation: a `reset` or the idle sweep leaves them; only
+`reset_channel_settings` deletes them (the engine does so when a person forgets a
+DM, whose settings key is the DM's conversation key).
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,6 +64,26 @@ class Feedback:
     user: str  # who rated, as the platform names them
     platform: str  # "slack", "discord", "web", "terminal"
     at: float  # when it was rated, seconds since the epoch
+
+
+# The names of the channel settings a store keeps, and how their values are written.
+PERSONA = "persona"  # the persona's lines, joined by newlines
+LISTEN = "listen"  # "on" or "off"
+CHANNEL_SETTING_NAMES = (PERSONA, LISTEN)
+
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    """What the people running a channel chose for the bot there (defaults where they chose nothing)."""
+
+    persona: tuple[str, ...] = ()  # empty: the default persona, PERSONA
+    listen: bool = False  # answer every message in the channel, not only those addressed to the bot
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, str]) -> ChannelSettings:
+        """The settings a store returned (`channel_settings`); unknown names are ignored."""
+        persona = tuple(line for line in values.get(PERSONA, "").split("\n") if line.strip())
+        return cls(persona=persona, listen=values.get(LISTEN) == "on")
 
 
 class StoreUnavailable(RuntimeError):
@@ -105,6 +133,15 @@ class ConversationStore(Protocol):
 
     async def ping(self) -> None:
         """Raise if the store cannot be used right now (for readiness checks)."""
+
+    async def channel_settings(self, channel: str) -> dict[str, str]:
+        """The settings stored for `channel`, name -> value ({} when none: the defaults)."""
+
+    async def set_channel_setting(self, channel: str, name: str, value: str) -> None:
+        """Store one setting of `channel` (one of CHANNEL_SETTING_NAMES), replacing its value."""
+
+    async def reset_channel_settings(self, channel: str) -> bool:
+        """Delete every setting of `channel`; True if there was any."""
 
 
 def open_store(url: str, *, max_turns: int, ttl: float = 0.0) -> ConversationStore:

@@ -14,6 +14,7 @@ class InProcessStore:
         self._conversations: dict[str, deque[Exchange]] = {}
         # conversation -> (exchange id, user) -> rating; dropped with the conversation
         self._feedback: dict[str, dict[tuple[str, str], Feedback]] = {}
+        self._settings: dict[str, dict[str, str]] = {}  # channel -> name -> value
 
     async def open(self) -> None:
         pass
@@ -81,3 +82,12 @@ class InProcessStore:
         ]
         rows.sort(key=lambda feedback: feedback.at, reverse=True)
         return rows[:limit] if limit is not None else rows
+
+    async def channel_settings(self, channel: str) -> dict[str, str]:
+        return dict(self._settings.get(channel, {}))
+
+    async def set_channel_setting(self, channel: str, name: str, value: str) -> None:
+        self._settings.setdefault(channel, {})[name] = value
+
+    async def reset_channel_settings(self, channel: str) -> bool:
+        return self._settings.pop(channel, None) is not None

@@ -14,6 +14,9 @@ key to expire `ttl` seconds later, so `sweep` has nothing left to do (it returns
 Ratings of replies live in one hash per conversation (`<prefix>fb:<conversation>`,
 a field per exchange id and user) that expires with the conversation's list and is
 deleted with it; listing them scans those hashes (an operator's query, not the hot path).
+
+Each channel's settings are one hash (`<prefix>settings:<channel>`, a field per
+setting) that never expires: a channel's persona outlives its idle conversations.
 """
 
 from __future__ import annotations
@@ -150,6 +153,9 @@ class RedisStore:
     def _feedback_key(self, conversation: str) -> str:
         return f"{self.prefix}fb:{conversation}"
 
+    def _settings_key(self, channel: str) -> str:
+        return f"{self.prefix}settings:{channel}"
+
     async def ping(self) -> None:
         try:
             await self._redis.ping()
@@ -252,6 +258,29 @@ class RedisStore:
             raise StoreUnavailable(f"could not read from Redis: {error}") from error
         rows.sort(key=lambda row: row.at, reverse=True)
         return rows[:limit] if limit is not None else rows
+
+    async def channel_settings(self, channel: str) -> dict[str, str]:
+        try:
+            values = await self._redis.hgetall(self._settings_key(channel))
+        except RedisError as error:
+            raise StoreUnavailable(f"could not read from Redis: {error}") from error
+        return {_text(name): _text(value) for name, value in values.items()}
+
+    async def set_channel_setting(self, channel: str, name: str, value: str) -> None:
+        try:
+            await self._redis.hset(self._settings_key(channel), name, value)
+        except RedisError as error:
+            raise StoreUnavailable(f"could not write to Redis: {error}") from error
+
+    async def reset_channel_settings(self, channel: str) -> bool:
+        try:
+            return bool(await self._redis.delete(self._settings_key(channel)))
+        except RedisError as error:
+            raise StoreUnavailable(f"could not write to Redis: {error}") from error
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _exchange(element: bytes | str) -> Exchange:

@@ -4,10 +4,11 @@ One row per exchange, so a user message is never stored without its reply;
 the insert, the conversation's timestamp and the trimming to `max_turns` are
 one transaction; "try again" rewrites an exchange's row in place. Ratings of
 replies sit in `feedback`, keyed by the exchange's id, deleted in the same
-transaction as their conversation. A transaction that fails anywhere, BEGIN
-and COMMIT included, or is cancelled, is rolled back, so one failed write (a
-full disk) never leaves the connection inside a transaction that every later
-write would trip over.
+transaction as their conversation. Channel settings sit in `channel_settings`,
+a row per channel and setting. A transaction that fails anywhere, BEGIN and
+COMMIT included, or is cancelled, is rolled back, so one failed write (a full
+disk) never leaves the connection inside a transaction that every later write
+would trip over.
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ CREATE TABLE IF NOT EXISTS feedback (
 );
 CREATE INDEX IF NOT EXISTS feedback_by_time ON feedback (created_at);
 """
+# Each channel's settings (bot/memory/__init__.py, ChannelSettings): one row per setting.
+CHANNEL_SETTINGS = """
+CREATE TABLE IF NOT EXISTS channel_settings (
+    channel TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (channel, name)
+);
+"""
 
 
 class SQLiteStore:
@@ -77,6 +88,7 @@ class SQLiteStore:
             await db.execute(EXCHANGE_IDS_OF_OLD_ROWS)
             await db.execute(EXCHANGE_ID_INDEX)
             await db.executescript(FEEDBACK)
+            await db.executescript(CHANNEL_SETTINGS)
         except BaseException:
             await db.close()  # its thread would otherwise keep the process from exiting
             raise
@@ -208,6 +220,25 @@ class SQLiteStore:
                 Feedback(ExchangeRef(conversation, exchange_id), rating, user, platform_, at)
                 for conversation, exchange_id, rating, user, platform_, at in await cursor.fetchall()
             ]
+
+    async def channel_settings(self, channel: str) -> dict[str, str]:
+        async with self._lock, self._conn.execute(
+            "SELECT name, value FROM channel_settings WHERE channel = ?", (channel,)
+        ) as cursor:
+            return {name: value for name, value in await cursor.fetchall()}
+
+    async def set_channel_setting(self, channel: str, name: str, value: str) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO channel_settings (channel, name, value, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (channel, name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (channel, name, value, time.time()),
+            )
+
+    async def reset_channel_settings(self, channel: str) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute("DELETE FROM channel_settings WHERE channel = ?", (channel,))
+        return cursor.rowcount > 0
 
 
 async def connect(path: Path) -> aiosqlite.Connection:
