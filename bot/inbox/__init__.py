@@ -301,11 +301,14 @@ class Inbox:
         try:
             entries = await self.store.orphans(self.lease, SCAN_LIMIT)
             self.metrics.inbox_depth.set(await self.store.depth())
-            claims, expired = await self._claim_orphans(entries)
         except Exception as error:
             self._failed("replay messages from", error)
             return 0
-        self._worked()
+        claims, expired, error = await self._claim_orphans(entries)
+        if error is None:
+            self._worked()
+        else:
+            self._failed("replay messages from", error)  # the rest waits for the next scan
         if expired:
             counts = ", ".join(f"{platform} {count}" for platform, count in sorted(expired.items()))
             log.warning(
@@ -320,24 +323,34 @@ class Inbox:
             self._replayers[claim.entry.platform](claim)
         return len(claims)
 
-    async def _claim_orphans(self, entries: list[Entry]) -> tuple[list[Claim], Counter[str]]:
+    async def _claim_orphans(self, entries: list[Entry]) -> tuple[list[Claim], Counter[str], Exception | None]:
+        """Claim what can be answered here and drop what is answered or too old. A store error
+        stops the scan but keeps what it claimed so far: those are replayed now, not held
+        (and renewed) forever unanswered."""
         claims: list[Claim] = []
         expired: Counter[str] = Counter()
         now = time.time()
         for entry in entries:
-            if entry.key in self._held or entry.platform not in self._replayers:
-                continue  # answered here right now, or by a platform another process serves
-            outcome = await self.store.reclaim(entry, self.token, self.lease)
-            if outcome == DONE:
-                await self.store.drop(entry)  # answered under another entry (a retried event)
-            elif outcome == ACCEPTED and now - entry.arrived > self.max_age:
-                await self.store.finish(entry, DONE_TTL)
-                expired[entry.platform] += 1
-                self.metrics.inbox_expired.labels(entry.platform).inc()
-            elif outcome == ACCEPTED:
-                self._held[entry.key] = entry
-                claims.append(Claim(entry, replayed=True))
-        return claims, expired
+            if entry.key in self._held:
+                continue  # answered here right now
+            too_old = now - entry.arrived > self.max_age
+            # Age first: an entry of a platform no process runs any more would otherwise stay for good.
+            if not too_old and entry.platform not in self._replayers:
+                continue  # another process serves that platform
+            try:
+                outcome = await self.store.reclaim(entry, self.token, self.lease)
+                if outcome == DONE:
+                    await self.store.drop(entry)  # answered under another entry (a retried event)
+                elif outcome == ACCEPTED and too_old:
+                    await self.store.finish(entry, DONE_TTL)
+                    expired[entry.platform] += 1
+                    self.metrics.inbox_expired.labels(entry.platform).inc()
+                elif outcome == ACCEPTED:
+                    self._held[entry.key] = entry
+                    claims.append(Claim(entry, replayed=True))
+            except Exception as error:
+                return claims, expired, error
+        return claims, expired, None
 
     # -- the store's health --------------------------------------------------
 

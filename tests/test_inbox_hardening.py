@@ -1,0 +1,145 @@
+"""The inbox's second round of hardening (issue 22): a store error in the middle of a
+replay scan, a Slack retry taking over a dead replica's claim, a conversation's order
+and its "forget" across a crash, entries of platforms this process does not run, and
+what the stores keep. On the real SQLite file and the real Redis (a key prefix per
+test), the Slack adapter through slack_bolt against the fake Slack."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import pytest
+from fake_slack import FakeSlack, event_body, mention, wait_for
+from redis_servers import delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
+
+from bot.config import Settings
+from bot.inbox import ACCEPTED, HELD, Claim, Entry, Inbox
+from bot.inbox.redis import RedisInbox
+from bot.inbox.sqlite import SQLiteInbox
+from bot.metrics import Metrics
+from bot_process import sample
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def make_store(request, tmp_path, redis_url):
+    """`make_store()`: a new, unopened inbox store on this test's SQLite file or Redis prefix
+    (every store made by one test shares it, as processes share the file or the server)."""
+    prefix = unique_prefix()
+    if request.param == "redis":
+        request.addfinalizer(lambda: delete_prefix(redis_url, prefix))
+
+    def make():
+        if request.param == "sqlite":
+            return SQLiteInbox(tmp_path / "memory.db")
+        return RedisInbox(redis_url, prefix=prefix)
+
+    make.kind = request.param
+    return make
+
+
+@pytest.fixture
+async def opened(make_store):
+    """`await opened()`: a store from make_store, opened, closed at the end."""
+    stores = []
+
+    async def open_one():
+        store = make_store()
+        await store.open()
+        stores.append(store)
+        return store
+
+    yield open_one
+    for store in stores:
+        await store.close()
+
+
+def entry(text: str = "hello", *, conversation: str = "discord:1", platform: str = "discord",
+          arrived: float | None = None) -> Entry:
+    return Entry(f"test:{uuid.uuid4().hex}", platform, conversation, "u1", text, {"channel": 1},
+                 arrived=time.time() if arrived is None else arrived)  # fmt: skip
+
+
+def _sample(metrics: Metrics, name: str, **labels: str) -> float:
+    return sample(metrics.render().decode(), name, **labels)
+
+
+class FailingOnce:
+    """A real store whose `nth` call of `method` raises once, as a "database is locked"
+    or a Redis blip would; everything else goes to the store."""
+
+    def __init__(self, store: Any, method: str, nth: int) -> None:
+        self._store, self._method, self._left = store, method, nth
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._store, name)
+        if name != self._method:
+            return attribute
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            self._left -= 1
+            if self._left == 0:
+                raise ConnectionError("the store blinked")
+            return await attribute(*args, **kwargs)
+
+        return call
+
+
+# -- item 2: one store error in a scan strands nothing ---------------------------------
+
+
+async def test_a_store_error_in_the_middle_of_a_scan_strands_no_claim(opened):
+    settings = Settings(inbox_lease=0.3, inbox_max_age=600.0)
+    dead = Inbox(await opened(), settings)
+    for text in ("A", "B"):
+        assert await dead.accept(entry(text)) is not None  # then that process is killed
+    await asyncio.sleep(0.5)
+    live = Inbox(FailingOnce(await opened(), "reclaim", nth=2), settings)  # B's reclaim fails, once
+    replayed: list[Claim] = []
+    live._replayers = {"discord": replayed.append}
+    await live.scan()
+    await asyncio.sleep(0.5)  # on Redis, an entry is looked at again once idle for a lease
+    await live.scan()
+    assert [claim.entry.text for claim in replayed] == ["A", "B"]  # A was claimed before the error: replayed
+    for claim in replayed:
+        await live.finish(claim)
+    assert await live.store.depth() == 0
+
+
+# -- item 4: a retry that takes over a dead holder's claim is a replay ------------------
+
+
+async def test_accepting_a_message_whose_holder_died_says_it_took_it_over(opened):
+    store = await opened()
+    message = entry()
+    assert (await store.accept(message, "process-a", 0.3))[0] == ACCEPTED
+    assert (await store.accept(message, "process-b", 0.3))[0] == HELD
+    await asyncio.sleep(0.5)  # a died: its lease lapsed, and Slack retries
+    assert (await store.accept(message, "process-b", 0.3))[0] == "taken"
+    settings = Settings(inbox_lease=0.3)
+    await asyncio.sleep(0.5)
+    claim = await Inbox(store, settings).accept(message)
+    assert claim is not None and claim.replayed  # its answer may be out already: check before posting
+    fresh = await Inbox(store, settings).accept(entry())
+    assert fresh is not None and not fresh.replayed
+
+
+# -- item 10: entries of a platform not run here, and forgotten conversations ------------
+
+
+async def test_entries_of_a_platform_not_run_here_expire_by_age(opened):
+    settings = Settings(inbox_lease=0.3, inbox_max_age=60.0)
+    dead = Inbox(await opened(), settings)
+    await dead.accept(entry("an hour old", platform="slack", arrived=time.time() - 3600))
+    await dead.accept(entry("a second old", platform="slack"))
+    await asyncio.sleep(0.5)
+    live = Inbox(await opened(), settings)  # runs Discord only
+    live._replayers = {"discord": lambda claim: None}
+    assert await live.scan() == 0
+    assert _sample(live.metrics, "blenderchat_inbox_expired_total", platform="slack") == 1
+    assert await live.store.depth() == 1  # the fresh one waits for a process that runs Slack
+    await asyncio.sleep(0.5)
+    [left] = await live.store.orphans(0.3, 10)
+    assert left.text == "a second old"
