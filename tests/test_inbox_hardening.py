@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from fake_slack import FakeSlack, event_body, mention, wait_for
-from redis_servers import delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
+from redis_servers import PrivateRedis, delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
 
 from bot.config import Settings
 from bot.inbox import ACCEPTED, HELD, Claim, Entry, Inbox
@@ -143,3 +143,72 @@ async def test_entries_of_a_platform_not_run_here_expire_by_age(opened):
     await asyncio.sleep(0.5)
     [left] = await live.store.orphans(0.3, 10)
     assert left.text == "a second old"
+
+
+async def test_forgetting_a_conversation_removes_its_waiting_entries(opened):
+    settings = Settings(inbox_lease=0.3)
+    dead = Inbox(await opened(), settings)
+    before = [entry(f"before {n}", conversation="discord:1") for n in range(2)]
+    for message in before:
+        await dead.accept(message)
+    await dead.accept(entry("another conversation", conversation="discord:2"))
+    live = Inbox(await opened(), settings)
+    here = await live.accept(entry("the reset itself, answered here", conversation="discord:1"))
+    forgotten_at = time.time()
+    after = entry("after the reset", conversation="discord:1", arrived=forgotten_at + 1)
+    await dead.accept(after)
+    await live.forget("discord:1", forgotten_at)
+    assert await live.store.depth() == 3  # the other conversation's, the one answered here, the later one
+    await asyncio.sleep(0.5)
+    assert sorted(orphan.text for orphan in await live.store.orphans(0.3, 10)) == [
+        "after the reset", "another conversation", "the reset itself, answered here"]
+    for message in before:  # nor is a retry of one answered
+        assert await live.accept(message) is None
+    await live.finish(here)
+
+
+# -- the suspected ones ----------------------------------------------------------------
+
+
+async def test_a_claim_whose_done_mark_failed_lapses_and_is_replayed(opened):
+    # Marking a message done failed once (the store blinked): the claim must not be renewed
+    # for as long as the process lives, or the entry is never replayed nor removed.
+    store = await opened()
+    settings = Settings(inbox_lease=0.3)
+    inbox = Inbox(FailingOnce(store, "finish", nth=1), settings)
+    claim = await inbox.accept(entry("answered, its done mark lost"))
+    other = await inbox.accept(entry("still being answered"))
+    await inbox.finish(claim)
+    for _ in range(5):  # the renewal loop, every lease/3
+        await inbox._renew()
+        await asyncio.sleep(0.1)
+    replayed: list[Claim] = []
+    inbox._replayers = {"discord": replayed.append}
+    await inbox.scan()
+    assert [claim.entry.text for claim in replayed] == ["answered, its done mark lost"]
+    assert replayed[0].replayed  # its delivery is checked first
+    await inbox.finish(replayed[0])
+    await inbox.finish(other)
+    assert await store.depth() == 0
+
+
+async def test_an_answered_message_leaves_no_text_in_redis(tmp_path):
+    # XDEL only flags a stream entry: its bytes stay until its whole node is deleted, which a
+    # single message pending for long prevents. DUMP shows what Redis keeps (and saves); a
+    # server of this test's own, so that it can be told to save uncompressed.
+    server = PrivateRedis(tmp_path)
+    server.start()
+    store = RedisInbox(server.url, prefix=unique_prefix())
+    await store.open()
+    try:
+        client = store._redis
+        await client.config_set("rdbcompression", "no")
+        _, pending = await store.accept(entry(f"still being answered {uuid.uuid4().hex}"), "process-a", 30.0)
+        _, answered = await store.accept(entry(f"my card number is {uuid.uuid4().hex}"), "process-a", 30.0)
+        await store.finish(answered, 60.0)
+        kept = b"".join([await client.dump(key) or b"" async for key in client.scan_iter()])
+        assert answered.text.encode() not in kept
+        assert pending.text.encode() in kept  # (the check can see text)
+    finally:
+        await store.close()
+        server.stop()

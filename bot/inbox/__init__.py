@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 # What a claim attempt found.
 ACCEPTED = "accepted"  # the message is ours to answer
+TAKEN = "taken"  # ours to answer, taken over from a holder whose lease lapsed: its answer may be out already
 HELD = "held"  # another handler (here or in another process) is answering it now
 DONE = "done"  # it was answered
 
@@ -112,7 +113,8 @@ class InboxStore(Protocol):
 
     async def accept(self, entry: Entry, token: str, lease: float) -> tuple[str, Entry]:
         """Claim `entry.key` unless claimed or done, and if claimed record the entry, in one
-        atomic step. The outcome, and the entry with its store id."""
+        atomic step. The outcome (TAKEN rather than ACCEPTED when the key had a lapsed claim:
+        its holder died, perhaps after delivering the answer), and the entry with its store id."""
 
     async def reclaim(self, entry: Entry, token: str, lease: float) -> str:
         """Claim the key of a recorded entry (for a replay) unless claimed or done."""
@@ -128,6 +130,10 @@ class InboxStore(Protocol):
 
     async def orphans(self, lease: float, limit: int) -> list[Entry]:
         """Recorded entries whose claim may have lapsed, oldest first."""
+
+    async def forget(self, conversation: str, before: float, keep: set[str], done_ttl: float) -> int:
+        """Remove `conversation`'s entries that arrived before `before` (but not those of the
+        keys in `keep`) and mark their keys done for `done_ttl`; how many were removed."""
 
     async def depth(self) -> int:
         """Entries recorded and not yet removed."""
@@ -152,15 +158,19 @@ class InProcessInbox:
         pass
 
     async def accept(self, entry: Entry, token: str, lease: float) -> tuple[str, Entry]:
-        return await self.reclaim(entry, token, lease), entry
+        return self._take(entry, token, lease), entry
 
     async def reclaim(self, entry: Entry, token: str, lease: float) -> str:
+        outcome = self._take(entry, token, lease)
+        return ACCEPTED if outcome == TAKEN else outcome
+
+    def _take(self, entry: Entry, token: str, lease: float) -> str:
         now = time.monotonic()
         held = self._claims.get(entry.key)
         if held is not None and held[1] > now:
             return DONE if held[0] == DONE else HELD
         self._set(entry.key, token, now + lease)
-        return ACCEPTED
+        return TAKEN if held is not None and held[0] != DONE else ACCEPTED
 
     async def renew(self, keys: list[str], token: str, lease: float) -> None:
         expires = time.monotonic() + lease
@@ -176,6 +186,9 @@ class InProcessInbox:
 
     async def orphans(self, lease: float, limit: int) -> list[Entry]:
         return []
+
+    async def forget(self, conversation: str, before: float, keep: set[str], done_ttl: float) -> int:
+        return 0  # no entries here, only claims
 
     async def depth(self) -> int:
         return 0
@@ -237,12 +250,16 @@ class Inbox:
             self._failed("record a message in", error)
             return Claim(entry, recorded=False)
         self._worked()
-        if outcome != ACCEPTED:
+        if outcome not in (ACCEPTED, TAKEN):
             self.metrics.inbox_duplicates.labels(entry.platform).inc()
             log.debug("Message %s is %s: not answered again", entry.key, outcome)
             return None
         self._held[entry.key] = entry
-        return Claim(entry)
+        if outcome == TAKEN:
+            # A retry of a message whose first handler died: answered as a replay, so the
+            # adapter looks for an answer already delivered before posting one.
+            self.metrics.inbox_replayed.labels(entry.platform).inc()
+        return Claim(entry, replayed=outcome == TAKEN)
 
     async def finish(self, claim: Claim) -> None:
         """The message was answered and its answer delivered (or deliberately not
@@ -262,6 +279,19 @@ class Inbox:
         """Stop renewing a claim whose answer was cut short (a shutdown): once the
         lease lapses, another process or the next start answers it."""
         self._held.pop(claim.entry.key, None)
+
+    async def forget(self, conversation: str, since: float) -> None:
+        """`conversation` was forgotten (a reset) as of `since`: its messages that arrived before
+        and are not being answered here leave the inbox, text and all, and are not answered
+        later (nor their retries). Never raises."""
+        try:
+            removed = await self.store.forget(conversation, since, set(self._held), DONE_TTL)
+        except Exception as error:
+            self._failed("forget messages in", error)
+            return
+        self._worked()
+        if removed:
+            log.info("Removed %d unanswered messages of forgotten conversation %s from the inbox", removed, conversation)
 
     def count_duplicate(self, platform: str) -> None:
         """A delivery found already done (a replay whose answer was out before the crash)."""
