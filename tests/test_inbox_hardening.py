@@ -21,6 +21,7 @@ from bot.inbox.redis import RedisInbox
 from bot.inbox.sqlite import SQLiteInbox
 from bot.metrics import Metrics
 from bot_process import sample
+from test_slack import fake, start_bot  # noqa: F401 (fixtures: the fake Slack, an adapter over a real engine)
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -124,6 +125,33 @@ async def test_accepting_a_message_whose_holder_died_says_it_took_it_over(opened
     assert claim is not None and claim.replayed  # its answer may be out already: check before posting
     fresh = await Inbox(store, settings).accept(entry())
     assert fresh is not None and not fresh.replayed
+
+
+async def test_a_slack_retry_taking_over_a_dead_replicas_claim_does_not_post_the_answer_again(
+    start_bot, fake, make_store, tmp_path  # noqa: F811 (fixtures)
+):
+    # Two replicas on one inbox and one memory. A posts the answer; Slack has it, A never hears
+    # so and dies (its reply cut off) before marking it done. Slack's retry reaches B after
+    # A's lease lapsed: B answers it as a replay, reads the thread and finds the answer there.
+    shared = {"memory_url": f"sqlite:///{tmp_path}/memory.db", "inbox_lease": 1.0}
+    a = await start_bot(echo=True, inbox_store=make_store(), **shared)
+    b = await start_bot(echo=True, inbox_store=make_store(), **shared)
+    fake.hold_response("chat.postMessage")
+    event = mention("hello there")
+    fake.add_message("C1", event["ts"], event["text"], event["user"])
+    assert (await a.send(event_body(event)))[0] == 200
+    await wait_for(lambda: fake.withheld, what="A's answer stored by Slack")
+    a.adapter.stop_accepting()
+    assert not await a.adapter.drain(0.1)  # A is gone mid-answer: its claim is left to lapse
+    await asyncio.sleep(1.5)
+    assert (await b.send(event_body(event), retry=1))[0] == 200
+    await wait_for(lambda: fake.calls_to("conversations.replies"), what="B reading the thread")
+    await wait_for(lambda: not fake.thinking, what="B done")
+    fake.release_held()
+    await asyncio.sleep(0.5)  # a second post would be on its way by now
+    answers = [m for m in fake.messages["C1"] if m["user"] == "UBOT" and m.get("thread_ts") == event["ts"]]
+    assert len(answers) == 1, answers
+    assert _sample(b.engine.metrics, "blenderchat_inbox_duplicates_prevented_total", platform="slack") == 1
 
 
 # -- item 10: entries of a platform not run here, and forgotten conversations ------------
