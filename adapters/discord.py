@@ -285,7 +285,7 @@ class DiscordAdapter:
         Its answer is sent with the same nonces as before, so Discord returns a message
         already sent instead of sending it twice."""
         entry = claim.entry
-        ticket = self.engine.take_ticket(entry.conversation)
+        ticket = self.engine.take_ticket(entry.conversation, arrived=entry.arrived)  # ahead of later messages
         channel_id, message_id = int(entry.route["channel"]), int(entry.route["message"])
         kind = discord.ChannelType.private if entry.route.get("dm") else None
         channel = self._client.get_partial_messageable(channel_id, type=kind)

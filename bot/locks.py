@@ -18,7 +18,11 @@ never wedge. Whoever takes a ticket releases it: an adapter hands it to
 the web API holds it for its request; `reply()` called without one takes and
 releases its own (the terminal chat). Holding the ticket until the answer is
 sent keeps the answers in order too. Messages replayed later (after a restart)
-keep their order by taking their tickets in arrival order, then answering.
+take their tickets with the time they arrived (`take(conversation, arrived=...)`):
+each goes ahead of the tickets of messages that arrived after it and whose turn has
+not started. A conversation can be held (`hold`) while a stopped process's messages
+of it wait to be replayed: until released, only replayed tickets take their turn,
+so a new message cannot overtake older ones (bot/inbox).
 
 With several replicas, `RedisLocks` also keeps other replicas out of the
 conversation while its reply is read, generated and stored. The engine layers
@@ -31,7 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
+from collections.abc import Callable
 from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
@@ -82,10 +88,13 @@ class Ticket:
     """A message's place in its conversation's line (see the module docstring).
     `with ticket:` releases it at the end of the block."""
 
-    def __init__(self, lines: ConversationLines, conversation: str) -> None:
+    def __init__(self, lines: ConversationLines, conversation: str, arrived: float | None = None) -> None:
         self.conversation = conversation
+        self.replay = arrived is not None  # a message that arrived before it was taken in (after a restart)
+        self.arrived = time.time() if arrived is None else arrived  # when its message arrived
         self._lines = lines
         self._called = asyncio.Event()
+        self.started = False  # its turn came and was taken: nothing goes ahead of it any more
         self.released = False
 
     @property
@@ -94,10 +103,18 @@ class Ticket:
         return self._lines._ahead(self)
 
     async def turn(self) -> None:
-        """Return once every ticket taken before this one was released."""
+        """Return once every ticket ahead of this one was released (and, unless this is a
+        replayed message, its conversation is not held)."""
         if self.released:
             raise RuntimeError(f"a released ticket of conversation {self.conversation} has no turn")
-        await self._called.wait()
+        while True:
+            await self._called.wait()
+            held = None if self.replay else self._lines._holds.get(self.conversation)
+            if held is not None:
+                await held.wait()  # then look again: a replayed message may have gone ahead meanwhile
+            elif self._called.is_set():
+                self.started = True
+                return
 
     def release(self) -> None:
         """Leave the line, letting the next ticket have its turn; later calls do nothing."""
@@ -122,15 +139,36 @@ class ConversationLines:
 
     def __init__(self) -> None:
         self._lines: dict[str, _Line] = {}
+        self._holds: dict[str, asyncio.Event] = {}  # conversation -> set when its hold is released
 
-    def take(self, conversation: str) -> Ticket:
-        """A place at the end of `conversation`'s line; synchronous, so the order is the order of calls."""
+    def take(self, conversation: str, arrived: float | None = None) -> Ticket:
+        """A place at the end of `conversation`'s line; synchronous, so the order is the order of
+        calls. With `arrived` (a replayed message), ahead of the tickets of messages that
+        arrived later and whose turn has not started."""
         line = self._lines.setdefault(conversation, _Line())
-        ticket = Ticket(self, conversation)
-        line.append(ticket)
-        if len(line) == 1:
+        ticket = Ticket(self, conversation, arrived)
+        place = len(line)
+        if arrived is not None:
+            while place > 0 and not line[place - 1].started and line[place - 1].arrived > arrived:
+                place -= 1
+        line.insert(place, ticket)
+        if place == 0:
+            if len(line) > 1:
+                line[1]._called.clear()  # its turn had come, not started: this one goes first
             ticket._called.set()
         return ticket
+
+    def hold(self, conversation: str) -> Callable[[], None]:
+        """Keep new messages of `conversation` from taking their turn (replayed ones still do)
+        until the returned function is called (one hold per conversation at a time)."""
+        released = self._holds.setdefault(conversation, asyncio.Event())
+
+        def release() -> None:
+            if self._holds.get(conversation) is released:
+                del self._holds[conversation]
+            released.set()
+
+        return release
 
     def waiting(self, conversation: str) -> int:
         """Tickets in `conversation`'s line, the one whose turn it is included."""

@@ -12,7 +12,8 @@ import uuid
 from typing import Any
 
 import pytest
-from fake_slack import FakeSlack, event_body, mention, wait_for
+from fake_discord import BOT_ID, CHANNEL_ID
+from fake_slack import event_body, mention, wait_for
 from redis_servers import PrivateRedis, delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
 
 from bot.config import Settings
@@ -21,6 +22,7 @@ from bot.inbox.redis import RedisInbox
 from bot.inbox.sqlite import SQLiteInbox
 from bot.metrics import Metrics
 from bot_process import sample
+from test_inbox import HELD_FOR_GOOD, MENTION, _discord_answers, _kill, _metric, _remembered, bots  # noqa: F401
 from test_slack import fake, start_bot  # noqa: F401 (fixtures: the fake Slack, an adapter over a real engine)
 
 
@@ -149,9 +151,88 @@ async def test_a_slack_retry_taking_over_a_dead_replicas_claim_does_not_post_the
     await wait_for(lambda: not fake.thinking, what="B done")
     fake.release_held()
     await asyncio.sleep(0.5)  # a second post would be on its way by now
+    for bot in (a, b):
+        await bot.adapter.inbox.close()
     answers = [m for m in fake.messages["C1"] if m["user"] == "UBOT" and m.get("thread_ts") == event["ts"]]
     assert len(answers) == 1, answers
     assert _sample(b.engine.metrics, "blenderchat_inbox_duplicates_prevented_total", platform="slack") == 1
+
+
+# -- item 7: a conversation's order, and its "forget", across a crash ----------------------
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def memory(request, tmp_path, redis_url):
+    """An opened conversation store of each kind."""
+    from bot.memory import open_store
+
+    prefix = unique_prefix()
+    url = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path}/memory.db",
+           "redis": f"{redis_url}?prefix={prefix}"}[request.param]  # fmt: skip
+    store = open_store(url, max_turns=10)
+    await store.open()
+    yield store
+    await store.close()
+    delete_prefix(redis_url, prefix)
+
+
+async def test_an_answer_to_a_message_asked_before_a_reset_is_not_stored_after_it(memory):
+    asked = time.time()
+    await memory.append_exchange("c", "my name is Ada", "hi Ada", exchange_id="e1", asked_at=asked - 5)
+    await memory.reset("c", at=asked)  # "forget", after the next message was asked
+    assert await memory.append_exchange("c", "my card is 1234", "ok", exchange_id="e2", asked_at=asked - 1) is None
+    assert await memory.history("c") == []  # the replayed message's text does not come back
+    stored = await memory.append_exchange("c", "hello again", "hello", exchange_id="e3", asked_at=asked + 1)
+    assert stored is not None and [e.user for e in await memory.history("c")] == ["hello again"]
+    assert await memory.append_exchange("c", "no time given", "fine") is not None  # (the terminal chat)
+
+
+async def test_a_replayed_message_goes_ahead_of_newer_ones_that_have_not_started(make_settings, tiny_model):
+    from bot.engine import ReplyEngine
+    from bot.memory.inprocess import InProcessStore
+
+    engine = ReplyEngine(tiny_model, InProcessStore(max_turns=10), make_settings())
+    live = engine.take_ticket("c")  # a new message, taken in while older ones wait
+    release = engine.hold_line("c")
+    turns: list[str] = []
+
+    async def take(name, ticket):
+        await ticket.turn()
+        turns.append(name)
+        ticket.release()
+
+    started = asyncio.create_task(take("new", live))
+    await asyncio.sleep(0.05)
+    assert turns == []  # held: older messages of the conversation are waiting
+    older = [engine.take_ticket("c", arrived=time.time() - 10 + n) for n in range(2)]  # their replays
+    release()
+    await asyncio.gather(started, *(take(f"old {n}", ticket) for n, ticket in enumerate(older)))
+    assert turns == ["old 0", "old 1", "new"]
+
+
+@pytest.mark.timeout(300)
+async def test_after_a_restart_a_new_message_is_answered_after_the_older_ones_of_its_conversation(bots):
+    # Two messages in flight in a channel when the process is killed; the restarted process
+    # (the same SQLite file) gets a third one as soon as it is up. Leases are long: the new
+    # process must not wait for them to lapse, nor answer the third first.
+    fake = bots.discord
+    first = await bots.start("first", INBOX_LEASE="60s")
+    fake.delay("POST", f"/channels/{CHANNEL_ID}/messages", HELD_FOR_GOOD)  # the first answer is on its way
+    said = ["message one", "message two", "message three"]
+    sent = [await fake.send_message(f"{MENTION} {said[0]}", mentions=(BOT_ID,))]
+    await wait_for(lambda: fake.held == 1, timeout=60, what="the first answer on its way")
+    sent.append(await fake.send_message(f"{MENTION} {said[1]}", mentions=(BOT_ID,)))
+    typing = lambda: sum(1 for call in fake.calls if call.path.endswith("/typing"))  # noqa: E731
+    await wait_for(lambda: typing() >= 2, timeout=60, what="the second message recorded (typing shows then)")
+    _kill(first)
+
+    second = await bots.start("second", INBOX_LEASE="60s")
+    sent.append(await fake.send_message(f"{MENTION} {said[2]}", mentions=(BOT_ID,)))
+    await wait_for(lambda: len(_discord_answers(fake)) >= 3, timeout=120, what="three answers")
+    answered = [int(message["message_reference"]["message_id"]) for message in _discord_answers(fake)]
+    assert answered == sent  # in the order they were written
+    assert await _remembered(bots.memory_url, f"discord:{CHANNEL_ID}") == said
+    assert _metric(second, "blenderchat_inbox_replayed_total", platform="discord") == 2
 
 
 # -- item 10: entries of a platform not run here, and forgotten conversations ------------
@@ -218,6 +299,24 @@ async def test_a_claim_whose_done_mark_failed_lapses_and_is_replayed(opened):
     await inbox.finish(replayed[0])
     await inbox.finish(other)
     assert await store.depth() == 0
+
+
+async def test_claims_accepted_before_the_inbox_starts_are_renewed(make_store, opened):
+    # `blender-chat run` opens the inbox, then connects the platforms (up to a minute), and only
+    # then starts the scans: messages accepted meanwhile must not look abandoned to other replicas.
+    settings = Settings(inbox_lease=0.3)
+    inbox = Inbox(make_store(), settings)
+    await inbox.open()
+    try:
+        message = entry("accepted while Discord still connects")
+        assert await inbox.accept(message) is not None
+        await asyncio.sleep(0.8)  # past two leases, start() not called yet
+        other = Inbox(await opened(), settings)
+        assert await other.accept(message) is None  # held: not answered twice
+        other._replayers = {"discord": lambda claim: pytest.fail(f"replayed: {claim}")}
+        await other.scan()
+    finally:
+        await inbox.close()
 
 
 async def test_an_answered_message_leaves_no_text_in_redis(tmp_path):

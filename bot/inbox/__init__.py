@@ -60,6 +60,8 @@ DONE = "done"  # it was answered
 DONE_TTL = 3600.0
 # Entries looked at per scan; the rest wait for the next one.
 SCAN_LIMIT = 500
+# How often a conversation waiting for a stopped process's messages is looked at (seconds).
+GATE_POLL = 0.5
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,10 @@ class InboxStore(Protocol):
     async def orphans(self, lease: float, limit: int) -> list[Entry]:
         """Recorded entries whose claim may have lapsed, oldest first."""
 
+    async def ahead(self, entry: Entry, keep: set[str]) -> int:
+        """How many messages of `entry`'s conversation that arrived before it are waiting (recorded,
+        not done), not counting `entry` itself and those of the keys in `keep`."""
+
     async def forget(self, conversation: str, before: float, keep: set[str], done_ttl: float) -> int:
         """Remove `conversation`'s entries that arrived before `before` (but not those of the
         keys in `keep`) and mark their keys done for `done_ttl`; how many were removed."""
@@ -187,6 +193,9 @@ class InProcessInbox:
     async def orphans(self, lease: float, limit: int) -> list[Entry]:
         return []
 
+    async def ahead(self, entry: Entry, keep: set[str]) -> int:
+        return 0  # nothing survives a stopped process here
+
     async def forget(self, conversation: str, before: float, keep: set[str], done_ttl: float) -> int:
         return 0  # no entries here, only claims
 
@@ -219,23 +228,41 @@ class Inbox:
         self._held: dict[str, Entry] = {}  # key -> the entry being answered here
         self._replayers: dict[str, Replayer] = {}
         self.failure: str | None = None  # why the store failed last time (warned once), until it works again
-        self._runner: asyncio.Task[None] | None = None
+        self._runner: asyncio.Task[None] | None = None  # the scans, from start()
+        self._renewer: asyncio.Task[None] | None = None  # the renewal of claims, from open()
+        self._hold: Callable[[str], Callable[[], None]] | None = None
+        # Conversations whose new messages wait for older ones of a stopped process: the newest
+        # such message, its conversation's hold's release, and until when it may be held.
+        self._gates: dict[str, tuple[Entry, Callable[[], None], float]] = {}
+        self._look_again = asyncio.Event()  # a gate was set: scan soon
 
     @classmethod
     def in_process(cls, settings: Settings, metrics: Metrics | None = None) -> Inbox:
         return cls(InProcessInbox(), settings, metrics)
 
+    def keep_order(self, hold: Callable[[str], Callable[[], None]]) -> None:
+        """How to hold a conversation's new messages (`ReplyEngine.hold_line`) while older
+        messages of it, left by a stopped process, wait to be replayed."""
+        self._hold = hold
+
     async def open(self) -> None:
+        """Open the store and renew this process's claims from now on (messages are accepted
+        before `start()`, while the platforms connect)."""
         try:
             await self.store.open()
         except Exception as error:
             self._failed("open", error)
+        self._renewer = asyncio.create_task(self._renew_forever(), name="inbox-renewal")
 
     async def close(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            await asyncio.gather(self._runner, return_exceptions=True)
-            self._runner = None
+        for task in (self._runner, self._renewer):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._runner = self._renewer = None
+        for _, release, _ in self._gates.values():
+            release()
+        self._gates.clear()
         await self.store.close()
 
     # -- what adapters call ---------------------------------------------------
@@ -259,7 +286,28 @@ class Inbox:
             # A retry of a message whose first handler died: answered as a replay, so the
             # adapter looks for an answer already delivered before posting one.
             self.metrics.inbox_replayed.labels(entry.platform).inc()
+        await self._hold_behind_older(entry)
         return Claim(entry, replayed=outcome == TAKEN)
+
+    async def _hold_behind_older(self, entry: Entry) -> None:
+        """If older messages of the conversation are waiting and not being answered here (a
+        stopped process's, or another replica's), hold the conversation's new messages until
+        they are answered or replayed here, ahead of this one."""
+        if self._hold is None or not self.store.durable:
+            return
+        try:
+            older = await self.store.ahead(entry, set(self._held))
+        except Exception as error:
+            self._failed("look for older messages in", error)
+            return
+        if not older:
+            return
+        gate = self._gates.get(entry.conversation)
+        if gate is None:
+            log.info("A message in %s waits for %d older ones left by a stopped process", entry.conversation, older)
+            gate = (entry, self._hold(entry.conversation), time.monotonic() + 3 * self.lease)
+        self._gates[entry.conversation] = (entry, gate[1], gate[2])  # the newest message decides
+        self._look_again.set()
 
     async def finish(self, claim: Claim) -> None:
         """The message was answered and its answer delivered (or deliberately not
@@ -300,20 +348,41 @@ class Inbox:
     # -- renewal and replay ------------------------------------------------
 
     def start(self, replayers: Mapping[str, Replayer]) -> None:
-        """Renew this process's claims and replay lapsed entries through `replayers`
-        (platform -> replay), now and periodically, until `close()`."""
+        """Replay lapsed entries through `replayers` (platform -> replay), now and every half
+        lease (more often while a conversation waits for its older messages), until `close()`."""
         self._replayers = dict(replayers)
         self._runner = asyncio.create_task(self._run(), name="inbox")
 
     async def _run(self) -> None:
-        renew_every = self.lease / 3
-        next_scan = 0.0
         while True:
-            now = time.monotonic()
-            if now >= next_scan:
-                await self.scan()
-                next_scan = now + self.lease / 2
-            await asyncio.sleep(min(renew_every, max(0.0, next_scan - time.monotonic())))
+            self._look_again.clear()
+            await self.scan()
+            await self._open_gates()
+            wait = GATE_POLL if self._gates else self.lease / 2
+            try:
+                await asyncio.wait_for(self._look_again.wait(), wait)
+            except TimeoutError:
+                pass
+
+    async def _open_gates(self) -> None:
+        """Let each held conversation go on once its older messages are answered or replayed
+        here (their replays, started by the scan just made, are in line ahead of the rest)."""
+        for conversation, (entry, release, until) in list(self._gates.items()):
+            try:
+                older = await self.store.ahead(entry, set(self._held))
+            except Exception as error:
+                self._failed("look for older messages in", error)
+                older = 1
+            if older and time.monotonic() < until:
+                continue
+            if older:
+                log.warning("Answering new messages in %s before %d older ones still not answered", conversation, older)
+            del self._gates[conversation]
+            release()
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
             await self._renew()
 
     async def _renew(self) -> None:

@@ -15,7 +15,8 @@ bytes stay in memory (and in every RDB/AOF rewrite) until all the entries of its
 stream node are deleted, so one message pending for long would keep up to a
 hundred answered messages' text. A key is freed when deleted. `entry:<key>`
 existing while no claim does also tells `accept` that the message's holder died
-(TAKEN), perhaps after delivering the answer.
+(TAKEN), perhaps after delivering the answer. `waiting:<conversation>` (a sorted set
+of stream ids by arrival) says which messages of a conversation are still waiting.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ GROUP = "replayers"
 # group from growing a consumer per process ever started.
 CONSUMER = "bot"
 
-# KEYS: claim key, stream, entry key. ARGV: token, lease ms, group, consumer, message key, entry JSON,
-# conversation.
+# KEYS: claim key, stream, entry key, the conversation's waiting set. ARGV: token, lease ms, group,
+# consumer, message key, entry JSON, conversation, arrival.
 ACCEPT = """
 local held = redis.call('GET', KEYS[1])
 if held then return {held == 'done' and 'done' or 'held'} end
@@ -42,6 +43,7 @@ redis.call('SET', KEYS[3], ARGV[6])
 -- The group is made with the stream (an emptied Redis has neither); BUSYGROUP otherwise.
 redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[3], '0', 'MKSTREAM')
 local id = redis.call('XADD', KEYS[2], '*', 'key', ARGV[5], 'conversation', ARGV[7])
+redis.call('ZADD', KEYS[4], ARGV[8], id)
 -- Into the group's pending entries at once: every XADD is read in the same step,
 -- so the entries new to the group are this one alone.
 redis.call('XREADGROUP', 'GROUP', ARGV[3], ARGV[4], 'COUNT', 100, 'STREAMS', KEYS[2], '>')
@@ -64,23 +66,45 @@ end
 return 0
 """
 
-# KEYS: claim key, stream, entry key. ARGV: done ttl ms, group, stream id.
+# KEYS: claim key, stream, entry key, the conversation's waiting set. ARGV: done ttl ms, group, stream id.
 FINISH = """
 redis.call('SET', KEYS[1], 'done', 'PX', ARGV[1])
 redis.call('DEL', KEYS[3])
 if ARGV[3] ~= '' then
+  redis.call('ZREM', KEYS[4], ARGV[3])
   redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
   redis.call('XDEL', KEYS[2], ARGV[3])
 end
 return 0
 """
 
-# KEYS: stream, entry key. ARGV: group, stream id.
+# KEYS: stream, entry key (or none), the conversation's waiting set. ARGV: group, stream id.
 DROP = """
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
-redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
+if KEYS[2] ~= '' then redis.call('DEL', KEYS[2]) end
 return 0
+"""
+
+# The conversation's waiting messages that arrived before ARGV[1] and are not done, except
+# those of the keys in ARGV[3...]: how many. Ids of entries gone from the stream leave the set.
+# KEYS: the conversation's waiting set, stream. ARGV: arrival, claim key prefix, keys to leave out...
+AHEAD = """
+local keep = {}
+for i = 3, #ARGV do keep[ARGV[i]] = true end
+local count = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])) do
+  local found = redis.call('XRANGE', KEYS[2], id, id)
+  if #found == 0 then
+    redis.call('ZREM', KEYS[1], id)
+  else
+    local fields, key = found[1][2], nil
+    for i = 1, #fields, 2 do if fields[i] == 'key' then key = fields[i + 1] end end
+    if key and not keep[key] and redis.call('GET', ARGV[2] .. key) ~= 'done' then count = count + 1 end
+  end
+end
+return count
 """
 
 
@@ -104,6 +128,7 @@ class RedisInbox:
         self._renew = client.register_script(RENEW)
         self._finish = client.register_script(FINISH)
         self._drop = client.register_script(DROP)
+        self._ahead = client.register_script(AHEAD)
 
     async def close(self) -> None:
         if self._client is not None and self._own_client:
@@ -116,10 +141,14 @@ class RedisInbox:
     def _entry_key(self, key: str) -> str:
         return f"{self.prefix}entry:{key}"
 
+    def _waiting_key(self, conversation: str) -> str:
+        return f"{self.prefix}waiting:{conversation}"
+
     async def accept(self, entry: Entry, token: str, lease: float) -> tuple[str, Entry]:
         result = await self._accept(
-            keys=[self._claim_key(entry.key), self.stream, self._entry_key(entry.key)],
-            args=[token, _ms(lease), GROUP, CONSUMER, entry.key, entry.dumps(), entry.conversation],
+            keys=[self._claim_key(entry.key), self.stream, self._entry_key(entry.key),
+                  self._waiting_key(entry.conversation)],
+            args=[token, _ms(lease), GROUP, CONSUMER, entry.key, entry.dumps(), entry.conversation, repr(entry.arrived)],
         )
         outcome = _text(result[0])
         if len(result) < 2:
@@ -134,18 +163,27 @@ class RedisInbox:
 
     async def finish(self, entry: Entry, done_ttl: float) -> None:
         await self._finish(
-            keys=[self._claim_key(entry.key), self.stream, self._entry_key(entry.key)],
+            keys=[self._claim_key(entry.key), self.stream, self._entry_key(entry.key),
+                  self._waiting_key(entry.conversation)],
             args=[_ms(done_ttl), GROUP, entry.id],
         )
 
     async def drop(self, entry: Entry) -> None:
         """Only called once the message is done (its claim is a done mark): its text goes too."""
-        await self._drop(keys=[self.stream, self._entry_key(entry.key)], args=[GROUP, entry.id])
+        await self._drop(
+            keys=[self.stream, self._entry_key(entry.key), self._waiting_key(entry.conversation)], args=[GROUP, entry.id]
+        )
+
+    async def ahead(self, entry: Entry, keep: set[str]) -> int:
+        return int(await self._ahead(
+            keys=[self._waiting_key(entry.conversation), self.stream],
+            args=[repr(entry.arrived), self._claim_key(""), *sorted(keep | {entry.key})],
+        ))  # fmt: skip
 
     async def orphans(self, lease: float, limit: int) -> list[Entry]:
         """Entries pending for longer than a lease (XAUTOCLAIM: idle since accepted or
         last looked at); their claim decides whether anyone is still answering them."""
-        pending: list[tuple[str, str, bytes | None]] = []  # (stream id, message key, the entry if in the stream)
+        pending: list[tuple[str, str, str, bytes | None]] = []  # (stream id, key, conversation, inline entry)
         start = "0-0"
         while len(pending) < limit:
             try:
@@ -159,46 +197,34 @@ class RedisInbox:
             for id, fields in claimed:
                 if fields:  # an entry deleted meanwhile comes back empty
                     # (Entries recorded before the text moved out of the stream carry it.)
-                    pending.append((_text(id), _text(fields[b"key"]), fields.get(b"entry")))
+                    conversation = _text(fields.get(b"conversation", b""))
+                    pending.append((_text(id), _text(fields[b"key"]), conversation, fields.get(b"entry")))
             if _text(start) == "0-0":
                 break
-        texts = await self._redis.mget([self._entry_key(key) for _, key, _ in pending]) if pending else []
-        entries, gone = [], []
-        for (id, _, inline), text in zip(pending, texts):
+        texts = await self._redis.mget([self._entry_key(key) for _, key, _, _ in pending]) if pending else []
+        entries = []
+        for (id, _, conversation, inline), text in zip(pending, texts):
             if text is not None or inline is not None:
                 entries.append(Entry.loads(text if text is not None else inline, id))
-            else:
-                gone.append(id)  # finished or forgotten under another entry of its message (a retried event)
-        if gone:
-            await self._remove_references(gone)
+            else:  # finished or forgotten under another entry of its message (a retried event)
+                await self._drop(keys=[self.stream, "", self._waiting_key(conversation)], args=[GROUP, id])
         return sorted(entries, key=lambda entry: _stream_order(entry.id))
 
     async def forget(self, conversation: str, before: float, keep: set[str], done_ttl: float) -> int:
         """Remove the conversation's entries that arrived before `before`, except those whose
         keys are in `keep`, and mark their messages done (a retry is not answered either)."""
-        found: list[tuple[str, str]] = []  # (stream id, message key)
-        start = "-"
-        while True:
-            batch = await self._redis.xrange(self.stream, min=start, count=500)
-            for id, fields in batch:
-                if fields.get(b"conversation") == conversation.encode() and _text(fields[b"key"]) not in keep:
-                    found.append((_text(id), _text(fields[b"key"])))
-            if len(batch) < 500:
-                break
-            start = "(" + _text(batch[-1][0])
-        texts = await self._redis.mget([self._entry_key(key) for _, key in found]) if found else []
+        client = self._redis
         forgotten = 0
-        for (id, key), text in zip(found, texts):
-            if text is None or Entry.loads(text, id).arrived < before:
-                await self.finish(Entry(key, "", conversation, "", "", id=id), done_ttl)
-                forgotten += text is not None
+        for id in await client.zrangebyscore(self._waiting_key(conversation), "-inf", f"({before!r}"):
+            found = await client.xrange(self.stream, min=id, max=id)
+            if not found:
+                await client.zrem(self._waiting_key(conversation), id)
+                continue
+            key = _text(found[0][1][b"key"])
+            if key not in keep:
+                await self.finish(Entry(key, "", conversation, "", "", id=_text(id)), done_ttl)
+                forgotten += 1
         return forgotten
-
-    async def _remove_references(self, ids: list[str]) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.stream, GROUP, *ids)
-            pipe.xdel(self.stream, *ids)
-            await pipe.execute()
 
     async def depth(self) -> int:
         return int(await self._redis.xlen(self.stream))

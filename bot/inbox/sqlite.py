@@ -6,12 +6,18 @@ or a done mark and until when it is kept. `inbox` holds the entries, with their
 conversation and arrival time as columns (for `forget` and the order of a
 conversation across a crash). Accepting (claim + entry) and finishing (done mark
 + entry removed) are one transaction each, so a crash leaves either both or neither.
+
+A process that opens the inbox while no other process has it open (a lock file
+says so) takes its stopped predecessor's claims at once rather than waiting for
+their leases to lapse: their messages are answered first, before new ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
 import time
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -64,6 +70,7 @@ class SQLiteInbox:
         self.path = Path(path).expanduser()
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self._sole: int | None = None  # the lock file, held while no other process uses this inbox
 
     async def open(self) -> None:
         db = await connect(self.path)
@@ -74,15 +81,38 @@ class SQLiteInbox:
                 await db.executescript(CONVERSATION_COLUMNS)
             await db.execute(CONVERSATION_OF_OLD_ROWS)
             await db.execute(CONVERSATION_INDEX)
+            if self._take_sole_use():
+                # No other process has the file: the claims left are a stopped process's, which will
+                # never renew them. Lapsed now, its messages are answered at once, before new ones.
+                await db.execute("UPDATE claims SET expires = 0 WHERE done = 0")
         except BaseException:
             await db.close()
+            self._give_up_sole_use()
             raise
         self._db = db
+
+    def _take_sole_use(self) -> bool:
+        """Lock `<file>.inbox-lock` for as long as this store is open (the kernel lets go of it
+        when the process dies, however it dies); False if another process holds it."""
+        descriptor = os.open(f"{self.path}.inbox-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by another process (or a file system without locks): lapse by lease
+            os.close(descriptor)
+            return False
+        self._sole = descriptor
+        return True
+
+    def _give_up_sole_use(self) -> None:
+        if self._sole is not None:
+            os.close(self._sole)  # closing releases the lock
+            self._sole = None
 
     async def close(self) -> None:
         if self._db is not None:
             await self._db.close()
             self._db = None
+        self._give_up_sole_use()
 
     async def accept(self, entry: Entry, token: str, lease: float) -> tuple[str, Entry]:
         async with self._transaction() as db:
@@ -145,6 +175,16 @@ class SQLiteInbox:
                 "DELETE FROM inbox WHERE key IN (SELECT value FROM json_each(?))", (json.dumps(keys),)
             )
         return cursor.rowcount
+
+    async def ahead(self, entry: Entry, keep: set[str]) -> int:
+        async with self._lock:
+            rows = await self._conn.execute_fetchall(
+                "SELECT COUNT(*) FROM inbox LEFT JOIN claims ON claims.key = inbox.key "
+                "WHERE inbox.conversation = ? AND inbox.arrived < ? AND COALESCE(claims.done, 0) = 0 "
+                "AND inbox.key NOT IN (SELECT value FROM json_each(?))",
+                (entry.conversation, entry.arrived, json.dumps(sorted(keep | {entry.key}))),
+            )
+        return int(list(rows)[0][0])
 
     async def drop(self, entry: Entry) -> None:
         async with self._transaction() as db:

@@ -7,8 +7,11 @@ conversation keeps at most `max_turns` exchanges. Every exchange has an id
 conversation already holds does nothing, so a retried or replayed append never
 stores an exchange twice. People's ratings of replies (feedback) name the
 exchange by that id; they are kept with the conversation they belong to and
-deleted with it (reset, idle sweep, expiry). `open_store(url)` picks the
-backend from `MEMORY_URL`; a new backend is one new module here.
+deleted with it (reset, idle sweep, expiry). A reset is remembered (its time,
+no text) for FORGET_KEPT: an exchange answering a message asked before it is
+not stored after it (a message replayed after a crash, or answered by another
+replica). `open_store(url)` picks the backend from `MEMORY_URL`; a new backend
+is one new module here.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ class Exchange:
     bot: str  # the reply exactly as decoded (may start with a space)
     at: float  # when it was stored, seconds since the epoch
     id: str = ""  # unique per exchange; what feedback and replays refer to
+
+
+# How long a reset is remembered: far longer than a message waits for its answer (INBOX_MAX_AGE).
+FORGET_KEPT = 86400.0
 
 
 def new_exchange_id() -> str:
@@ -68,14 +75,17 @@ class ConversationStore(Protocol):
         """The stored exchanges, oldest first."""
 
     async def append_exchange(
-        self, conversation: str, user_text: str, bot_text: str, *, exchange_id: str | None = None
-    ) -> Exchange:
+        self, conversation: str, user_text: str, bot_text: str, *, exchange_id: str | None = None,
+        asked_at: float | None = None,
+    ) -> Exchange | None:
         """Store one whole exchange atomically, dropping the oldest beyond the limit;
         nothing if the conversation already holds `exchange_id`. The stored
-        exchange (the one stored before, for a repeated id)."""
+        exchange (the one stored before, for a repeated id); None, nothing stored,
+        if the conversation was reset after `asked_at` (when the message arrived)."""
 
-    async def reset(self, conversation: str) -> bool:
-        """Forget a conversation and its feedback; True if there was anything to forget."""
+    async def reset(self, conversation: str, *, at: float | None = None) -> bool:
+        """Forget a conversation and its feedback, as of `at` (default now: see
+        `append_exchange`); True if there was anything to forget."""
 
     async def sweep(self, idle_seconds: float) -> int:
         """Delete conversations idle longer than `idle_seconds`, with their feedback; returns how many."""
