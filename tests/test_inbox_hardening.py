@@ -339,3 +339,10 @@ async def test_an_answered_message_leaves_no_text_in_redis(tmp_path):
     finally:
         await store.close()
         server.stop()
+
+
+async def test_a_scan_of_an_inbox_that_never_recorded_anything_finds_nothing_and_no_fault(opened):
+    inbox = Inbox(await opened(), Settings(inbox_lease=0.3))
+    inbox._replayers = {"discord": lambda claim: pytest.fail(f"replayed: {claim}")}
+    assert await inbox.scan() == 0
+    assert inbox.failure is None

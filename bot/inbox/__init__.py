@@ -339,7 +339,8 @@ class Inbox:
             return
         self._worked()
         if removed:
-            log.info("Removed %d unanswered messages of forgotten conversation %s from the inbox", removed, conversation)
+            log.info("Removed %d unanswered messages of forgotten conversation %s from the inbox",
+                     removed, conversation)  # fmt: skip
 
     def count_duplicate(self, platform: str) -> None:
         """A delivery found already done (a replay whose answer was out before the crash)."""

@@ -148,7 +148,8 @@ class RedisInbox:
         result = await self._accept(
             keys=[self._claim_key(entry.key), self.stream, self._entry_key(entry.key),
                   self._waiting_key(entry.conversation)],
-            args=[token, _ms(lease), GROUP, CONSUMER, entry.key, entry.dumps(), entry.conversation, repr(entry.arrived)],
+            args=[token, _ms(lease), GROUP, CONSUMER, entry.key, entry.dumps(), entry.conversation,
+                  repr(entry.arrived)],
         )
         outcome = _text(result[0])
         if len(result) < 2:
@@ -171,7 +172,8 @@ class RedisInbox:
     async def drop(self, entry: Entry) -> None:
         """Only called once the message is done (its claim is a done mark): its text goes too."""
         await self._drop(
-            keys=[self.stream, self._entry_key(entry.key), self._waiting_key(entry.conversation)], args=[GROUP, entry.id]
+            keys=[self.stream, self._entry_key(entry.key), self._waiting_key(entry.conversation)],
+            args=[GROUP, entry.id],
         )
 
     async def ahead(self, entry: Entry, keep: set[str]) -> int:
@@ -192,7 +194,7 @@ class RedisInbox:
                 )
             except ResponseError as error:
                 if "NOGROUP" in str(error):
-                    return entries  # nothing was ever recorded
+                    return []  # nothing was ever recorded
                 raise
             for id, fields in claimed:
                 if fields:  # an entry deleted meanwhile comes back empty
