@@ -174,10 +174,10 @@ class ReplyEngine:
         `arrived`: when a replayed message arrived (its place is by that time)."""
         return self._lines.take(conversation, arrived)
 
-    def hold_line(self, conversation: str) -> Callable[[], None]:
-        """Keep new messages of `conversation` from their turn until the returned function
-        is called, while a stopped process's older messages of it wait to be replayed."""
-        return self._lines.hold(conversation)
+    def hold_line(self, conversation: str, after: float) -> Callable[[], None]:
+        """Keep the messages of `conversation` that arrived after `after` from their turn until
+        the returned function is called, while older messages of it wait elsewhere (bot/locks.py)."""
+        return self._lines.hold(conversation, after)
 
     def on_forget(self, hook: Callable[[str, float], Awaitable[None]]) -> None:
         """Also `await hook(conversation, since)` when a conversation is forgotten, `since`

@@ -20,9 +20,10 @@ releases its own (the terminal chat). Holding the ticket until the answer is
 sent keeps the answers in order too. Messages replayed later (after a restart)
 take their tickets with the time they arrived (`take(conversation, arrived=...)`):
 each goes ahead of the tickets of messages that arrived after it and whose turn has
-not started. A conversation can be held (`hold`) while a stopped process's messages
-of it wait to be replayed: until released, only replayed tickets take their turn,
-so a new message cannot overtake older ones (bot/inbox).
+not started. A conversation can be held (`hold`) while older messages of it wait
+elsewhere (a stopped process's, to be replayed here, or another replica's): until
+released, the messages that arrived after those do not take their turn, so a new
+message cannot overtake older ones (bot/inbox).
 
 With several replicas, `RedisLocks` also keeps other replicas out of the
 conversation while its reply is read, generated and stored. The engine layers
@@ -110,8 +111,8 @@ class Ticket:
         while True:
             await self._called.wait()
             held = None if self.replay else self._lines._holds.get(self.conversation)
-            if held is not None:
-                await held.wait()  # then look again: a replayed message may have gone ahead meanwhile
+            if held is not None and self.arrived > held.after:
+                await held.released.wait()  # then look again: a replayed message may have gone ahead meanwhile
             elif self._called.is_set():
                 self.started = True
                 return
@@ -129,6 +130,14 @@ class Ticket:
         self.release()
 
 
+class _Hold:
+    """A held conversation: its messages that arrived after `after` wait until `released`."""
+
+    def __init__(self, after: float) -> None:
+        self.after = after
+        self.released = asyncio.Event()
+
+
 class _Line(deque[Ticket]):
     refusing = False  # a message was turned away since the line last took one (see `refuse`)
 
@@ -139,7 +148,7 @@ class ConversationLines:
 
     def __init__(self) -> None:
         self._lines: dict[str, _Line] = {}
-        self._holds: dict[str, asyncio.Event] = {}  # conversation -> set when its hold is released
+        self._holds: dict[str, _Hold] = {}
 
     def take(self, conversation: str, arrived: float | None = None) -> Ticket:
         """A place at the end of `conversation`'s line; synchronous, so the order is the order of
@@ -158,15 +167,19 @@ class ConversationLines:
             ticket._called.set()
         return ticket
 
-    def hold(self, conversation: str) -> Callable[[], None]:
-        """Keep new messages of `conversation` from taking their turn (replayed ones still do)
-        until the returned function is called (one hold per conversation at a time)."""
-        released = self._holds.setdefault(conversation, asyncio.Event())
+    def hold(self, conversation: str, after: float) -> Callable[[], None]:
+        """Keep the messages of `conversation` that arrived after `after` from taking their turn
+        (replayed ones still do) until the returned function is called. Holding a held
+        conversation again moves `after` to the later time and returns the same function."""
+        held = self._holds.get(conversation)
+        if held is None:
+            held = self._holds[conversation] = _Hold(after)
+        held.after = max(held.after, after)
 
         def release() -> None:
-            if self._holds.get(conversation) is released:
+            if self._holds.get(conversation) is held:
                 del self._holds[conversation]
-            released.set()
+            held.released.set()
 
         return release
 

@@ -192,8 +192,11 @@ async def test_a_replayed_message_goes_ahead_of_newer_ones_that_have_not_started
     from bot.memory.inprocess import InProcessStore
 
     engine = ReplyEngine(tiny_model, InProcessStore(max_turns=10), make_settings())
+    earliest = engine.take_ticket("c")  # came before the messages waiting elsewhere: not held
+    await asyncio.sleep(0.3)
     live = engine.take_ticket("c")  # a new message, taken in while older ones wait
-    release = engine.hold_line("c")
+    older_arrived = [earliest.arrived + 0.1, earliest.arrived + 0.2]  # (another process took those in)
+    release = engine.hold_line("c", after=older_arrived[-1])
     turns: list[str] = []
 
     async def take(name, ticket):
@@ -201,13 +204,51 @@ async def test_a_replayed_message_goes_ahead_of_newer_ones_that_have_not_started
         turns.append(name)
         ticket.release()
 
-    started = asyncio.create_task(take("new", live))
+    waiting = [asyncio.create_task(take("earliest", earliest)), asyncio.create_task(take("new", live))]
     await asyncio.sleep(0.05)
-    assert turns == []  # held: older messages of the conversation are waiting
-    older = [engine.take_ticket("c", arrived=time.time() - 10 + n) for n in range(2)]  # their replays
+    assert turns == ["earliest"]  # the new one is held: older messages of the conversation are waiting
+    older = [engine.take_ticket("c", arrived=arrived) for arrived in older_arrived]  # their replays
     release()
-    await asyncio.gather(started, *(take(f"old {n}", ticket) for n, ticket in enumerate(older)))
-    assert turns == ["old 0", "old 1", "new"]
+    await asyncio.gather(*waiting, *(take(f"old {n}", ticket) for n, ticket in enumerate(older)))
+    assert turns == ["earliest", "old 0", "old 1", "new"]
+
+
+@pytest.mark.timeout(30)
+async def test_two_live_replicas_answer_one_conversation_in_arrival_order_without_waiting_on_each_other(
+    make_store,
+):
+    # Replica B takes in m0, A takes in m1, B takes in m2, all of one conversation, before any is
+    # answered. Each sees an older message waiting at the other: B's m0 must not wait for A's m1
+    # (which waits for m0), or both would stand still for the hold's limit (3 leases: here 90 s).
+    from bot.locks import ConversationLines
+
+    settings = Settings(inbox_lease=30.0)
+    replicas = []
+    for _ in range(2):
+        inbox, lines = Inbox(make_store(), settings), ConversationLines()
+        inbox.keep_order(lines.hold)
+        await inbox.open()
+        inbox.start({"discord": lambda claim: pytest.fail(f"replayed: {claim}")})
+        replicas.append((inbox, lines))
+    (a, lines_a), (b, lines_b) = replicas
+    taken = []
+    for name, inbox, lines in (("m0", b, lines_b), ("m1", a, lines_a), ("m2", b, lines_b)):
+        ticket = lines.take("discord:1")
+        taken.append((name, inbox, ticket, await inbox.accept(entry(name))))
+        await asyncio.sleep(0.01)
+    answered: list[str] = []
+
+    async def answer(name, inbox, ticket, claim):
+        await ticket.turn()
+        answered.append(name)
+        await inbox.finish(claim)
+        ticket.release()
+
+    try:
+        await asyncio.gather(*(answer(*each) for each in taken))
+        assert answered == ["m0", "m1", "m2"]
+    finally:
+        await asyncio.gather(a.close(), b.close())
 
 
 @pytest.mark.timeout(300)

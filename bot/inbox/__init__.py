@@ -133,9 +133,10 @@ class InboxStore(Protocol):
     async def orphans(self, lease: float, limit: int) -> list[Entry]:
         """Recorded entries whose claim may have lapsed, oldest first."""
 
-    async def ahead(self, entry: Entry, keep: set[str]) -> int:
-        """How many messages of `entry`'s conversation that arrived before it are waiting (recorded,
-        not done), not counting `entry` itself and those of the keys in `keep`."""
+    async def ahead(self, entry: Entry, keep: set[str]) -> float | None:
+        """When the latest of the messages of `entry`'s conversation that arrived before it and
+        are waiting (recorded, not done) arrived, `entry` itself and the keys in `keep` left
+        out; None if there is none."""
 
     async def forget(self, conversation: str, before: float, keep: set[str], done_ttl: float) -> int:
         """Remove `conversation`'s entries that arrived before `before` (but not those of the
@@ -193,8 +194,8 @@ class InProcessInbox:
     async def orphans(self, lease: float, limit: int) -> list[Entry]:
         return []
 
-    async def ahead(self, entry: Entry, keep: set[str]) -> int:
-        return 0  # nothing survives a stopped process here
+    async def ahead(self, entry: Entry, keep: set[str]) -> float | None:
+        return None  # nothing survives a stopped process here
 
     async def forget(self, conversation: str, before: float, keep: set[str], done_ttl: float) -> int:
         return 0  # no entries here, only claims
@@ -230,7 +231,7 @@ class Inbox:
         self.failure: str | None = None  # why the store failed last time (warned once), until it works again
         self._runner: asyncio.Task[None] | None = None  # the scans, from start()
         self._renewer: asyncio.Task[None] | None = None  # the renewal of claims, from open()
-        self._hold: Callable[[str], Callable[[], None]] | None = None
+        self._hold: Callable[[str, float], Callable[[], None]] | None = None
         # Conversations whose new messages wait for older ones of a stopped process: the newest
         # such message, its conversation's hold's release, and until when it may be held.
         self._gates: dict[str, tuple[Entry, Callable[[], None], float]] = {}
@@ -240,7 +241,7 @@ class Inbox:
     def in_process(cls, settings: Settings, metrics: Metrics | None = None) -> Inbox:
         return cls(InProcessInbox(), settings, metrics)
 
-    def keep_order(self, hold: Callable[[str], Callable[[], None]]) -> None:
+    def keep_order(self, hold: Callable[[str, float], Callable[[], None]]) -> None:
         """How to hold a conversation's new messages (`ReplyEngine.hold_line`) while older
         messages of it, left by a stopped process, wait to be replayed."""
         self._hold = hold
@@ -291,22 +292,23 @@ class Inbox:
 
     async def _hold_behind_older(self, entry: Entry) -> None:
         """If older messages of the conversation are waiting and not being answered here (a
-        stopped process's, or another replica's), hold the conversation's new messages until
-        they are answered or replayed here, ahead of this one."""
+        stopped process's, or another replica's), hold the messages of the conversation that
+        arrived after them until they are answered, or replayed here ahead of those."""
         if self._hold is None or not self.store.durable:
             return
         try:
-            older = await self.store.ahead(entry, set(self._held))
+            latest = await self.store.ahead(entry, set(self._held))
         except Exception as error:
             self._failed("look for older messages in", error)
             return
-        if not older:
+        if latest is None:
             return
         gate = self._gates.get(entry.conversation)
         if gate is None:
-            log.info("A message in %s waits for %d older ones left by a stopped process", entry.conversation, older)
-            gate = (entry, self._hold(entry.conversation), time.monotonic() + 3 * self.lease)
-        self._gates[entry.conversation] = (entry, gate[1], gate[2])  # the newest message decides
+            log.info("New messages in %s wait for older ones not answered yet", entry.conversation)
+        release = self._hold(entry.conversation, latest)
+        until = gate[2] if gate is not None else time.monotonic() + 3 * self.lease
+        self._gates[entry.conversation] = (entry, release, until)  # the newest message decides when it opens
         self._look_again.set()
 
     async def finish(self, claim: Claim) -> None:
@@ -370,14 +372,14 @@ class Inbox:
         here (their replays, started by the scan just made, are in line ahead of the rest)."""
         for conversation, (entry, release, until) in list(self._gates.items()):
             try:
-                older = await self.store.ahead(entry, set(self._held))
+                older = await self.store.ahead(entry, set(self._held)) is not None
             except Exception as error:
                 self._failed("look for older messages in", error)
-                older = 1
+                older = True
             if older and time.monotonic() < until:
                 continue
             if older:
-                log.warning("Answering new messages in %s before %d older ones still not answered", conversation, older)
+                log.warning("Answering new messages in %s before older ones still not answered", conversation)
             del self._gates[conversation]
             release()
 

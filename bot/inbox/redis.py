@@ -87,24 +87,27 @@ if KEYS[2] ~= '' then redis.call('DEL', KEYS[2]) end
 return 0
 """
 
-# The conversation's waiting messages that arrived before ARGV[1] and are not done, except
-# those of the keys in ARGV[3...]: how many. Ids of entries gone from the stream leave the set.
-# KEYS: the conversation's waiting set, stream. ARGV: arrival, claim key prefix, keys to leave out...
+# The latest arrival among the conversation's waiting messages that arrived before ARGV[1] and are
+# not done, except those of the keys in ARGV[3...]; false if none. Ids of entries gone from the
+# stream leave the set. KEYS: the conversation's waiting set, stream. ARGV: arrival, claim key
+# prefix, keys to leave out...
 AHEAD = """
 local keep = {}
 for i = 3, #ARGV do keep[ARGV[i]] = true end
-local count = 0
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])) do
+local latest = false
+local waiting = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'WITHSCORES')
+for i = 1, #waiting, 2 do
+  local id, arrived = waiting[i], waiting[i + 1]
   local found = redis.call('XRANGE', KEYS[2], id, id)
   if #found == 0 then
     redis.call('ZREM', KEYS[1], id)
   else
     local fields, key = found[1][2], nil
-    for i = 1, #fields, 2 do if fields[i] == 'key' then key = fields[i + 1] end end
-    if key and not keep[key] and redis.call('GET', ARGV[2] .. key) ~= 'done' then count = count + 1 end
+    for j = 1, #fields, 2 do if fields[j] == 'key' then key = fields[j + 1] end end
+    if key and not keep[key] and redis.call('GET', ARGV[2] .. key) ~= 'done' then latest = arrived end
   end
 end
-return count
+return latest
 """
 
 
@@ -176,11 +179,12 @@ class RedisInbox:
             args=[GROUP, entry.id],
         )
 
-    async def ahead(self, entry: Entry, keep: set[str]) -> int:
-        return int(await self._ahead(
+    async def ahead(self, entry: Entry, keep: set[str]) -> float | None:
+        latest = await self._ahead(
             keys=[self._waiting_key(entry.conversation), self.stream],
             args=[repr(entry.arrived), self._claim_key(""), *sorted(keep | {entry.key})],
-        ))  # fmt: skip
+        )
+        return None if latest is None else float(latest)
 
     async def orphans(self, lease: float, limit: int) -> list[Entry]:
         """Entries pending for longer than a lease (XAUTOCLAIM: idle since accepted or

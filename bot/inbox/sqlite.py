@@ -176,15 +176,15 @@ class SQLiteInbox:
             )
         return cursor.rowcount
 
-    async def ahead(self, entry: Entry, keep: set[str]) -> int:
+    async def ahead(self, entry: Entry, keep: set[str]) -> float | None:
         async with self._lock:
             rows = await self._conn.execute_fetchall(
-                "SELECT COUNT(*) FROM inbox LEFT JOIN claims ON claims.key = inbox.key "
+                "SELECT MAX(inbox.arrived) FROM inbox LEFT JOIN claims ON claims.key = inbox.key "
                 "WHERE inbox.conversation = ? AND inbox.arrived < ? AND COALESCE(claims.done, 0) = 0 "
                 "AND inbox.key NOT IN (SELECT value FROM json_each(?))",
                 (entry.conversation, entry.arrived, json.dumps(sorted(keep | {entry.key}))),
             )
-        return int(list(rows)[0][0])
+        return list(rows)[0][0]
 
     async def drop(self, entry: Entry) -> None:
         async with self._transaction() as db:
