@@ -104,10 +104,12 @@ class Ticket:
         return self._lines._ahead(self)
 
     async def turn(self) -> None:
-        """Return once every ticket ahead of this one was released (and, unless this is a
-        replayed message, its conversation is not held)."""
+        """Return once every ticket ahead of this one was released and no hold keeps this
+        one's message back (see `ConversationLines.hold`)."""
         if self.released:
             raise RuntimeError(f"a released ticket of conversation {self.conversation} has no turn")
+        if self.started:
+            return  # asked again within its turn (a follow-up's check, then its answer)
         while True:
             await self._called.wait()
             held = None if self.replay else self._lines._holds.get(self.conversation)

@@ -22,7 +22,19 @@ from bot.inbox.redis import RedisInbox
 from bot.inbox.sqlite import SQLiteInbox
 from bot.metrics import Metrics
 from bot_process import sample
-from test_inbox import HELD_FOR_GOOD, MENTION, _discord_answers, _kill, _metric, _remembered, bots  # noqa: F401
+from test_inbox import (  # noqa: F401 (bots, on_redis: fixtures)
+    HELD_FOR_GOOD,
+    MENTION,
+    Conversation,
+    _discord_answers,
+    _kill,
+    _marker,
+    _metric,
+    _remembered,
+    _slack_answers,
+    bots,
+    on_redis,
+)
 from test_slack import fake, start_bot  # noqa: F401 (fixtures: the fake Slack, an adapter over a real engine)
 
 
@@ -213,6 +225,19 @@ async def test_a_replayed_message_goes_ahead_of_newer_ones_that_have_not_started
     assert turns == ["earliest", "old 0", "old 1", "new"]
 
 
+async def test_a_message_whose_turn_has_started_is_not_held_back():
+    # A Slack follow-up takes its turn to check the thread, then again to be answered: a hold
+    # placed in between (a newer message found older ones waiting) must not stop it mid-turn.
+    from bot.locks import ConversationLines
+
+    lines = ConversationLines()
+    ticket = lines.take("c")
+    await ticket.turn()
+    release = lines.hold("c", after=ticket.arrived - 1)
+    await asyncio.wait_for(ticket.turn(), 1)
+    release()
+
+
 @pytest.mark.timeout(30)
 async def test_two_live_replicas_answer_one_conversation_in_arrival_order_without_waiting_on_each_other(
     make_store,
@@ -274,6 +299,29 @@ async def test_after_a_restart_a_new_message_is_answered_after_the_older_ones_of
     assert answered == sent  # in the order they were written
     assert await _remembered(bots.memory_url, f"discord:{CHANNEL_ID}") == said
     assert _metric(second, "blenderchat_inbox_replayed_total", platform="discord") == 2
+
+
+@pytest.mark.timeout(300)
+async def test_a_new_message_to_the_surviving_replica_waits_for_the_dead_ones_older_messages(on_redis):
+    # Two replicas on Redis; A is answering a Slack thread (its first answer on its way, the
+    # second message waiting behind it) when it is killed. The thread's next message reaches B
+    # at once: B answers A's two first, once their leases lapse, then the new one.
+    bots = on_redis
+    slack = bots.slack
+    a = await bots.start("a", discord_too=False)
+    b = await bots.start("b", discord_too=False)
+    slack.delay("chat.postMessage", HELD_FOR_GOOD)
+    thread = Conversation("slack", "C1")
+    await thread.say(bots, a, "message one")
+    await wait_for(lambda: slack.held == 1, timeout=60, what="A's first answer on its way")
+    await thread.say(bots, a, "message two")  # acked: recorded
+    _kill(a)
+    await thread.say(bots, b, "message three")
+    await wait_for(lambda: len(_slack_answers(slack)) >= 3, timeout=120, what="three answers")
+    markers = [Entry(f"slack:T1:C1:{ts}", "slack", "", "", "").exchange_id for ts in thread.sent]
+    assert [_marker(message) for message in _slack_answers(slack)] == markers  # in the order they came
+    assert await _remembered(bots.memory_url, thread.name) == thread.said
+    assert _metric(b, "blenderchat_inbox_replayed_total", platform="slack") == 2
 
 
 # -- item 10: entries of a platform not run here, and forgotten conversations ------------
