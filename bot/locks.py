@@ -112,8 +112,9 @@ class Ticket:
             return  # asked again within its turn (a follow-up's check, then its answer)
         while True:
             await self._called.wait()
-            held = None if self.replay else self._lines._holds.get(self.conversation)
-            if held is not None and self.arrived > held.after:
+            holds = () if self.replay else self._lines._holds.get(self.conversation, ())
+            held = next((hold for hold in holds if self.arrived > hold.after), None)
+            if held is not None:
                 await held.released.wait()  # then look again: a replayed message may have gone ahead meanwhile
             elif self._called.is_set():
                 self.started = True
@@ -150,7 +151,7 @@ class ConversationLines:
 
     def __init__(self) -> None:
         self._lines: dict[str, _Line] = {}
-        self._holds: dict[str, _Hold] = {}
+        self._holds: dict[str, list[_Hold]] = {}
 
     def take(self, conversation: str, arrived: float | None = None) -> Ticket:
         """A place at the end of `conversation`'s line; synchronous, so the order is the order of
@@ -171,16 +172,17 @@ class ConversationLines:
 
     def hold(self, conversation: str, after: float) -> Callable[[], None]:
         """Keep the messages of `conversation` that arrived after `after` from taking their turn
-        (replayed ones still do) until the returned function is called. Holding a held
-        conversation again moves `after` to the later time and returns the same function."""
-        held = self._holds.get(conversation)
-        if held is None:
-            held = self._holds[conversation] = _Hold(after)
-        held.after = max(held.after, after)
+        (replayed ones still do) until the returned function is called. Several holds of one
+        conversation each keep back their own messages."""
+        held = _Hold(after)
+        self._holds.setdefault(conversation, []).append(held)
 
         def release() -> None:
-            if self._holds.get(conversation) is held:
-                del self._holds[conversation]
+            holds = self._holds.get(conversation, [])
+            if held in holds:
+                holds.remove(held)
+                if not holds:
+                    del self._holds[conversation]
             held.released.set()
 
         return release

@@ -242,9 +242,10 @@ async def test_a_message_whose_turn_has_started_is_not_held_back():
 async def test_two_live_replicas_answer_one_conversation_in_arrival_order_without_waiting_on_each_other(
     make_store,
 ):
-    # Replica B takes in m0, A takes in m1, B takes in m2, all of one conversation, before any is
-    # answered. Each sees an older message waiting at the other: B's m0 must not wait for A's m1
-    # (which waits for m0), or both would stand still for the hold's limit (3 leases: here 90 s).
+    # Replicas B and A take in m0, m1, m2, m3 of one conversation in turn, before any is answered.
+    # Each sees older messages waiting at the other. Each waits for those older than itself only:
+    # B's m0 must not wait for A's m1 (which waits for m0), or both would stand still for the
+    # hold's limit (3 leases: here 90 s); nor may A's m1 go before m0 once m3 came.
     from bot.locks import ConversationLines
 
     settings = Settings(inbox_lease=30.0)
@@ -257,7 +258,7 @@ async def test_two_live_replicas_answer_one_conversation_in_arrival_order_withou
         replicas.append((inbox, lines))
     (a, lines_a), (b, lines_b) = replicas
     taken = []
-    for name, inbox, lines in (("m0", b, lines_b), ("m1", a, lines_a), ("m2", b, lines_b)):
+    for name, inbox, lines in (("m0", b, lines_b), ("m1", a, lines_a), ("m2", b, lines_b), ("m3", a, lines_a)):
         ticket = lines.take("discord:1")
         taken.append((name, inbox, ticket, await inbox.accept(entry(name))))
         await asyncio.sleep(0.01)
@@ -271,7 +272,7 @@ async def test_two_live_replicas_answer_one_conversation_in_arrival_order_withou
 
     try:
         await asyncio.gather(*(answer(*each) for each in taken))
-        assert answered == ["m0", "m1", "m2"]
+        assert answered == ["m0", "m1", "m2", "m3"]
     finally:
         await asyncio.gather(a.close(), b.close())
 

@@ -20,12 +20,20 @@ An adapter's handler takes the message's place in line first (bot/locks.py), the
     ...answer (exchange id from the key), deliver (idempotently, see the adapters)...
     await inbox.finish(claim)            # done mark + entry removed: one write
 
-`Inbox.run()` renews this process's claims and, now and every lease, answers the
-entries whose claim lapsed (a dead process's), oldest first, through each
-platform's `replay`; those older than INBOX_MAX_AGE are dropped with one log line,
-since an answer long after the question confuses people. The stored exchange's id
-comes from the message's key, so a message answered before the crash and not yet
-delivered is delivered with the answer already stored, not a second one.
+From `open()` this process's claims are renewed; from `start()`, now and every
+half lease, the entries whose claim lapsed (a dead process's) are answered,
+oldest first, through each platform's `replay`; those older than INBOX_MAX_AGE
+are dropped with one log line (whatever their platform), since an answer long
+after the question confuses people. The stored exchange's id comes from the
+message's key, so a message answered before the crash and not yet delivered is
+delivered with the answer already stored, not a second one. A Slack retry that
+takes over a lapsed claim is answered as a replay too (TAKEN).
+
+A conversation keeps its order across a crash: a message accepted while older
+messages of its conversation wait unanswered elsewhere holds the messages that
+came after those (`keep_order`, bot/locks.py) until they are answered, or
+replayed here, where a replay takes its place in line by its arrival time. A
+reset removes the conversation's waiting messages (`forget`).
 
 A store that cannot be written (a full disk, Redis down) never costs a live
 answer: the message is answered as before, without the guarantee, with one
@@ -232,8 +240,8 @@ class Inbox:
         self._runner: asyncio.Task[None] | None = None  # the scans, from start()
         self._renewer: asyncio.Task[None] | None = None  # the renewal of claims, from open()
         self._hold: Callable[[str, float], Callable[[], None]] | None = None
-        # Conversations whose new messages wait for older ones of a stopped process: the newest
-        # such message, its conversation's hold's release, and until when it may be held.
+        # Messages held behind older ones of their conversation not answered here: key -> the
+        # message, its hold's release, and until when it may be held.
         self._gates: dict[str, tuple[Entry, Callable[[], None], float]] = {}
         self._look_again = asyncio.Event()  # a gate was set: scan soon
 
@@ -303,12 +311,9 @@ class Inbox:
             return
         if latest is None:
             return
-        gate = self._gates.get(entry.conversation)
-        if gate is None:
-            log.info("New messages in %s wait for older ones not answered yet", entry.conversation)
+        log.debug("A message in %s waits for older ones not answered yet", entry.conversation)
         release = self._hold(entry.conversation, latest)
-        until = gate[2] if gate is not None else time.monotonic() + 3 * self.lease
-        self._gates[entry.conversation] = (entry, release, until)  # the newest message decides when it opens
+        self._gates[entry.key] = (entry, release, time.monotonic() + 3 * self.lease)
         self._look_again.set()
 
     async def finish(self, claim: Claim) -> None:
@@ -368,9 +373,9 @@ class Inbox:
                 pass
 
     async def _open_gates(self) -> None:
-        """Let each held conversation go on once its older messages are answered or replayed
-        here (their replays, started by the scan just made, are in line ahead of the rest)."""
-        for conversation, (entry, release, until) in list(self._gates.items()):
+        """Let each held message go on once the older messages of its conversation are answered
+        or replayed here (their replays, started by the scan just made, are in line ahead of it)."""
+        for key, (entry, release, until) in list(self._gates.items()):
             try:
                 older = await self.store.ahead(entry, set(self._held)) is not None
             except Exception as error:
@@ -379,8 +384,8 @@ class Inbox:
             if older and time.monotonic() < until:
                 continue
             if older:
-                log.warning("Answering new messages in %s before older ones still not answered", conversation)
-            del self._gates[conversation]
+                log.warning("Answering a message in %s before older ones still not answered", entry.conversation)
+            del self._gates[key]
             release()
 
     async def _renew_forever(self) -> None:
