@@ -93,8 +93,7 @@ async def _serve_engine(
 
     await start_engine(settings, engine)
     inbox = open_inbox(settings, engine.metrics)
-    inbox.keep_order(engine.hold_line)  # a conversation's new messages wait for its replayed ones
-    engine.on_forget(inbox.forget)  # a forgotten conversation's waiting messages go with it
+    inbox.attach(engine)  # order across a crash; a forgotten conversation's waiting messages go with it
     await inbox.open()
     adapters: list[Adapter] = []
     runner: web.AppRunner | None = None

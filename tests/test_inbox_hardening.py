@@ -366,6 +366,39 @@ async def test_forgetting_a_conversation_removes_its_waiting_entries(opened):
     await live.finish(here)
 
 
+async def test_post_api_reset_removes_the_conversations_waiting_messages(make_settings, tmp_path):
+    # A stopped process left two web messages of conversation "c" (and one of "d") unanswered;
+    # their leases are still live when the conversation is forgotten through the API.
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from bot.startup import open_engine
+    from bot.web import build_app
+
+    settings = make_settings(memory_url=f"sqlite:///{tmp_path}/memory.db", inbox_lease=60.0)
+    dead = Inbox(SQLiteInbox(tmp_path / "memory.db"), settings)
+    await dead.store.open()
+    waiting = [entry(f"before {n}", conversation="web:c", platform="web") for n in range(2)]
+    for message in [*waiting, entry("another conversation", conversation="web:d", platform="web")]:
+        await dead.accept(message)
+    engine, _ = await open_engine(settings)
+    inbox = Inbox(SQLiteInbox(tmp_path / "memory.db"), settings, engine.metrics)
+    inbox.attach(engine)  # as `blender-chat run` does
+    await inbox.open()
+    async with engine:
+        client = TestClient(TestServer(build_app(engine, settings, inbox=inbox), host="127.0.0.1", port=0))
+        await client.start_server()
+        try:
+            response = await client.post("/api/reset", json={"conversation": "c"})
+            assert response.status == 200
+            assert await inbox.store.depth() == 1  # only the other conversation's
+            for message in waiting:
+                assert await inbox.accept(message) is None  # not answered later either
+        finally:
+            await client.close()
+            await inbox.close()
+            await dead.store.close()
+
+
 # -- the suspected ones ----------------------------------------------------------------
 
 

@@ -51,10 +51,13 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.config import Settings
 from bot.metrics import Metrics
+
+if TYPE_CHECKING:
+    from bot.engine import ReplyEngine
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +256,12 @@ class Inbox:
         """How to hold a conversation's new messages (`ReplyEngine.hold_line`) while older
         messages of it, left by a stopped process, wait to be replayed."""
         self._hold = hold
+
+    def attach(self, engine: ReplyEngine) -> None:
+        """Work with `engine`: hold its conversations' lines to keep their order across a
+        crash, and forget a conversation's waiting messages when it forgets the conversation."""
+        self.keep_order(engine.hold_line)
+        engine.on_forget(self.forget)
 
     async def open(self) -> None:
         """Open the store and renew this process's claims from now on (messages are accepted
