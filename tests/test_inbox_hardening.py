@@ -199,6 +199,25 @@ async def test_an_answer_to_a_message_asked_before_a_reset_is_not_stored_after_i
     assert await memory.append_exchange("c", "no time given", "fine") is not None  # (the terminal chat)
 
 
+async def test_a_message_replayed_after_a_reset_that_came_after_it_is_answered_not_remembered(
+    make_settings, tiny_model, tmp_path
+):
+    from bot.engine import ReplyEngine
+    from bot.memory import open_store
+
+    settings = make_settings(memory_url=f"sqlite:///{tmp_path}/memory.db")
+    async with ReplyEngine(tiny_model, open_store(settings.memory_url, max_turns=10), settings) as engine:
+        arrived = time.time()
+        await engine.reset("discord:1")  # "forget", sent after the message below (answered by another process)
+        ticket = engine.take_ticket("discord:1", arrived=arrived - 1)  # its replay
+        reply = await engine.respond("discord:1", "my card is 1234", ticket=ticket, exchange_id="e1")
+        ticket.release()
+        assert reply.text and reply.exchange is None  # answered, not remembered
+        assert await engine.history("discord:1") == []
+        later = await engine.respond("discord:1", "hello again", exchange_id="e2")
+        assert [e.user for e in await engine.history("discord:1")] == ["hello again"] and later.exchange
+
+
 async def test_a_replayed_message_goes_ahead_of_newer_ones_that_have_not_started(make_settings, tiny_model):
     from bot.engine import ReplyEngine
     from bot.memory.inprocess import InProcessStore
