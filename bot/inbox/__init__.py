@@ -247,6 +247,7 @@ class Inbox:
         # message, its hold's release, and until when it may be held.
         self._gates: dict[str, tuple[Entry, Callable[[], None], float]] = {}
         self._look_again = asyncio.Event()  # a gate was set: scan soon
+        self._closed = False
 
     @classmethod
     def in_process(cls, settings: Settings, metrics: Metrics | None = None) -> Inbox:
@@ -273,10 +274,13 @@ class Inbox:
         self._renewer = asyncio.create_task(self._renew_forever(), name="inbox-renewal")
 
     async def close(self) -> None:
+        self._closed = True
         for task in (self._runner, self._renewer):
             if task is not None:
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                # A cancellation a library swallows (turned into a timeout it retries) still ends
+                # the task: it looks at `_closed` before going round again.
+                await asyncio.wait({task}, timeout=self.lease)
         self._runner = self._renewer = None
         for _, release, _ in self._gates.values():
             release()
@@ -371,7 +375,7 @@ class Inbox:
         self._runner = asyncio.create_task(self._run(), name="inbox")
 
     async def _run(self) -> None:
-        while True:
+        while not self._closed:
             self._look_again.clear()
             await self.scan()
             await self._open_gates()
@@ -398,7 +402,7 @@ class Inbox:
             release()
 
     async def _renew_forever(self) -> None:
-        while True:
+        while not self._closed:
             await asyncio.sleep(self.lease / 3)
             await self._renew()
 
