@@ -311,7 +311,7 @@ class DiscordAdapter:
         """Answer a message a stopped process left unanswered, in the conversation's line.
         The chunks of its answer already in the channel are not sent again (see `_send`)."""
         entry = claim.entry
-        ticket = self.engine.take_ticket(entry.conversation)
+        ticket = self.engine.take_ticket(entry.conversation, arrived=entry.arrived)  # ahead of later messages
         channel_id, message_id = int(entry.route["channel"]), int(entry.route["message"])
         kind = discord.ChannelType.private if entry.route.get("dm") else None
         channel = self._client.get_partial_messageable(channel_id, type=kind)

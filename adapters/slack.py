@@ -281,7 +281,7 @@ class SlackAdapter:
         the parts of its answer already in Slack are not posted again."""
         entry = claim.entry
         turn = _Turn(conversation=entry.conversation, user=entry.user, raw_text=entry.text, **entry.route)
-        ticket = self.engine.take_ticket(turn.conversation)
+        ticket = self.engine.take_ticket(turn.conversation, arrived=entry.arrived)  # ahead of later messages
         work = answer_once(self.inbox, claim, self._reply(turn, ticket, claim))
         self._tasks.spawn(work, name=f"slack-replay-{turn.channel}-{turn.ts}", ticket=ticket)
 

@@ -170,6 +170,7 @@ class ReplyEngine:
         self._pending = InFlight()  # replies accepted and not yet finished
         self._preparing = 0  # replies holding their conversation's lock, not yet queued for the model
         self._closing = False
+        self._forget_hooks: list[Callable[[str, float], Awaitable[None]]] = []
 
     # -- lifecycle -------------------------------------------------------
 
@@ -218,11 +219,22 @@ class ReplyEngine:
 
     # -- the public API --------------------------------------------------
 
-    def take_ticket(self, conversation: str) -> Ticket:
+    def take_ticket(self, conversation: str, *, arrived: float | None = None) -> Ticket:
         """A place in `conversation`'s line, taken now, synchronously: call it before
         any await when a message arrives, pass it to `reply` (or `reset`), and
-        release it when done with the message, whatever happens (bot/locks.py)."""
-        return self._lines.take(conversation)
+        release it when done with the message, whatever happens (bot/locks.py).
+        `arrived`: when a replayed message arrived (its place is by that time)."""
+        return self._lines.take(conversation, arrived)
+
+    def hold_line(self, conversation: str, after: float) -> Callable[[], None]:
+        """Keep the messages of `conversation` that arrived after `after` from their turn until
+        the returned function is called, while older messages of it wait elsewhere (bot/locks.py)."""
+        return self._lines.hold(conversation, after)
+
+    def on_forget(self, hook: Callable[[str, float], Awaitable[None]]) -> None:
+        """Also `await hook(conversation, since)` when a conversation is forgotten, `since`
+        being when the reset arrived (the inbox drops that conversation's waiting messages)."""
+        self._forget_hooks.append(hook)
 
     async def reply(
         self,
@@ -363,10 +375,16 @@ class ReplyEngine:
         try:
             await ticket.turn()
             async with self._conversation_lock(conversation):
-                forgotten = await self.store.reset(conversation)
+                # As of when the reset arrived: an answer to a message that came before is not stored after it.
+                forgotten = await self.store.reset(conversation, at=ticket.arrived)
                 if with_settings:
                     forgotten = await self.store.reset_channel_settings(conversation) or forgotten
-                return forgotten
+            for hook in self._forget_hooks:
+                try:
+                    await hook(conversation, ticket.arrived)
+                except Exception:
+                    log.exception("Could not finish forgetting conversation %s", conversation)
+            return forgotten
         finally:
             if own_ticket:
                 ticket.release()
@@ -522,7 +540,7 @@ class ReplyEngine:
             if generated is None:
                 return self.settings.safety_deflection, None
             # The answer exists now: it is stored and returned whatever the deadline says.
-            stored = await self._store_exchange(conversation, text, generated.text, asked.exchange_id)
+            stored = await self._store_exchange(conversation, text, generated.text, asked.exchange_id, ticket.arrived)
         finally:
             await lock.release()
         self._measure_turn(time.monotonic() - held)
@@ -639,14 +657,21 @@ class ReplyEngine:
         log.info("Safety filter blocked an %s message in conversation %s", direction, conversation)
         return True
 
-    async def _store_exchange(self, conversation: str, text: str, answer: str, exchange_id: str) -> Exchange | None:
+    async def _store_exchange(
+        self, conversation: str, text: str, answer: str, exchange_id: str, asked_at: float
+    ) -> Exchange | None:
         try:
-            return await self.store.append_exchange(conversation, text, answer, exchange_id=exchange_id)
+            stored = await self.store.append_exchange(
+                conversation, text, answer, exchange_id=exchange_id, asked_at=asked_at
+            )
         except Exception as error:
             # The user still gets the answer; the conversation just does not remember it.
             _log_store_error("Could not store an exchange of conversation %s", conversation, error)
             self.metrics.errors.labels("memory_write").inc()
             return None
+        if stored is None:
+            log.info("Not storing an answer in conversation %s: it was forgotten after the message came", conversation)
+        return stored
 
     async def _generate(self, turns: list[str], persona: tuple[str, ...], *, sample: bool = False) -> Generated:
         if self._worker is None:

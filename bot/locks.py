@@ -18,7 +18,12 @@ never wedge. Whoever takes a ticket releases it: an adapter hands it to
 the web API holds it for its request; `reply()` called without one takes and
 releases its own (the terminal chat). Holding the ticket until the answer is
 sent keeps the answers in order too. Messages replayed later (after a restart)
-keep their order by taking their tickets in arrival order, then answering.
+take their tickets with the time they arrived (`take(conversation, arrived=...)`):
+each goes ahead of the tickets of messages that arrived after it and whose turn has
+not started. A conversation can be held (`hold`) while older messages of it wait
+elsewhere (a stopped process's, to be replayed here, or another replica's): until
+released, the messages that arrived after those do not take their turn, so a new
+message cannot overtake older ones (bot/inbox).
 
 With several replicas, `RedisLocks` also keeps other replicas out of the
 conversation while its reply is read, generated and stored. The engine layers
@@ -31,7 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
+from collections.abc import Callable
 from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
@@ -82,10 +89,13 @@ class Ticket:
     """A message's place in its conversation's line (see the module docstring).
     `with ticket:` releases it at the end of the block."""
 
-    def __init__(self, lines: ConversationLines, conversation: str) -> None:
+    def __init__(self, lines: ConversationLines, conversation: str, arrived: float | None = None) -> None:
         self.conversation = conversation
+        self.replay = arrived is not None  # a message that arrived before it was taken in (after a restart)
+        self.arrived = time.time() if arrived is None else arrived  # when its message arrived
         self._lines = lines
         self._called = asyncio.Event()
+        self.started = False  # its turn came and was taken: nothing goes ahead of it any more
         self.released = False
 
     @property
@@ -94,10 +104,21 @@ class Ticket:
         return self._lines._ahead(self)
 
     async def turn(self) -> None:
-        """Return once every ticket taken before this one was released."""
+        """Return once every ticket ahead of this one was released and no hold keeps this
+        one's message back (see `ConversationLines.hold`)."""
         if self.released:
             raise RuntimeError(f"a released ticket of conversation {self.conversation} has no turn")
-        await self._called.wait()
+        if self.started:
+            return  # asked again within its turn (a follow-up's check, then its answer)
+        while True:
+            await self._called.wait()
+            holds = () if self.replay else self._lines._holds.get(self.conversation, ())
+            held = next((hold for hold in holds if self.arrived > hold.after), None)
+            if held is not None:
+                await held.released.wait()  # then look again: a replayed message may have gone ahead meanwhile
+            elif self._called.is_set():
+                self.started = True
+                return
 
     def release(self) -> None:
         """Leave the line, letting the next ticket have its turn; later calls do nothing."""
@@ -112,6 +133,14 @@ class Ticket:
         self.release()
 
 
+class _Hold:
+    """A held conversation: its messages that arrived after `after` wait until `released`."""
+
+    def __init__(self, after: float) -> None:
+        self.after = after
+        self.released = asyncio.Event()
+
+
 class _Line(deque[Ticket]):
     refusing = False  # a message was turned away since the line last took one (see `refuse`)
 
@@ -122,15 +151,41 @@ class ConversationLines:
 
     def __init__(self) -> None:
         self._lines: dict[str, _Line] = {}
+        self._holds: dict[str, list[_Hold]] = {}
 
-    def take(self, conversation: str) -> Ticket:
-        """A place at the end of `conversation`'s line; synchronous, so the order is the order of calls."""
+    def take(self, conversation: str, arrived: float | None = None) -> Ticket:
+        """A place at the end of `conversation`'s line; synchronous, so the order is the order of
+        calls. With `arrived` (a replayed message), ahead of the tickets of messages that
+        arrived later and whose turn has not started."""
         line = self._lines.setdefault(conversation, _Line())
-        ticket = Ticket(self, conversation)
-        line.append(ticket)
-        if len(line) == 1:
+        ticket = Ticket(self, conversation, arrived)
+        place = len(line)
+        if arrived is not None:
+            while place > 0 and not line[place - 1].started and line[place - 1].arrived > arrived:
+                place -= 1
+        line.insert(place, ticket)
+        if place == 0:
+            if len(line) > 1:
+                line[1]._called.clear()  # its turn had come, not started: this one goes first
             ticket._called.set()
         return ticket
+
+    def hold(self, conversation: str, after: float) -> Callable[[], None]:
+        """Keep the messages of `conversation` that arrived after `after` from taking their turn
+        (replayed ones still do) until the returned function is called. Several holds of one
+        conversation each keep back their own messages."""
+        held = _Hold(after)
+        self._holds.setdefault(conversation, []).append(held)
+
+        def release() -> None:
+            holds = self._holds.get(conversation, [])
+            if held in holds:
+                holds.remove(held)
+                if not holds:
+                    del self._holds[conversation]
+            held.released.set()
+
+        return release
 
     def waiting(self, conversation: str) -> int:
         """Tickets in `conversation`'s line, the one whose turn it is included."""

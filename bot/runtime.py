@@ -93,6 +93,7 @@ async def _serve_engine(
 
     await start_engine(settings, engine)
     inbox = open_inbox(settings, engine.metrics)
+    inbox.attach(engine)  # order across a crash; a forgotten conversation's waiting messages go with it
     await inbox.open()
     adapters: list[Adapter] = []
     runner: web.AppRunner | None = None

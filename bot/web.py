@@ -118,7 +118,7 @@ class WebState:
         """A web API message a stopped process left unanswered: its caller is gone, so
         it is only answered and stored, and `GET /api/history` shows it."""
         entry = claim.entry
-        ticket = self.engine.take_ticket(entry.conversation)
+        ticket = self.engine.take_ticket(entry.conversation, arrived=entry.arrived)  # ahead of later messages
 
         async def answer() -> None:
             with self.requests:  # a shutdown waits for it as for a request

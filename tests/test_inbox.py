@@ -144,7 +144,7 @@ async def test_readyz_names_an_inbox_that_cannot_be_written_until_it_works_again
 async def test_a_dead_processes_messages_are_replayed_once_in_arrival_order(tmp_path):
     settings = Settings(inbox_lease=0.3, inbox_max_age=600.0)
     dead = Inbox(SQLiteInbox(tmp_path / "memory.db"), settings)
-    await dead.open()
+    await dead.store.open()  # only its store: a process that died renews nothing
     for n in range(4):
         assert await dead.accept(entry(f"message {n}")) is not None  # then the process is killed
     old = Entry("test:old", "discord", "discord:1", "u1", "too old", arrived=time.time() - 3600)

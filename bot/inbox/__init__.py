@@ -20,12 +20,20 @@ An adapter's handler takes the message's place in line first (bot/locks.py), the
     ...answer (exchange id from the key), deliver (idempotently, see the adapters)...
     await inbox.finish(claim)            # done mark + entry removed: one write
 
-`Inbox.run()` renews this process's claims and, now and every lease, answers the
-entries whose claim lapsed (a dead process's), oldest first, through each
-platform's `replay`; those older than INBOX_MAX_AGE are dropped with one log line,
-since an answer long after the question confuses people. The stored exchange's id
-comes from the message's key, so a message answered before the crash and not yet
-delivered is delivered with the answer already stored, not a second one.
+From `open()` this process's claims are renewed; from `start()`, now and every
+half lease, the entries whose claim lapsed (a dead process's) are answered,
+oldest first, through each platform's `replay`; those older than INBOX_MAX_AGE
+are dropped with one log line (whatever their platform), since an answer long
+after the question confuses people. The stored exchange's id comes from the
+message's key, so a message answered before the crash and not yet delivered is
+delivered with the answer already stored, not a second one. A Slack retry that
+takes over a lapsed claim is answered as a replay too (TAKEN).
+
+A conversation keeps its order across a crash: a message accepted while older
+messages of its conversation wait unanswered elsewhere holds the messages that
+came after those (`keep_order`, bot/locks.py) until they are answered, or
+replayed here, where a replay takes its place in line by its arrival time. A
+reset removes the conversation's waiting messages (`forget`).
 
 A store that cannot be written (a full disk, Redis down) never costs a live
 answer: the message is answered as before, without the guarantee, with one
@@ -43,15 +51,19 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.config import Settings
 from bot.metrics import Metrics
+
+if TYPE_CHECKING:
+    from bot.engine import ReplyEngine
 
 log = logging.getLogger(__name__)
 
 # What a claim attempt found.
 ACCEPTED = "accepted"  # the message is ours to answer
+TAKEN = "taken"  # ours to answer, taken over from a holder whose lease lapsed: its answer may be out already
 HELD = "held"  # another handler (here or in another process) is answering it now
 DONE = "done"  # it was answered
 
@@ -59,6 +71,8 @@ DONE = "done"  # it was answered
 DONE_TTL = 3600.0
 # Entries looked at per scan; the rest wait for the next one.
 SCAN_LIMIT = 500
+# How often a conversation waiting for a stopped process's messages is looked at (seconds).
+GATE_POLL = 0.5
 
 
 def exchange_id_for(key: str) -> str:
@@ -118,7 +132,8 @@ class InboxStore(Protocol):
 
     async def accept(self, entry: Entry, token: str, lease: float) -> tuple[str, Entry]:
         """Claim `entry.key` unless claimed or done, and if claimed record the entry, in one
-        atomic step. The outcome, and the entry with its store id."""
+        atomic step. The outcome (TAKEN rather than ACCEPTED when the key had a lapsed claim:
+        its holder died, perhaps after delivering the answer), and the entry with its store id."""
 
     async def reclaim(self, entry: Entry, token: str, lease: float) -> str:
         """Claim the key of a recorded entry (for a replay) unless claimed or done."""
@@ -134,6 +149,15 @@ class InboxStore(Protocol):
 
     async def orphans(self, lease: float, limit: int) -> list[Entry]:
         """Recorded entries whose claim may have lapsed, oldest first."""
+
+    async def ahead(self, entry: Entry, keep: set[str]) -> float | None:
+        """When the latest of the messages of `entry`'s conversation that arrived before it and
+        are waiting (recorded, not done) arrived, `entry` itself and the keys in `keep` left
+        out; None if there is none."""
+
+    async def forget(self, conversation: str, before: float, keep: set[str], done_ttl: float) -> int:
+        """Remove `conversation`'s entries that arrived before `before` (but not those of the
+        keys in `keep`) and mark their keys done for `done_ttl`; how many were removed."""
 
     async def depth(self) -> int:
         """Entries recorded and not yet removed."""
@@ -158,15 +182,19 @@ class InProcessInbox:
         pass
 
     async def accept(self, entry: Entry, token: str, lease: float) -> tuple[str, Entry]:
-        return await self.reclaim(entry, token, lease), entry
+        return self._take(entry, token, lease), entry
 
     async def reclaim(self, entry: Entry, token: str, lease: float) -> str:
+        outcome = self._take(entry, token, lease)
+        return ACCEPTED if outcome == TAKEN else outcome
+
+    def _take(self, entry: Entry, token: str, lease: float) -> str:
         now = time.monotonic()
         held = self._claims.get(entry.key)
         if held is not None and held[1] > now:
             return DONE if held[0] == DONE else HELD
         self._set(entry.key, token, now + lease)
-        return ACCEPTED
+        return TAKEN if held is not None and held[0] != DONE else ACCEPTED
 
     async def renew(self, keys: list[str], token: str, lease: float) -> None:
         expires = time.monotonic() + lease
@@ -182,6 +210,12 @@ class InProcessInbox:
 
     async def orphans(self, lease: float, limit: int) -> list[Entry]:
         return []
+
+    async def ahead(self, entry: Entry, keep: set[str]) -> float | None:
+        return None  # nothing survives a stopped process here
+
+    async def forget(self, conversation: str, before: float, keep: set[str], done_ttl: float) -> int:
+        return 0  # no entries here, only claims
 
     async def depth(self) -> int:
         return 0
@@ -212,23 +246,51 @@ class Inbox:
         self._held: dict[str, Entry] = {}  # key -> the entry being answered here
         self._replayers: dict[str, Replayer] = {}
         self.failure: str | None = None  # why the store failed last time (warned once), until it works again
-        self._runner: asyncio.Task[None] | None = None
+        self._runner: asyncio.Task[None] | None = None  # the scans, from start()
+        self._renewer: asyncio.Task[None] | None = None  # the renewal of claims, from open()
+        self._hold: Callable[[str, float], Callable[[], None]] | None = None
+        # Messages held behind older ones of their conversation not answered here: key -> the
+        # message, its hold's release, and until when it may be held.
+        self._gates: dict[str, tuple[Entry, Callable[[], None], float]] = {}
+        self._look_again = asyncio.Event()  # a gate was set: scan soon
+        self._closed = False
 
     @classmethod
     def in_process(cls, settings: Settings, metrics: Metrics | None = None) -> Inbox:
         return cls(InProcessInbox(), settings, metrics)
 
+    def keep_order(self, hold: Callable[[str, float], Callable[[], None]]) -> None:
+        """How to hold a conversation's new messages (`ReplyEngine.hold_line`) while older
+        messages of it, left by a stopped process, wait to be replayed."""
+        self._hold = hold
+
+    def attach(self, engine: ReplyEngine) -> None:
+        """Work with `engine`: hold its conversations' lines to keep their order across a
+        crash, and forget a conversation's waiting messages when it forgets the conversation."""
+        self.keep_order(engine.hold_line)
+        engine.on_forget(self.forget)
+
     async def open(self) -> None:
+        """Open the store and renew this process's claims from now on (messages are accepted
+        before `start()`, while the platforms connect)."""
         try:
             await self.store.open()
         except Exception as error:
             self._failed("open", error)
+        self._renewer = asyncio.create_task(self._renew_forever(), name="inbox-renewal")
 
     async def close(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            await asyncio.gather(self._runner, return_exceptions=True)
-            self._runner = None
+        self._closed = True
+        for task in (self._runner, self._renewer):
+            if task is not None:
+                task.cancel()
+                # A cancellation a library swallows (turned into a timeout it retries) still ends
+                # the task: it looks at `_closed` before going round again.
+                await asyncio.wait({task}, timeout=self.lease)
+        self._runner = self._renewer = None
+        for _, release, _ in self._gates.values():
+            release()
+        self._gates.clear()
         await self.store.close()
 
     # -- what adapters call ---------------------------------------------------
@@ -243,12 +305,35 @@ class Inbox:
             self._failed("record a message in", error)
             return Claim(entry, recorded=False)
         self._worked()
-        if outcome != ACCEPTED:
+        if outcome not in (ACCEPTED, TAKEN):
             self.metrics.inbox_duplicates.labels(entry.platform).inc()
             log.debug("Message %s is %s: not answered again", entry.key, outcome)
             return None
         self._held[entry.key] = entry
-        return Claim(entry)
+        if outcome == TAKEN:
+            # A retry of a message whose first handler died: answered as a replay, so the
+            # adapter looks for an answer already delivered before posting one.
+            self.metrics.inbox_replayed.labels(entry.platform).inc()
+        await self._hold_behind_older(entry)
+        return Claim(entry, replayed=outcome == TAKEN)
+
+    async def _hold_behind_older(self, entry: Entry) -> None:
+        """If older messages of the conversation are waiting and not being answered here (a
+        stopped process's, or another replica's), hold the messages of the conversation that
+        arrived after them until they are answered, or replayed here ahead of those."""
+        if self._hold is None or not self.store.durable:
+            return
+        try:
+            latest = await self.store.ahead(entry, set(self._held))
+        except Exception as error:
+            self._failed("look for older messages in", error)
+            return
+        if latest is None:
+            return
+        log.debug("A message in %s waits for older ones not answered yet", entry.conversation)
+        release = self._hold(entry.conversation, latest)
+        self._gates[entry.key] = (entry, release, time.monotonic() + 3 * self.lease)
+        self._look_again.set()
 
     async def finish(self, claim: Claim) -> None:
         """The message was answered and its answer delivered (or deliberately not
@@ -269,6 +354,20 @@ class Inbox:
         lease lapses, another process or the next start answers it."""
         self._held.pop(claim.entry.key, None)
 
+    async def forget(self, conversation: str, since: float) -> None:
+        """`conversation` was forgotten (a reset) as of `since`: its messages that arrived before
+        and are not being answered here leave the inbox, text and all, and are not answered
+        later (nor their retries). Never raises."""
+        try:
+            removed = await self.store.forget(conversation, since, set(self._held), DONE_TTL)
+        except Exception as error:
+            self._failed("forget messages in", error)
+            return
+        self._worked()
+        if removed:
+            log.info("Removed %d unanswered messages of forgotten conversation %s from the inbox",
+                     removed, conversation)  # fmt: skip
+
     def count_duplicate(self, platform: str) -> None:
         """A delivery found already done (a replay whose answer was out before the crash)."""
         self.metrics.inbox_duplicates.labels(platform).inc()
@@ -276,20 +375,41 @@ class Inbox:
     # -- renewal and replay ------------------------------------------------
 
     def start(self, replayers: Mapping[str, Replayer]) -> None:
-        """Renew this process's claims and replay lapsed entries through `replayers`
-        (platform -> replay), now and periodically, until `close()`."""
+        """Replay lapsed entries through `replayers` (platform -> replay), now and every half
+        lease (more often while a conversation waits for its older messages), until `close()`."""
         self._replayers = dict(replayers)
         self._runner = asyncio.create_task(self._run(), name="inbox")
 
     async def _run(self) -> None:
-        renew_every = self.lease / 3
-        next_scan = 0.0
-        while True:
-            now = time.monotonic()
-            if now >= next_scan:
-                await self.scan()
-                next_scan = now + self.lease / 2
-            await asyncio.sleep(min(renew_every, max(0.0, next_scan - time.monotonic())))
+        while not self._closed:
+            self._look_again.clear()
+            await self.scan()
+            await self._open_gates()
+            wait = GATE_POLL if self._gates else self.lease / 2
+            try:
+                await asyncio.wait_for(self._look_again.wait(), wait)
+            except TimeoutError:
+                pass
+
+    async def _open_gates(self) -> None:
+        """Let each held message go on once the older messages of its conversation are answered
+        or replayed here (their replays, started by the scan just made, are in line ahead of it)."""
+        for key, (entry, release, until) in list(self._gates.items()):
+            try:
+                older = await self.store.ahead(entry, set(self._held)) is not None
+            except Exception as error:
+                self._failed("look for older messages in", error)
+                older = True
+            if older and time.monotonic() < until:
+                continue
+            if older:
+                log.warning("Answering a message in %s before older ones still not answered", entry.conversation)
+            del self._gates[key]
+            release()
+
+    async def _renew_forever(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.lease / 3)
             await self._renew()
 
     async def _renew(self) -> None:
@@ -307,11 +427,14 @@ class Inbox:
         try:
             entries = await self.store.orphans(self.lease, SCAN_LIMIT)
             self.metrics.inbox_depth.set(await self.store.depth())
-            claims, expired = await self._claim_orphans(entries)
         except Exception as error:
             self._failed("replay messages from", error)
             return 0
-        self._worked()
+        claims, expired, error = await self._claim_orphans(entries)
+        if error is None:
+            self._worked()
+        else:
+            self._failed("replay messages from", error)  # the rest waits for the next scan
         if expired:
             counts = ", ".join(f"{platform} {count}" for platform, count in sorted(expired.items()))
             log.warning(
@@ -326,24 +449,34 @@ class Inbox:
             self._replayers[claim.entry.platform](claim)
         return len(claims)
 
-    async def _claim_orphans(self, entries: list[Entry]) -> tuple[list[Claim], Counter[str]]:
+    async def _claim_orphans(self, entries: list[Entry]) -> tuple[list[Claim], Counter[str], Exception | None]:
+        """Claim what can be answered here and drop what is answered or too old. A store error
+        stops the scan but keeps what it claimed so far: those are replayed now, not held
+        (and renewed) forever unanswered."""
         claims: list[Claim] = []
         expired: Counter[str] = Counter()
         now = time.time()
         for entry in entries:
-            if entry.key in self._held or entry.platform not in self._replayers:
-                continue  # answered here right now, or by a platform another process serves
-            outcome = await self.store.reclaim(entry, self.token, self.lease)
-            if outcome == DONE:
-                await self.store.drop(entry)  # answered under another entry (a retried event)
-            elif outcome == ACCEPTED and now - entry.arrived > self.max_age:
-                await self.store.finish(entry, DONE_TTL)
-                expired[entry.platform] += 1
-                self.metrics.inbox_expired.labels(entry.platform).inc()
-            elif outcome == ACCEPTED:
-                self._held[entry.key] = entry
-                claims.append(Claim(entry, replayed=True))
-        return claims, expired
+            if entry.key in self._held:
+                continue  # answered here right now
+            too_old = now - entry.arrived > self.max_age
+            # Age first: an entry of a platform no process runs any more would otherwise stay for good.
+            if not too_old and entry.platform not in self._replayers:
+                continue  # another process serves that platform
+            try:
+                outcome = await self.store.reclaim(entry, self.token, self.lease)
+                if outcome == DONE:
+                    await self.store.drop(entry)  # answered under another entry (a retried event)
+                elif outcome == ACCEPTED and too_old:
+                    await self.store.finish(entry, DONE_TTL)
+                    expired[entry.platform] += 1
+                    self.metrics.inbox_expired.labels(entry.platform).inc()
+                elif outcome == ACCEPTED:
+                    self._held[entry.key] = entry
+                    claims.append(Claim(entry, replayed=True))
+            except Exception as error:
+                return claims, expired, error
+        return claims, expired, None
 
     # -- the store's health --------------------------------------------------
 

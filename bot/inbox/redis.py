@@ -2,11 +2,21 @@
 
 Accepting a message is one script run: the claim key (`claim:<key>`: the holding
 process's token, with the lease as its expiry) is set unless a live claim or a
-done mark is there, then the entry is added to the stream (XADD) and read into
+done mark is there, the entry is stored under `entry:<key>`, and a reference to it
+(its key and conversation, no text) is added to the stream (XADD) and read into
 the group's pending entries (XREADGROUP), where it stays until XACK. A replica
 that dies leaves its entries pending and their claims lapse; any replica's scan
 takes entries idle past the lease with XAUTOCLAIM and replays those whose claim it
-can take. Finishing is one script run too: done mark, XACK and XDEL.
+can take. Finishing is one script run too: done mark, XACK, XDEL and the entry's
+key deleted.
+
+The text is kept out of the stream because XDEL only flags a stream entry: its
+bytes stay in memory (and in every RDB/AOF rewrite) until all the entries of its
+stream node are deleted, so one message pending for long would keep up to a
+hundred answered messages' text. A key is freed when deleted. `entry:<key>`
+existing while no claim does also tells `accept` that the message's holder died
+(TAKEN), perhaps after delivering the answer. `waiting:<conversation>` (a sorted set
+of stream ids by arrival) says which messages of a conversation are still waiting.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from bot.inbox import ACCEPTED, Entry, with_id
+from bot.inbox import Entry, with_id
 from bot.shared import DEFAULT_PREFIX, connect
 
 GROUP = "replayers"
@@ -22,18 +32,22 @@ GROUP = "replayers"
 # group from growing a consumer per process ever started.
 CONSUMER = "bot"
 
-# KEYS: claim key, stream. ARGV: token, lease ms, group, consumer, entry key, entry JSON.
+# KEYS: claim key, stream, entry key, the conversation's waiting set. ARGV: token, lease ms, group,
+# consumer, message key, entry JSON, conversation, arrival.
 ACCEPT = """
 local held = redis.call('GET', KEYS[1])
 if held then return {held == 'done' and 'done' or 'held'} end
+local outcome = redis.call('EXISTS', KEYS[3]) == 1 and 'taken' or 'accepted'
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[3], ARGV[6])
 -- The group is made with the stream (an emptied Redis has neither); BUSYGROUP otherwise.
 redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[3], '0', 'MKSTREAM')
-local id = redis.call('XADD', KEYS[2], '*', 'key', ARGV[5], 'entry', ARGV[6])
+local id = redis.call('XADD', KEYS[2], '*', 'key', ARGV[5], 'conversation', ARGV[7])
+redis.call('ZADD', KEYS[4], ARGV[8], id)
 -- Into the group's pending entries at once: every XADD is read in the same step,
 -- so the entries new to the group are this one alone.
 redis.call('XREADGROUP', 'GROUP', ARGV[3], ARGV[4], 'COUNT', 100, 'STREAMS', KEYS[2], '>')
-return {'accepted', id}
+return {outcome, id}
 """
 
 # KEYS: claim key. ARGV: token, lease ms.
@@ -52,14 +66,48 @@ end
 return 0
 """
 
-# KEYS: claim key, stream. ARGV: done ttl ms, group, entry id.
+# KEYS: claim key, stream, entry key, the conversation's waiting set. ARGV: done ttl ms, group, stream id.
 FINISH = """
 redis.call('SET', KEYS[1], 'done', 'PX', ARGV[1])
+redis.call('DEL', KEYS[3])
 if ARGV[3] ~= '' then
+  redis.call('ZREM', KEYS[4], ARGV[3])
   redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
   redis.call('XDEL', KEYS[2], ARGV[3])
 end
 return 0
+"""
+
+# KEYS: stream, entry key (or none), the conversation's waiting set. ARGV: group, stream id.
+DROP = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
+if KEYS[2] ~= '' then redis.call('DEL', KEYS[2]) end
+return 0
+"""
+
+# The latest arrival among the conversation's waiting messages that arrived before ARGV[1] and are
+# not done, except those of the keys in ARGV[3...]; false if none. Ids of entries gone from the
+# stream leave the set. KEYS: the conversation's waiting set, stream. ARGV: arrival, claim key
+# prefix, keys to leave out...
+AHEAD = """
+local keep = {}
+for i = 3, #ARGV do keep[ARGV[i]] = true end
+local latest = false
+local waiting = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'WITHSCORES')
+for i = 1, #waiting, 2 do
+  local id, arrived = waiting[i], waiting[i + 1]
+  local found = redis.call('XRANGE', KEYS[2], id, id)
+  if #found == 0 then
+    redis.call('ZREM', KEYS[1], id)
+  else
+    local fields, key = found[1][2], nil
+    for j = 1, #fields, 2 do if fields[j] == 'key' then key = fields[j + 1] end end
+    if key and not keep[key] and redis.call('GET', ARGV[2] .. key) ~= 'done' then latest = arrived end
+  end
+end
+return latest
 """
 
 
@@ -82,6 +130,8 @@ class RedisInbox:
         self._reclaim = client.register_script(RECLAIM)
         self._renew = client.register_script(RENEW)
         self._finish = client.register_script(FINISH)
+        self._drop = client.register_script(DROP)
+        self._ahead = client.register_script(AHEAD)
 
     async def close(self) -> None:
         if self._client is not None and self._own_client:
@@ -91,13 +141,21 @@ class RedisInbox:
     def _claim_key(self, key: str) -> str:
         return f"{self.prefix}claim:{key}"
 
+    def _entry_key(self, key: str) -> str:
+        return f"{self.prefix}entry:{key}"
+
+    def _waiting_key(self, conversation: str) -> str:
+        return f"{self.prefix}waiting:{conversation}"
+
     async def accept(self, entry: Entry, token: str, lease: float) -> tuple[str, Entry]:
         result = await self._accept(
-            keys=[self._claim_key(entry.key), self.stream],
-            args=[token, _ms(lease), GROUP, CONSUMER, entry.key, entry.dumps()],
+            keys=[self._claim_key(entry.key), self.stream, self._entry_key(entry.key),
+                  self._waiting_key(entry.conversation)],
+            args=[token, _ms(lease), GROUP, CONSUMER, entry.key, entry.dumps(), entry.conversation,
+                  repr(entry.arrived)],
         )
         outcome = _text(result[0])
-        if outcome != ACCEPTED:
+        if len(result) < 2:
             return outcome, entry
         return outcome, with_id(entry, _text(result[1]))
 
@@ -108,35 +166,71 @@ class RedisInbox:
         await self._renew(keys=[self._claim_key(key) for key in keys], args=[token, _ms(lease)])
 
     async def finish(self, entry: Entry, done_ttl: float) -> None:
-        await self._finish(keys=[self._claim_key(entry.key), self.stream], args=[_ms(done_ttl), GROUP, entry.id])
+        await self._finish(
+            keys=[self._claim_key(entry.key), self.stream, self._entry_key(entry.key),
+                  self._waiting_key(entry.conversation)],
+            args=[_ms(done_ttl), GROUP, entry.id],
+        )
 
     async def drop(self, entry: Entry) -> None:
-        client = self._redis
-        async with client.pipeline(transaction=True) as pipe:
-            pipe.xack(self.stream, GROUP, entry.id)
-            pipe.xdel(self.stream, entry.id)
-            await pipe.execute()
+        """Only called once the message is done (its claim is a done mark): its text goes too."""
+        await self._drop(
+            keys=[self.stream, self._entry_key(entry.key), self._waiting_key(entry.conversation)],
+            args=[GROUP, entry.id],
+        )
+
+    async def ahead(self, entry: Entry, keep: set[str]) -> float | None:
+        latest = await self._ahead(
+            keys=[self._waiting_key(entry.conversation), self.stream],
+            args=[repr(entry.arrived), self._claim_key(""), *sorted(keep | {entry.key})],
+        )
+        return None if latest is None else float(latest)
 
     async def orphans(self, lease: float, limit: int) -> list[Entry]:
         """Entries pending for longer than a lease (XAUTOCLAIM: idle since accepted or
         last looked at); their claim decides whether anyone is still answering them."""
-        entries: list[Entry] = []
+        pending: list[tuple[str, str, str, bytes | None]] = []  # (stream id, key, conversation, inline entry)
         start = "0-0"
-        while len(entries) < limit:
+        while len(pending) < limit:
             try:
                 start, claimed, *_ = await self._redis.xautoclaim(
                     self.stream, GROUP, CONSUMER, _ms(lease), start_id=start, count=min(100, limit)
                 )
             except ResponseError as error:
                 if "NOGROUP" in str(error):
-                    return entries  # nothing was ever recorded
+                    return []  # nothing was ever recorded
                 raise
             for id, fields in claimed:
                 if fields:  # an entry deleted meanwhile comes back empty
-                    entries.append(Entry.loads(fields[b"entry"], _text(id)))
+                    # (Entries recorded before the text moved out of the stream carry it.)
+                    conversation = _text(fields.get(b"conversation", b""))
+                    pending.append((_text(id), _text(fields[b"key"]), conversation, fields.get(b"entry")))
             if _text(start) == "0-0":
                 break
+        texts = await self._redis.mget([self._entry_key(key) for _, key, _, _ in pending]) if pending else []
+        entries = []
+        for (id, _, conversation, inline), text in zip(pending, texts):
+            if text is not None or inline is not None:
+                entries.append(Entry.loads(text if text is not None else inline, id))
+            else:  # finished or forgotten under another entry of its message (a retried event)
+                await self._drop(keys=[self.stream, "", self._waiting_key(conversation)], args=[GROUP, id])
         return sorted(entries, key=lambda entry: _stream_order(entry.id))
+
+    async def forget(self, conversation: str, before: float, keep: set[str], done_ttl: float) -> int:
+        """Remove the conversation's entries that arrived before `before`, except those whose
+        keys are in `keep`, and mark their messages done (a retry is not answered either)."""
+        client = self._redis
+        forgotten = 0
+        for id in await client.zrangebyscore(self._waiting_key(conversation), "-inf", f"({before!r}"):
+            found = await client.xrange(self.stream, min=id, max=id)
+            if not found:
+                await client.zrem(self._waiting_key(conversation), id)
+                continue
+            key = _text(found[0][1][b"key"])
+            if key not in keep:
+                await self.finish(Entry(key, "", conversation, "", "", id=_text(id)), done_ttl)
+                forgotten += 1
+        return forgotten
 
     async def depth(self) -> int:
         return int(await self._redis.xlen(self.stream))

@@ -10,8 +10,11 @@ stores an exchange twice. "Try again" replaces an exchange's reply in place
 reply that was rated (ratings of the replaced one are kept, still counted, and
 never move to the new one). People's ratings of replies (feedback) name the
 exchange by that id; they are kept with the conversation they belong to and
-deleted with it (reset, idle sweep, expiry). `open_store(url)` picks the
-backend from `MEMORY_URL`; a new backend is one new module here.
+deleted with it (reset, idle sweep, expiry). A reset is remembered (its time,
+no text) for FORGET_KEPT: an exchange answering a message asked before it is
+not stored after it (a message replayed after a crash, or answered by another
+replica). `open_store(url)` picks the backend from `MEMORY_URL`; a new backend
+is one new module here.
 
 The store also keeps each channel's settings (its persona, whether the bot listens
 there: `ChannelSettings`), as named text values per channel, in the same place as the
@@ -35,6 +38,10 @@ class Exchange:
     bot: str  # the reply exactly as decoded (may start with a space)
     at: float  # when it was stored, seconds since the epoch
     id: str = ""  # unique per exchange; what feedback and replays refer to
+
+
+# How long a reset is remembered: far longer than a message waits for its answer (INBOX_MAX_AGE).
+FORGET_KEPT = 86400.0
 
 
 def new_exchange_id() -> str:
@@ -99,11 +106,13 @@ class ConversationStore(Protocol):
         """The stored exchanges, oldest first."""
 
     async def append_exchange(
-        self, conversation: str, user_text: str, bot_text: str, *, exchange_id: str | None = None
-    ) -> Exchange:
+        self, conversation: str, user_text: str, bot_text: str, *, exchange_id: str | None = None,
+        asked_at: float | None = None,
+    ) -> Exchange | None:
         """Store one whole exchange atomically, dropping the oldest beyond the limit;
         nothing if the conversation already holds `exchange_id`. The stored
-        exchange (the one stored before, for a repeated id)."""
+        exchange (the one stored before, for a repeated id); None, nothing stored,
+        if the conversation was reset after `asked_at` (when the message arrived)."""
 
     async def replace_exchange(
         self, conversation: str, exchange_id: str, bot_text: str, *, new_id: str
@@ -115,8 +124,9 @@ class ConversationStore(Protocol):
         trimmed away, or replaced by another). Ratings of the old reply are left as they
         are, under the old id: never moved to the new reply."""
 
-    async def reset(self, conversation: str) -> bool:
-        """Forget a conversation and its feedback; True if there was anything to forget."""
+    async def reset(self, conversation: str, *, at: float | None = None) -> bool:
+        """Forget a conversation and its feedback, as of `at` (default now: see
+        `append_exchange`); True if there was anything to forget."""
 
     async def sweep(self, idle_seconds: float) -> int:
         """Delete conversations idle longer than `idle_seconds`, with their feedback; returns how many."""

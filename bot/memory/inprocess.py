@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from bot.memory import Exchange, Feedback, new_exchange_id
+from bot.memory import FORGET_KEPT, Exchange, Feedback, new_exchange_id
 
 
 class InProcessStore:
@@ -15,6 +15,7 @@ class InProcessStore:
         # conversation -> (exchange id, user) -> rating; dropped with the conversation
         self._feedback: dict[str, dict[tuple[str, str], Feedback]] = {}
         self._settings: dict[str, dict[str, str]] = {}  # channel -> name -> value
+        self._forgotten: dict[str, float] = {}  # conversation -> when it was last reset, oldest first
 
     async def open(self) -> None:
         pass
@@ -29,8 +30,11 @@ class InProcessStore:
         return list(self._conversations.get(conversation, ()))
 
     async def append_exchange(
-        self, conversation: str, user_text: str, bot_text: str, *, exchange_id: str | None = None
-    ) -> Exchange:
+        self, conversation: str, user_text: str, bot_text: str, *, exchange_id: str | None = None,
+        asked_at: float | None = None,
+    ) -> Exchange | None:
+        if asked_at is not None and self._forgotten.get(conversation, 0.0) > asked_at:
+            return None
         exchanges = self._conversations.setdefault(conversation, deque(maxlen=self._max_turns))
         if exchange_id:
             stored = next((exchange for exchange in exchanges if exchange.id == exchange_id), None)
@@ -52,7 +56,12 @@ class InProcessStore:
                 return exchanges[index]
         return None
 
-    async def reset(self, conversation: str) -> bool:
+    async def reset(self, conversation: str, *, at: float | None = None) -> bool:
+        now = time.time()
+        self._forgotten.pop(conversation, None)
+        self._forgotten[conversation] = now if at is None else at
+        while self._forgotten and next(iter(self._forgotten.values())) < now - FORGET_KEPT:
+            del self._forgotten[next(iter(self._forgotten))]
         self._feedback.pop(conversation, None)
         return self._conversations.pop(conversation, None) is not None
 

@@ -29,15 +29,20 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from bot.memory import Exchange, ExchangeRef, Feedback, StoreUnavailable, new_exchange_id
+from bot.memory import FORGET_KEPT, Exchange, ExchangeRef, Feedback, StoreUnavailable, new_exchange_id
 from bot.shared import connect, split_prefix
 
 log = logging.getLogger(__name__)
 
-# KEYS: the conversation's list, its feedback hash. ARGV: the element (JSON), its
-# exchange id, max_turns, the expiry in ms (0: none). Returns the stored element:
-# the one already there with that id, else the new one.
+# KEYS: the conversation's list, its feedback hash, its last reset. ARGV: the element (JSON),
+# its exchange id, max_turns, the expiry in ms (0: none), when the message was asked ('': any
+# time). Returns the stored element: the one already there with that id, else the new one;
+# nothing if the conversation was reset after the message was asked.
 APPEND_ONCE = """
+if ARGV[5] ~= '' then
+  local forgotten = redis.call('GET', KEYS[3])
+  if forgotten and tonumber(forgotten) > tonumber(ARGV[5]) then return false end
+end
 local elements = redis.call('LRANGE', KEYS[1], 0, -1)
 for i = #elements, 1, -1 do
   local ok, stored = pcall(cjson.decode, elements[i])
@@ -156,6 +161,9 @@ class RedisStore:
     def _settings_key(self, channel: str) -> str:
         return f"{self.prefix}settings:{channel}"
 
+    def _forgotten_key(self, conversation: str) -> str:
+        return f"{self.prefix}forgot:{conversation}"
+
     async def ping(self) -> None:
         try:
             await self._redis.ping()
@@ -177,8 +185,9 @@ class RedisStore:
         return exchanges
 
     async def append_exchange(
-        self, conversation: str, user_text: str, bot_text: str, *, exchange_id: str | None = None
-    ) -> Exchange:
+        self, conversation: str, user_text: str, bot_text: str, *, exchange_id: str | None = None,
+        asked_at: float | None = None,
+    ) -> Exchange | None:
         exchange_id = exchange_id or new_exchange_id()
         element = json.dumps(
             {"id": exchange_id, "user": user_text, "bot": bot_text, "at": time.time()}, ensure_ascii=False
@@ -187,13 +196,13 @@ class RedisStore:
         assert self._append_once is not None  # registered by open()
         try:
             stored = await self._append_once(
-                keys=[self._key(conversation), self._feedback_key(conversation)],
-                args=[element, exchange_id, self._max_turns, self._ttl_ms],
+                keys=[self._key(conversation), self._feedback_key(conversation), self._forgotten_key(conversation)],
+                args=[element, exchange_id, self._max_turns, self._ttl_ms, "" if asked_at is None else repr(asked_at)],
                 client=client,
             )
         except RedisError as error:
             raise StoreUnavailable(f"could not write to Redis: {error}") from error
-        return _exchange(stored)
+        return None if stored is None else _exchange(stored)
 
     async def replace_exchange(
         self, conversation: str, exchange_id: str, bot_text: str, *, new_id: str
@@ -210,12 +219,14 @@ class RedisStore:
             raise StoreUnavailable(f"could not write to Redis: {error}") from error
         return None if stored is None else _exchange(stored)
 
-    async def reset(self, conversation: str) -> bool:
+    async def reset(self, conversation: str, *, at: float | None = None) -> bool:
+        at = time.time() if at is None else at
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self._key(conversation))
                 pipe.delete(self._feedback_key(conversation))
-                deleted, _ = await pipe.execute()
+                pipe.set(self._forgotten_key(conversation), repr(at), px=int(FORGET_KEPT * 1000))
+                deleted, _, _ = await pipe.execute()
         except RedisError as error:
             raise StoreUnavailable(f"could not write to Redis: {error}") from error
         return deleted > 0

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from bot.memory import Exchange, ExchangeRef, Feedback, StoreUnavailable, new_exchange_id
+from bot.memory import FORGET_KEPT, Exchange, ExchangeRef, Feedback, StoreUnavailable, new_exchange_id
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS exchanges (
@@ -56,6 +56,10 @@ CREATE TABLE IF NOT EXISTS feedback (
     PRIMARY KEY (conversation, exchange_id, user)
 );
 CREATE INDEX IF NOT EXISTS feedback_by_time ON feedback (created_at);
+CREATE TABLE IF NOT EXISTS forgotten (
+    conversation TEXT PRIMARY KEY,
+    at REAL NOT NULL
+);
 """
 # Each channel's settings (bot/memory/__init__.py, ChannelSettings): one row per setting.
 CHANNEL_SETTINGS = """
@@ -120,11 +124,18 @@ class SQLiteStore:
             return [Exchange(*row) for row in await cursor.fetchall()]
 
     async def append_exchange(
-        self, conversation: str, user_text: str, bot_text: str, *, exchange_id: str | None = None
-    ) -> Exchange:
+        self, conversation: str, user_text: str, bot_text: str, *, exchange_id: str | None = None,
+        asked_at: float | None = None,
+    ) -> Exchange | None:
         now = time.time()
         exchange_id = exchange_id or new_exchange_id()
         async with self._transaction() as db:
+            if asked_at is not None:
+                forgotten = await db.execute_fetchall(
+                    "SELECT 1 FROM forgotten WHERE conversation = ? AND at > ?", (conversation, asked_at)
+                )
+                if list(forgotten):
+                    return None
             cursor = await db.execute(
                 "INSERT INTO exchanges (conversation, user_text, bot_text, created_at, exchange_id) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (exchange_id) DO NOTHING",
@@ -169,11 +180,18 @@ class SQLiteStore:
             await db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation))
         return Exchange(user_text, bot_text, now, new_id)
 
-    async def reset(self, conversation: str) -> bool:
+    async def reset(self, conversation: str, *, at: float | None = None) -> bool:
+        now = time.time()
         async with self._transaction() as db:
             cursor = await db.execute("DELETE FROM exchanges WHERE conversation = ?", (conversation,))
             await db.execute("DELETE FROM feedback WHERE conversation = ?", (conversation,))
             await db.execute("DELETE FROM conversations WHERE id = ?", (conversation,))
+            await db.execute(
+                "INSERT INTO forgotten (conversation, at) VALUES (?, ?) "
+                "ON CONFLICT (conversation) DO UPDATE SET at = max(at, excluded.at)",
+                (conversation, now if at is None else at),
+            )
+            await db.execute("DELETE FROM forgotten WHERE at < ?", (now - FORGET_KEPT,))
         return cursor.rowcount > 0
 
     async def sweep(self, idle_seconds: float) -> int:
