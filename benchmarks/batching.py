@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1,4,8,16,32")
     parser.add_argument("--workload", default="full", choices=sorted(WORKLOADS))
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--layout", help="CTranslate2 WORKERSxTHREADS instead of the runtime's (e.g. 1x2, 2x2)")
     parser.add_argument(
         "--cache", default=os.environ.get("BENCH_CACHE", str(Path(tempfile.gettempdir()) / "blender-chat-bench"))
     )
@@ -79,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for beams in (int(b) for b in args.beams.split(",")):
         chat_model = load_chat_model(replace(base, num_beams=beams))
+        if args.layout and hasattr(chat_model, "translator"):
+            import ctranslate2
+
+            workers, threads = (int(n) for n in args.layout.split("x"))
+            chat_model.translator = ctranslate2.Translator(str(chat_model.path), compute_type="int8",
+                                                           inter_threads=workers, intra_threads=threads)  # fmt: skip
+            chat_model.workers = workers  # a batch is split between the workers
+            chat_model.description += f" (as {workers} x {threads})"
         best: dict[int, tuple[float, int]] = {}
         for round_ in range(args.rounds):
             for size in sizes if round_ % 2 == 0 else sizes[::-1]:

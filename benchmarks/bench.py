@@ -10,6 +10,12 @@ the 128-token window (`full`, as real ones do after a few exchanges). Contenders
 take turns within each workload so machine drift hits all alike. Writes
 results/<name>.md (table and targets), .png (throughput against concurrency)
 and .json. See benchmarks/README.md.
+
+Issue 24's four workloads only (beam 10 and greedy, full window, through the
+engine and over HTTP against the naive server, with the bandwidth share):
+
+    python benchmarks/bench.py --name issue24 --workloads full --cases 10x1,10x8,1x1,1x32 \
+        --contenders naive,engine,http --fidelity-prompts 0
 """
 
 from __future__ import annotations
@@ -33,22 +39,28 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from checkpoint import model_dir  # noqa: E402
-from report import write_report  # noqa: E402
+from checkpoint import decoder_bytes_per_token, model_dir  # noqa: E402
+from report import bandwidth_shares, write_report  # noqa: E402
 from workloads import NEW_TOKENS, WORKLOADS, full_window_conversations, short_conversations  # noqa: E402
 
 CONTENDERS = ("seed", "naive", "engine", "engine-transformers", "http")
-def memory_bandwidth(megabytes: int) -> float:
-    """Bytes per second of a large tensor copy (read + write), best of 5."""
+def memory_bandwidth(megabytes: int, threads: int | None = None) -> float:
+    """Bytes per second of a large tensor copy (read + write, as STREAM's "copy"
+    counts them), best of 5, on `threads` threads (None: torch's default, every core)."""
     import torch
 
-    source = torch.ones(megabytes * 1024 * 1024 // 4)
-    target = torch.empty_like(source)
-    best = float("inf")
-    for _ in range(5):
-        started = time.perf_counter()
-        target.copy_(source)
-        best = min(best, time.perf_counter() - started)
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads or default)
+    try:
+        source = torch.ones(megabytes * 1024 * 1024 // 4)
+        target = torch.empty_like(source)
+        best = float("inf")
+        for _ in range(5):
+            started = time.perf_counter()
+            target.copy_(source)
+            best = min(best, time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(default)
     return 2 * source.numel() * 4 / best
 
 
@@ -248,8 +260,15 @@ def run(args: argparse.Namespace) -> dict:
     print(f"model: {model}")
     if {"engine", "http"} & set(contenders):
         convert(model, log)
-    bandwidth = memory_bandwidth(64 if args.smoke else 1024)
-    print(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    # The limit is the better of one thread (what a lone reply decodes on) and all cores.
+    size = 64 if args.smoke else 1024
+    one_thread, all_cores = memory_bandwidth(size, 1), memory_bandwidth(size)
+    bandwidth = max(one_thread, all_cores)
+    print(f"memory bandwidth (copy, read + write): {one_thread / 1e9:.1f} GB/s on one thread, "
+          f"{all_cores / 1e9:.1f} GB/s on all cores")  # fmt: skip
+    decoder_bytes = decoder_bytes_per_token(json.loads((model / "config.json").read_text()))
+    print(f"the int8 decoder reads {decoder_bytes / 1e6:.0f} MB per token: the bandwidth limit is "
+          f"{bandwidth / decoder_bytes:.1f} tokens/s for one stream")  # fmt: skip
     most = max(args.concurrency)
     conversations = {name: WORKLOADS[name](most) for name in args.workloads}
     rows, extras, loads = [], {"descriptions": {}}, []
@@ -266,6 +285,8 @@ def run(args: argparse.Namespace) -> dict:
             turn = 0
             for workload in args.workloads:
                 for concurrency in args.concurrency:
+                    if args.cases and (beams, concurrency) not in args.cases:
+                        continue
                     order = contenders[turn % len(contenders) :] + contenders[: turn % len(contenders)]
                     turn += 1
                     for kind in order:
@@ -285,7 +306,7 @@ def run(args: argparse.Namespace) -> dict:
             for kind in ("engine", "engine-transformers"):
                 if kind in workers:
                     extras.setdefault(kind, {}).update(engine_extras(workers[kind], beams, bandwidth))
-            if beams == 1 and "naive" in workers:
+            if beams == 1 and "naive" in workers and args.fidelity_prompts > 0:
                 extras["fidelity"] = workers["naive"].call(
                     "fidelity", conversations=full_window_conversations(args.fidelity_prompts)
                 )
@@ -300,6 +321,9 @@ def run(args: argparse.Namespace) -> dict:
         "new_tokens": NEW_TOKENS,
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "bandwidth_bytes_per_s": bandwidth,
+        "bandwidth_one_thread_bytes_per_s": one_thread,
+        "bandwidth_all_cores_bytes_per_s": all_cores,
+        "decoder_bytes_per_token": decoder_bytes,
         "load_average": [min(loads), max(loads)] if loads else None,
         "rows": rows,
         "extras": extras,
@@ -308,6 +332,8 @@ def run(args: argparse.Namespace) -> dict:
         "seconds": time.monotonic() - args.t0,
     }
     write_report(results, out / args.name)
+    for line in bandwidth_shares(results):
+        print(line)
     print(f"wrote {out / args.name}.md, .png and .json in {results['seconds']:.0f}s")
     return results
 
@@ -357,12 +383,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="which to run (default: %(default)s)")
     parser.add_argument("--serial-requests", type=int, default=4, help="requests the naive server really serves per workload")
     parser.add_argument("--seed-requests", type=int, default=2, help="requests the seed-style contender serves per workload")
-    parser.add_argument("--fidelity-prompts", type=int, default=8)
+    parser.add_argument("--fidelity-prompts", type=int, default=8, help="0: skip the int8 fidelity check")
+    parser.add_argument("--cases", default="", help="only these BEAMSxCONVERSATIONS pairs, e.g. 10x1,10x8,1x1,1x32 "
+                        "(they replace --beams and --concurrency)")  # fmt: skip
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.beams = [int(b) for b in args.beams.split(",")]
     args.workloads = [w for w in args.workloads.split(",") if w]
     args.contenders = args.contenders.split(",")
+    args.cases = {tuple(int(n) for n in case.split("x")) for case in args.cases.split(",") if case}
+    if args.cases:  # only these (beams, conversations) pairs
+        args.beams = sorted({b for b, _ in args.cases}, reverse=True)
+        args.concurrency = sorted({c for _, c in args.cases})
     args.name = args.name or ("smoke" if args.smoke else "latest")
     if args.smoke:
         args.serial_requests, args.seed_requests, args.fidelity_prompts = 2, 1, 2

@@ -103,3 +103,12 @@ def train_tokenizer():
     if len(tokenizer) != VOCAB_SIZE or (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) != (0, 1, 2):
         raise RuntimeError(f"tokenizer came out with {len(tokenizer)} tokens; expected {VOCAB_SIZE}")
     return tokenizer
+
+
+def decoder_bytes_per_token(config: dict) -> int:
+    """Bytes of int8 weights one decoding step reads, from the model's shape: every
+    decoder layer except the cross-attention keys and values (computed once per
+    reply and cached), plus the output projection, one byte per weight."""
+    d, ffn, layers, vocab = config["d_model"], config["decoder_ffn_dim"], config["decoder_layers"], config["vocab_size"]
+    per_layer = 4 * d * d + 2 * d * d + 2 * d * ffn  # self-attention q/k/v/out, cross-attention q/out, feed-forward
+    return layers * per_layer + vocab * d

@@ -340,13 +340,11 @@ class Engine:
 
 
 def decoder_bytes_per_token(chat_model) -> int:
-    """Bytes of int8 weights one decoding step reads, from the model's shape: every
-    decoder layer except the cross-attention keys and values (computed once per
-    reply and cached), plus the output projection, one byte per weight."""
+    """Bytes of int8 weights one decoding step reads (checkpoint.decoder_bytes_per_token)."""
+    from checkpoint import decoder_bytes_per_token as from_config
+
     config = chat_model.config if hasattr(chat_model, "config") else chat_model.model.config.to_dict()
-    d, ffn, layers, vocab = config["d_model"], config["decoder_ffn_dim"], config["decoder_layers"], config["vocab_size"]
-    per_layer = 4 * d * d + 2 * d * d + 2 * d * ffn  # self-attention q/k/v/out, cross-attention q/out, feed-forward
-    return layers * per_layer + vocab * d
+    return from_config(config)
 
 
 if __name__ == "__main__":

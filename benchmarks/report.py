@@ -61,7 +61,56 @@ def targets(results: dict) -> list[dict]:
         for name, value, op, goal in checks:
             met = None if value is None else (value >= goal if op == ">=" else value <= goal)
             out.append({"contender": contender, "target": name, "value": value, "goal": f"{op} {goal}", "met": met})
+    for contender in ("engine", "http"):  # issue 24's, on the full window
+        limit = bandwidth_limit(results)
+        lone = _row(results, contender, "full", 1, 1)
+        checks = [
+            ("issue 24: beam 10, 1 conversation, full window: latency / naive", ratio(contender, "full", 10, 1, "p50_s"), "<=", 0.15),
+            ("issue 24: beam 10, 8 conversations, full window: median wait / naive", ratio(contender, "full", 10, 8, "p50_s"), "<=", 0.15),
+            ("issue 24: greedy, 1 conversation, full window: latency / naive", ratio(contender, "full", 1, 1, "p50_s"), "<=", 0.30),
+            ("issue 24: greedy, 32 conversations, full window: tokens/s / naive", ratio(contender, "full", 1, 32, "tokens_per_s"), ">=", 25),
+            ("issue 24: greedy, 1 conversation, full window: tokens/s / bandwidth limit",
+             lone["tokens_per_s"] / limit if lone and limit else None, ">=", 0.70),
+        ]  # fmt: skip
+        for name, value, op, goal in checks:
+            met = None if value is None else (value >= goal if op == ">=" else value <= goal)
+            out.append({"contender": contender, "target": name, "value": value, "goal": f"{op} {goal}", "met": met})
     return out
+
+
+def bandwidth_limit(results: dict) -> float | None:
+    """Tokens/s one stream could decode if reading the int8 decoder's weights once
+    per token at the measured copy bandwidth were all it did."""
+    per_token = results.get("decoder_bytes_per_token")
+    return results["bandwidth_bytes_per_s"] / per_token if per_token else None
+
+
+def bandwidth_shares(results: dict) -> list[str]:
+    """Lines saying how near a lone greedy reply comes to the bandwidth limit
+    (issue 24, item 2): the whole reply (encoder and all, through the engine and
+    over HTTP), and the decoding step alone."""
+    limit = bandwidth_limit(results)
+    if not limit:
+        return []
+    lines = [
+        f"Bandwidth limit: {results['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (the better copy, read + write, of one "
+        f"thread, {results.get('bandwidth_one_thread_bytes_per_s', 0) / 1e9:.1f} GB/s, and all cores, "
+        f"{results.get('bandwidth_all_cores_bytes_per_s', 0) / 1e9:.1f} GB/s) / "
+        f"{results['decoder_bytes_per_token'] / 1e6:.0f} MB the int8 decoder reads per token = {limit:.1f} tokens/s."
+    ]
+    for row in results["rows"]:
+        if row["beams"] == 1 and row["concurrency"] == 1 and row["contender"] in ("engine", "http"):
+            lines.append(
+                f"A lone greedy reply, {WORKLOAD_LABELS[row['workload']]}, {LABELS[row['contender']]}: "
+                f"{row['tokens_per_s']:.1f} tokens/s = {row['tokens_per_s'] / limit:.0%} of the limit."
+            )
+    decode = results["extras"].get("engine", {}).get("decode")
+    if decode:
+        lines.append(
+            f"Its decoding step alone (raw translate_batch, 32 tokens against 2): {decode['tokens_per_s']:.1f} tokens/s "
+            f"= {decode['tokens_per_s'] / limit:.0%} of the limit."
+        )
+    return lines
 
 
 def markdown(results: dict) -> str:
@@ -133,6 +182,7 @@ def markdown(results: dict) -> str:
         if "steady_rss_mb" in e:
             lines.append(f"- {LABELS[kind]}, steady-state RSS after the workloads: {e['steady_rss_mb']:.0f} MB.")
     lines += [f"- {note}" for note in results["notes"]]
+    lines += [f"- {line}" for line in bandwidth_shares(results)]
     lines += ["", "## Targets", "", "| contender | target | measured | goal | met |", "|---|---|---:|---|---|"]
     for t in results["targets"]:
         value = "-" if t["value"] is None else f"{t['value']:.3g}"

@@ -40,6 +40,9 @@ VARIANTS = {
     "ct2-int8-packed": ({"BLENDERBOT_RUNTIME": "ctranslate2"}, {"CT2_USE_EXPERIMENTAL_PACKED_GEMM": "1"}),
     "ct2-int8-avx512": ({"BLENDERBOT_RUNTIME": "ctranslate2"}, {"CT2_FORCE_CPU_ISA": "AVX512"}),
     "ct2-int8-1thread": ({"BLENDERBOT_RUNTIME": "ctranslate2", "BLENDERBOT_THREADS": "1"}, {}),
+    # One worker of two threads: a lone reply's GEMVs on both cores (issue 24), batches not split.
+    "ct2-int8-1x2": ({"BLENDERBOT_RUNTIME": "ctranslate2"}, {"BENCH_CT2_LAYOUT": "1x2"}),
+    "ct2-int8-2x2": ({"BLENDERBOT_RUNTIME": "ctranslate2"}, {"BENCH_CT2_LAYOUT": "2x2"}),
     "ct2-int8-onednn": ({"BLENDERBOT_RUNTIME": "ctranslate2"}, {"CT2_USE_MKL": "0"}),
     "ct2-int8-onednn-avx512": ({"BLENDERBOT_RUNTIME": "ctranslate2"}, {"CT2_USE_MKL": "0", "CT2_FORCE_CPU_ISA": "AVX512"}),
     "ct2-int8-mkl": ({"BLENDERBOT_RUNTIME": "ctranslate2"}, {"CT2_USE_MKL": "1"}),
@@ -62,17 +65,21 @@ def serve(model: str) -> None:
         dotenv=False,
     )  # fmt: skip
     compute_type = os.environ.get("CT2_COMPUTE_TYPE")
+    layout = os.environ.get("BENCH_CT2_LAYOUT")  # WORKERSxTHREADS, instead of bot.ct2_model.thread_split's
     models = {}
     for beams in (1, 10):
         from dataclasses import replace
 
         chat_model = load_chat_model(replace(settings, num_beams=beams))
-        if compute_type and hasattr(chat_model, "translator"):
+        if (compute_type or layout) and hasattr(chat_model, "translator"):
             import ctranslate2
 
+            workers, threads = (int(n) for n in layout.split("x")) if layout else (1, settings.threads or 0)
             chat_model.translator = ctranslate2.Translator(
-                str(chat_model.path), compute_type=compute_type, intra_threads=settings.threads or 0
+                str(chat_model.path), compute_type=compute_type or "int8", inter_threads=workers, intra_threads=threads
             )
+            chat_model.workers = workers
+            chat_model.description += f" (as {workers} x {threads})"
         models[beams] = chat_model
     conversations = {"short": short_conversations(1)[0], "full": full_window_conversations(1)[0]}
     print(json.dumps({"ready": models[1].description}), flush=True)

@@ -1,10 +1,13 @@
 """The reply engine every adapter talks to.
 
 `await engine.reply(conversation, text)` loads the conversation's history,
-queues it for the model and stores the finished exchange. One inference thread
-runs the model; while it works, everything queued meanwhile waits, and the next
-`generate` call takes all of it at once (dynamic batching), so many
-conversations cost little more than one.
+queues it for the model and stores the finished exchange. The model runs on
+inference threads, one `generate` call per runtime worker at a time (two on
+CTranslate2, which splits each batch between them; one on transformers);
+while they work, everything queued meanwhile waits, and the next call takes
+all of it at once (dynamic batching), so many conversations cost little more
+than one. A worker left free starts on the next message at once, beside the
+batch running on the other.
 
 Messages of one conversation are answered one at a time, in the order they
 arrived, each seeing the exchange before it. The order is the order of
@@ -43,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -168,7 +172,9 @@ class ReplyEngine:
         self._turn_seconds = 0.0  # running estimate of one reply's time in line; 0 until measured
         self._sweeper: asyncio.Task[None] | None = None
         self._pending = InFlight()  # replies accepted and not yet finished
-        self._preparing = 0  # replies holding their conversation's lock, not yet queued for the model
+        # Tickets of messages not yet queued for the model: those whose turn has come are on their way
+        # (see `_on_the_way`). Weak: a ticket an adapter dropped without a reply leaves by itself.
+        self._arriving: weakref.WeakSet[Ticket] = weakref.WeakSet()
         self._closing = False
         self._forget_hooks: list[Callable[[str, float], Awaitable[None]]] = []
 
@@ -185,7 +191,10 @@ class ReplyEngine:
         if self.safety is None:
             self.safety = await asyncio.to_thread(SafetyFilter.from_settings, self.settings)
         await self.store.open()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        # One generate call per runtime worker: a second call on CTranslate2 runs beside the
+        # first on the worker it leaves idle; transformers has one worker using every core.
+        self._workers = max(1, int(getattr(self.model, "workers", 1)))
+        self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="inference")
         self._worker = asyncio.create_task(self._batch_worker(), name="inference-batcher")
         if self.settings.memory_ttl > 0:
             self._sweeper = asyncio.create_task(self._sweep_idle_conversations(), name="memory-sweeper")
@@ -224,7 +233,9 @@ class ReplyEngine:
         any await when a message arrives, pass it to `reply` (or `reset`), and
         release it when done with the message, whatever happens (bot/locks.py).
         `arrived`: when a replayed message arrived (its place is by that time)."""
-        return self._lines.take(conversation, arrived)
+        ticket = self._lines.take(conversation, arrived)
+        self._arriving.add(ticket)
+        return ticket
 
     def hold_line(self, conversation: str, after: float) -> Callable[[], None]:
         """Keep the messages of `conversation` that arrived after `after` from their turn until
@@ -292,6 +303,7 @@ class ReplyEngine:
             self.metrics.replies.labels(platform, error.outcome).inc()
             raise
         finally:
+            self._arriving.discard(ticket)  # refused or failed before the queue: not coming
             if own_ticket:
                 ticket.release()
         self.metrics.replies.labels(platform, "ok").inc()
@@ -338,6 +350,7 @@ class ReplyEngine:
             self.metrics.retries.labels(platform, error.outcome).inc()
             raise
         finally:
+            self._arriving.discard(ticket)  # refused or failed before the queue: not coming
             if own_ticket:
                 ticket.release()
         self.metrics.retries.labels(platform, "ok").inc()
@@ -372,6 +385,7 @@ class ReplyEngine:
         own_ticket = ticket is None
         if ticket is None:
             ticket = self.take_ticket(conversation)
+        self._arriving.discard(ticket)  # a reset never reaches the model
         try:
             await ticket.turn()
             async with self._conversation_lock(conversation):
@@ -519,7 +533,6 @@ class ReplyEngine:
             raise ReplyTimeout() from None
         held = time.monotonic()
         try:
-            self._preparing += 1
             try:
                 # Checked in line, not before: the check runs on a thread and would let messages overtake.
                 if await self._unsafe(text, "input", conversation):
@@ -527,7 +540,7 @@ class ReplyEngine:
                 history = await self._load_history(conversation)
                 persona = await self._persona_for(asked.channel)
             finally:
-                self._preparing -= 1  # from here to the queue there is no await
+                self._arriving.discard(ticket)  # from here to the queue there is no await
             answered = next((exchange for exchange in history if exchange.id == asked.exchange_id), None)
             if answered is not None:
                 # Answered before (by a process that died before delivering it): the same answer again.
@@ -574,6 +587,7 @@ class ReplyEngine:
             if place != len(history) - 1:
                 raise NotLatest()
             latest = history[place]
+            self._arriving.discard(ticket)  # its sampled request goes to the queue now
             try:
                 async with asyncio.timeout_at(deadline):
                     persona = await self._persona_for(asked.channel)
@@ -700,30 +714,55 @@ class ReplyEngine:
             return _NO_LOCK
         return self._shared_lock.lock(conversation)
 
+    def _on_the_way(self) -> int:
+        """Messages accepted whose turn has come (their ticket is first in its
+        conversation's line) and that are not yet queued for the model: checked,
+        rate-limited, recorded in an inbox, or reading their history. A message
+        behind another of its conversation is not: it waits for that one's reply."""
+        return sum(1 for ticket in list(self._arriving) if not ticket.released and ticket.ahead == 0)
+
     async def _batch_worker(self) -> None:
         loop = asyncio.get_running_loop()
         # Beam search multiplies a batch's rows by the beam count: cap conversations
         # so rows stay within batch_max_rows (see benchmarks/README.md).
         beams = getattr(self.model, "beams", 1)
         limit = max(1, min(self.settings.batch_size, self.settings.batch_max_rows // beams))
-        while True:
-            batch = [await self._queue.get()]
-            # Messages that arrived together (a burst) reach the queue a few ms apart, after
-            # their safety check and history read: wait for those already on their way, at most
-            # batch_wait_ms, so one generate answers them all. A lone message never waits.
-            gather_until = loop.time() + self.settings.batch_wait_ms / 1000
-            while len(batch) < limit:
-                if not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                elif self._preparing and loop.time() < gather_until:
-                    await asyncio.sleep(0.001)
-                else:
-                    break
-            live = [request for request in batch if not request.future.done()]  # drop timed-out ones
-            for sample in (False, True):
-                group = [request for request in live if request.sample is sample]
-                if group:
-                    await self._run_batch(loop, group, sample)
+        free = asyncio.Semaphore(self._workers)  # runtime workers without a generate call
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                await free.acquire()
+                try:
+                    batch = [await self._queue.get()]
+                except BaseException:
+                    free.release()
+                    raise
+                # Messages that arrived together (a burst) reach the queue a few ms apart, after
+                # their safety check, inbox record and history read: wait for those already on
+                # their way, at most batch_wait_ms, so one generate answers them all. A lone
+                # message never waits.
+                gather_until = loop.time() + self.settings.batch_wait_ms / 1000
+                while len(batch) < limit:
+                    if not self._queue.empty():
+                        batch.append(self._queue.get_nowait())
+                    elif loop.time() < gather_until and self._on_the_way():
+                        await asyncio.sleep(0.001)
+                    else:
+                        break
+                live = [request for request in batch if not request.future.done()]  # drop timed-out ones
+                task = asyncio.create_task(self._run_batches(loop, live), name="inference-batch")
+                running.add(task)
+                task.add_done_callback(running.discard)
+                task.add_done_callback(lambda _: free.release())
+        finally:
+            for task in running:
+                task.cancel()
+
+    async def _run_batches(self, loop: asyncio.AbstractEventLoop, live: list[_Request]) -> None:
+        for sample in (False, True):
+            group = [request for request in live if request.sample is sample]
+            if group:
+                await self._run_batch(loop, group, sample)
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, group: list[_Request], sample: bool) -> None:
         self.metrics.batch_size.observe(len(group))

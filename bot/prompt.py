@@ -39,8 +39,14 @@ the conversation is refused when it is set (`check_persona`).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+# A fast tokenizer keeps `split_special_tokens` as state of its Rust backend, set by each call:
+# two threads tokenizing at once (the runtime's two workers, a persona check on the event loop)
+# could encode one call with the other's setting. So one call at a time.
+_TOKENIZING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -84,12 +90,10 @@ def encode_persona(tokenizer, family: Family, persona: Sequence[str]) -> list[in
         return []
     special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
     if family.newline_token is None:  # byte-level BPE: the newline is text like any other
-        encoded = [tokenizer("".join(line + "\n" for line in lines), add_special_tokens=False,
-                             split_special_tokens=True)["input_ids"]]  # fmt: skip
+        encoded = [_tokenize(tokenizer, "".join(line + "\n" for line in lines), split_special_tokens=True)]
     else:  # the newline token itself, whatever merges the vocabulary has
         newline = tokenizer.convert_tokens_to_ids(family.newline_token)
-        encoded = [ids + [newline] for ids in tokenizer(lines, add_special_tokens=False,
-                                                        split_special_tokens=True)["input_ids"]]  # fmt: skip
+        encoded = [ids + [newline] for ids in _tokenize(tokenizer, lines, split_special_tokens=True)]
     return [token for ids in encoded for token in ids if token not in special]
 
 
@@ -118,7 +122,7 @@ def encode_turns(
     separator = separator_ids(tokenizer, family)
     special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
     texts = [turn.strip() for turn in turns]
-    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else []
+    encoded = _tokenize(tokenizer, texts, split_special_tokens=True) if texts else []
     ids: list[int] = []
     for index, turn_ids in enumerate(encoded):
         if index:
@@ -133,7 +137,13 @@ def encode_turns(
 
 def separator_ids(tokenizer, family: Family) -> list[int]:
     """The ids between two turns: the family's separator, its special tokens as such."""
-    return tokenizer(family.separator, add_special_tokens=False, split_special_tokens=False)["input_ids"]
+    return _tokenize(tokenizer, family.separator, split_special_tokens=False)
+
+
+def _tokenize(tokenizer, texts: str | list[str], *, split_special_tokens: bool):
+    """`tokenizer(texts)["input_ids"]` without special tokens added, one thread at a time (see `_TOKENIZING`)."""
+    with _TOKENIZING:
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
 
 
 def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:

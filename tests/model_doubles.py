@@ -21,6 +21,9 @@ class GatedModel:
         self.gate.set()
         self.delay = 0.0
         self.failures = 0  # how many next calls raise
+        # How many generate calls the engine may run at once (CTranslate2Model.workers): 1 unless
+        # a test sets it, so batch composition does not depend on the machine's cores.
+        self.workers = 1
 
     def generate(
         self, conversations: Sequence[Sequence[str]], *, sample: bool = False,

@@ -234,6 +234,47 @@ async def test_a_burst_of_conversations_is_answered_by_one_generate_call(model, 
     assert [len(batch) for batch in model.batches] == [8]
 
 
+async def test_a_burst_waits_for_messages_whose_place_in_line_is_taken(model, make_settings):
+    """Adapters take a message's ticket first thing, then do their own work before
+    `reply` (the web API records the message in its inbox, a SQLite write): a burst
+    reaches the engine spread out. Those messages are on their way from their
+    ticket on, so the first is not sent alone while the others catch up."""
+    async with engine_for(model, make_settings(batch_wait_ms=2000)) as engine:
+        await engine.reply("warm-up", "hello")
+        model.batches.clear()
+        tickets = [engine.take_ticket(f"c{i}") for i in range(8)]  # the burst arrives
+
+        async def message(i: int) -> str:
+            with tickets[i]:
+                if i:
+                    await asyncio.sleep(0.2)  # the adapter's own work, after the first reached the queue
+                return await engine.reply(f"c{i}", f"hi {i}", ticket=tickets[i])
+
+        answers = await asyncio.gather(*[message(i) for i in range(8)])
+    assert all(answers)
+    assert [len(batch) for batch in model.batches] == [8]
+
+
+async def test_a_free_runtime_worker_starts_on_a_message_while_the_other_is_busy(model, make_settings):
+    """With a runtime of two workers (CTranslate2 on two cores), a message arriving
+    while a batch runs is not held back until it finishes: it goes to the idle
+    worker at once. A third waits for a worker and then goes with all that queued."""
+    model.workers = 2
+    async with engine_for(model, make_settings(batch_size=32)) as engine:
+        model.gate.clear()  # hold every generate call
+        first = asyncio.create_task(engine.reply("c0", "hi"))
+        await asyncio.to_thread(model.wait_for_calls, 1)
+        second = asyncio.create_task(engine.reply("c1", "hi"))
+        await asyncio.to_thread(model.wait_for_calls, 2)  # both workers busy
+        later = [asyncio.create_task(engine.reply(f"c{i}", "hi")) for i in range(2, 6)]
+        await asyncio.sleep(0.1)
+        assert len(model.batches) == 2  # no third call while both workers are held
+        model.gate.set()
+        answers = await asyncio.gather(first, second, *later)
+    assert all(answers)
+    assert [len(batch) for batch in model.batches] == [1, 1, 4]
+
+
 async def test_a_lone_message_does_not_wait_for_a_batch(model, make_settings):
     async with engine_for(model, make_settings(batch_wait_ms=5000)) as engine:
         started = time.monotonic()

@@ -231,9 +231,9 @@ async def test_engine_batches_hold_at_most_max_rows_of_beams(make_settings, keep
     batches = []
     real_generate = chat_model.generate
 
-    def recording_generate(conversations, *, sample=False):
+    def recording_generate(conversations, *, sample=False, personas=None):
         batches.append(len(conversations))
-        return real_generate(conversations, sample=sample)
+        return real_generate(conversations, sample=sample, personas=personas)
 
     chat_model.generate = recording_generate
     async with ReplyEngine(chat_model, open_store("memory://", max_turns=5), settings) as engine:
