@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    from bot.chat_model import release_free_memory
     from bot.config import Settings
-    from bot.model import load_chat_model, release_free_memory
+    from bot.model import load_chat_model
 
     model = model_dir(Path(args.cache), smoke=args.smoke)
     sizes = [int(s) for s in args.sizes.split(",")]

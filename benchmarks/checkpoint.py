@@ -91,6 +91,7 @@ def train_tokenizer():
     """A byte-level BPE tokenizer with exactly 8008 tokens, trained in-process on
     English text that ships with Python (the help topics)."""
     from pydoc_data.topics import topics
+
     from tokenizers import ByteLevelBPETokenizer
     from transformers import BlenderbotTokenizer
 

@@ -333,7 +333,7 @@ class Engine:
         gc.collect()
         import psutil
 
-        from bot.model import release_free_memory
+        from bot.chat_model import release_free_memory
 
         release_free_memory()
         return {"rss": psutil.Process().memory_info().rss}

@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from bot.model import default_threads
-    from bot.transformers_model import quantize_int8
+    from bot.chat_model import default_threads
     from bot.prompt import pad_right
+    from bot.transformers_model import quantize_int8
 
     torch.set_num_threads(default_threads())
     path = model_dir(Path(args.cache), smoke=args.smoke)

@@ -114,7 +114,8 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 def _download(settings: Settings, args: argparse.Namespace) -> int:
     """Fetch the model (a hub id) and, where CTranslate2 will serve it, convert it
     now, so the first start does neither (the image build runs this)."""
-    from bot.model import ModelLoadError, choose_runtime, download_model
+    from bot.chat_model import ModelLoadError, download_model
+    from bot.model import choose_runtime
 
     if Path(settings.model).is_dir():
         print(f"BLENDERBOT_MODEL is the local directory {settings.model}: nothing to download.")
@@ -137,8 +138,8 @@ def _download(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _convert(settings: Settings) -> int:
+    from bot.chat_model import ModelLoadError, open_checkpoint
     from bot.ct2_model import CTranslate2Unavailable, converted_model
-    from bot.model import ModelLoadError, open_checkpoint
 
     started = time.monotonic()
     try:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from bot.model import ModelLoadError
+from bot.chat_model import ModelLoadError
 
 log = logging.getLogger(__name__)
 

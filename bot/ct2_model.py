@@ -41,9 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bot.config import Settings
-from bot.ct2_convert import ConversionError, Stamp, checkpoint_id, conversion_stamp, ensure_converted
-from bot.model import (
+from bot.chat_model import (
     Checkpoint,
     Decoding,
     Generated,
@@ -54,6 +52,8 @@ from bot.model import (
     rows_per_call,
     snapshot,
 )
+from bot.config import Settings
+from bot.ct2_convert import ConversionError, Stamp, checkpoint_id, conversion_stamp, ensure_converted
 from bot.prompt import Family, check_persona, encode_turns
 
 log = logging.getLogger(__name__)

@@ -52,6 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from bot.chat_model import ChatModel, Generated
 from bot.config import Settings
 from bot.errors import (
     AnswerGone,
@@ -84,7 +85,6 @@ from bot.memory import (
     new_exchange_id,
 )
 from bot.metrics import Metrics
-from bot.model import ChatModel, Generated
 from bot.prompt import PersonaTooLong, persona_lines
 from bot.ratelimit import RateLimiter, TokenBucketLimiter
 from bot.safety import SafetyFilter

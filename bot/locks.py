@@ -38,8 +38,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from redis.asyncio.lock import Lock as RedisLock

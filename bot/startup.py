@@ -64,10 +64,11 @@ async def open_engine(settings: Settings) -> tuple[ReplyEngine, SharedState | No
     back too: its `dedupe` is for the Slack adapter, its `ping` for /readyz.
     Close it after the engine. Nothing connects yet, so a Redis that is down does
     not stop the start."""
+    from bot.chat_model import ModelLoadError
     from bot.engine import ReplyEngine
     from bot.memory import open_store
     from bot.metrics import Metrics
-    from bot.model import ModelLoadError, load_chat_model
+    from bot.model import load_chat_model
     from bot.shared import SharedState
 
     log.info("Loading %s ...", settings.model)

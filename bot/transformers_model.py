@@ -12,8 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from bot.config import Settings
-from bot.model import (
+from bot.chat_model import (
     Checkpoint,
     Decoding,
     Generated,
@@ -24,6 +23,7 @@ from bot.model import (
     release_free_memory,
     rows_per_call,
 )
+from bot.config import Settings
 from bot.prompt import Family, check_persona, encode_turns, pad_right
 
 

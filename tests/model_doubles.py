@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from bot.model import ChatModel, Generated
+from bot.chat_model import ChatModel, Generated
 
 
 class GatedModel:

@@ -24,8 +24,8 @@ from test_slack import Bot as SlackBot
 
 from adapters.discord import DiscordAdapter
 from adapters.slack_text import WORD_JOINER
+from bot.chat_model import Generated
 from bot.engine import ReplyEngine
-from bot.model import Generated
 
 # A mention that would still ping as plain text or markup: "@" right before a
 # broadcast name, or an angle-bracket token of either platform.

@@ -21,11 +21,12 @@ import sys
 import time
 from collections.abc import Sequence
 
+from bot.chat_model import ChatModel, Generated
 from bot.config import Settings
 from bot.engine import ReplyEngine
 from bot.locks import RedisLocks
 from bot.memory import StoreUnavailable, open_store
-from bot.model import ChatModel, Generated, load_chat_model
+from bot.model import load_chat_model
 from bot.shared import RedisDedupeStore, connect, split_prefix
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from bot_process import BotProcess, http, port_env
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 from test_try_again import Takes
 
@@ -22,7 +23,6 @@ from bot.config import Settings
 from bot.engine import ReplyEngine
 from bot.memory import open_store
 from bot.web import build_app
-from bot_process import BotProcess, http, port_env
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = [

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 from aiohttp.test_utils import TestServer
+from conftest import REPO, subprocess_env
 
 from bot.engine import ReplyEngine
 from bot.memory import open_store
 from bot.web import build_app
-from conftest import REPO, subprocess_env
 
 DOCKERFILE = REPO / "Dockerfile"
 

@@ -18,9 +18,10 @@ from bot_process import BotProcess, http, port_env
 from conftest import REPO, RUNTIMES, subprocess_env
 from tiny_models import build_blenderbot
 
+from bot.chat_model import ModelLoadError
 from bot.config import load_settings
 from bot.ct2_convert import checkpoint_id, converted_dir
-from bot.model import ModelLoadError, load_chat_model
+from bot.model import load_chat_model
 
 CONVERTING = "for CTranslate2 (int8) into"
 

@@ -13,16 +13,6 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-
-from adapters.base import AdapterStartError
-from adapters.discord import CANNOT_READ, HELP_TEXT, RESET_DONE, DiscordAdapter
-from bot.engine import ReplyEngine
-from bot.errors import ConversationBusy, EngineBusy, GenerationFailed
-from bot.memory import open_store
-from bot.model import Generated
-from bot.shared import RedisRateLimiter, connect
-from bot.text import clean_text
-from bot.web import build_app
 from conftest import subprocess_env
 from fake_discord import (
     BOT_ID,
@@ -42,6 +32,16 @@ from fake_discord import (
 from model_doubles import GatedModel
 from redis_servers import delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
 from tcp_proxy import TcpProxy
+
+from adapters.base import AdapterStartError
+from adapters.discord import CANNOT_READ, HELP_TEXT, RESET_DONE, DiscordAdapter
+from bot.chat_model import Generated
+from bot.engine import ReplyEngine
+from bot.errors import ConversationBusy, EngineBusy, GenerationFailed
+from bot.memory import open_store
+from bot.shared import RedisRateLimiter, connect
+from bot.text import clean_text
+from bot.web import build_app
 
 MENTION = f"<@{BOT_ID}>"
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import subprocess_env
-from redis_servers import delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
 from prometheus_client.parser import text_string_to_metric_families
+from redis_servers import delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
 
 from bot.chat import HELP
 from bot.config import Settings

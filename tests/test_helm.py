@@ -16,6 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import REPO
 from kubernetes_validate.utils import SchemaNotFoundError, all_versions
 from packaging.version import Version
 
@@ -23,7 +24,6 @@ from bot.config import SECRET_VARIABLES, Settings, load_settings
 from bot.engine import ReplyEngine
 from bot.memory import open_store
 from bot.web import build_app
-from conftest import REPO
 
 CHART = REPO / "deploy" / "helm" / "blender-chat"
 CI_VALUES = {path.name.removesuffix("-values.yaml"): path for path in sorted((CHART / "ci").glob("*-values.yaml"))}

@@ -12,16 +12,10 @@ import uuid
 from typing import Any
 
 import pytest
+from bot_process import sample
 from fake_discord import BOT_ID, CHANNEL_ID
 from fake_slack import event_body, mention, wait_for
 from redis_servers import PrivateRedis, delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
-
-from bot.config import Settings
-from bot.inbox import ACCEPTED, HELD, Claim, Entry, Inbox
-from bot.inbox.redis import RedisInbox
-from bot.inbox.sqlite import SQLiteInbox
-from bot.metrics import Metrics
-from bot_process import sample
 from test_inbox import (  # noqa: F401 (bots, on_redis: fixtures)
     HELD_FOR_GOOD,
     MENTION,
@@ -36,6 +30,12 @@ from test_inbox import (  # noqa: F401 (bots, on_redis: fixtures)
     on_redis,
 )
 from test_slack import fake, start_bot  # noqa: F401 (fixtures: the fake Slack, an adapter over a real engine)
+
+from bot.config import Settings
+from bot.inbox import ACCEPTED, HELD, Claim, Entry, Inbox
+from bot.inbox.redis import RedisInbox
+from bot.inbox.sqlite import SQLiteInbox
+from bot.metrics import Metrics
 
 
 @pytest.fixture(params=["sqlite", "redis"])

@@ -11,8 +11,9 @@ import torch
 from conftest import RUNTIMES
 from tiny_models import build_not_blenderbot
 
+from bot.chat_model import TOKENIZER_CLASSES, Decoding, ModelLoadError
 from bot.config import Settings
-from bot.model import TOKENIZER_CLASSES, Decoding, ModelLoadError, load_chat_model
+from bot.model import load_chat_model
 from bot.prompt import FAMILIES, encode_turns, separator_ids
 
 

@@ -20,8 +20,8 @@ from redis_servers import PrivateRedis, delete_prefix, redis_url, shared_prefix,
 from tcp_proxy import TcpProxy
 
 from bot.config import Settings
-from bot.errors import RateLimited, UserBlocked
 from bot.engine import ReplyEngine
+from bot.errors import RateLimited, UserBlocked
 from bot.locks import RedisLocks
 from bot.memory import StoreUnavailable, open_store
 from bot.memory.redis import RedisStore

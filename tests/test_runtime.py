@@ -12,7 +12,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-
 from bot_process import BotProcess, http, metric, port_env, run_once
 from tiny_models import build_blenderbot
 

@@ -16,9 +16,9 @@ from conftest import subprocess_env
 from model_doubles import GatedModel
 
 from adapters.base import APOLOGY, IncomingMessage, answer
+from bot.chat_model import Generated
 from bot.engine import ReplyEngine
 from bot.memory import open_store
-from bot.model import Generated
 from bot.safety import SafetyFilter, load_classifier
 from bot.text import clean_text, neutralize_mentions
 

@@ -31,10 +31,10 @@ from conftest import REPO, subprocess_env
 from fake_slack import FakeSlack, event_body, mention, new_ts, signed_headers
 from redis_servers import PrivateRedis, delete_prefix, redis_url, shared_prefix, unique_prefix  # noqa: F401 (fixtures)
 
-from bot.startup import open_engine
 from bot.config import ConfigError, Settings, load_settings
 from bot.memory.redis import RedisStore
 from bot.model import load_chat_model
+from bot.startup import open_engine
 from bot.text import neutralize_mentions
 from bot.web import build_app
 

@@ -29,13 +29,13 @@ from test_feedback import counted
 from test_slack import SECRET, Bot, answered, fake, start_bot  # noqa: F401 (fixtures)
 
 from adapters.slack_surface import (
-    PROGRESS_REACTION,
     FEEDBACK_ACTION,
     FORGET_ACTION,
     FORGOTTEN,
     GREETING,
     LOADING_MESSAGES,
     NOT_KEPT,
+    PROGRESS_REACTION,
     PROMPTS_TITLE,
     STATUS,
     THANKS,

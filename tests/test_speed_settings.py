@@ -16,8 +16,9 @@ import pytest
 import torch
 from conftest import REPO, RUNTIMES, subprocess_env
 
+from bot.chat_model import ModelLoadError, default_threads
 from bot.config import ConfigError, load_settings
-from bot.model import ModelLoadError, default_threads, load_chat_model
+from bot.model import load_chat_model
 from bot.transformers_model import quantize_int8, resolve_dtype, should_quantize
 
 QuantizedLinear = torch.ao.nn.quantized.dynamic.Linear

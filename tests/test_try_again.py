@@ -21,9 +21,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from bot_process import sample
 from fake_discord import BOT_ID, CHANNEL_ID, OTHER_USER_ID, FakeDiscord
 from fake_slack import FakeSlack, block_actions, dm, event_body, wait_for
-from bot_process import sample
 from model_doubles import GatedModel
 from redis_servers import delete_prefix, redis_url, unique_prefix  # noqa: F401 (redis_url is a fixture)
 from test_discord import MENTION, answer_to
@@ -36,12 +36,11 @@ from test_slack_surface import click
 from adapters.discord import DiscordAdapter
 from adapters.slack import SlackAdapter
 from adapters.slack_surface import AGAIN_ACTION, AGAIN_LABEL
-
 from bot.chat import HELP, chat
+from bot.chat_model import Generated
 from bot.engine import ReplyEngine
 from bot.errors import AnswerGone, NoOtherAnswer, NotLatest, RateLimited
 from bot.memory import ExchangeRef, Feedback, open_store
-from bot.model import Generated
 from bot.ratelimit import TokenBucketLimiter
 from bot.web import STATE, build_app
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from bot.inbox import Entry, with_id
-from bot.shared import DEFAULT_PREFIX, connect
+from bot.inbox.base import Entry, with_id
+from bot.redis_client import DEFAULT_PREFIX, connect
 
 GROUP = "replayers"
 # Who holds an entry is its claim's business: one consumer name for all replicas keeps the

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from bot.inbox import ACCEPTED, DONE, HELD, TAKEN, Entry, with_id
+from bot.inbox.base import ACCEPTED, DONE, HELD, TAKEN, Entry, with_id
 from bot.memory.sqlite import connect, transaction
 
 SCHEMA = """

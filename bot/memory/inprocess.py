@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from bot.memory import FORGET_KEPT, Exchange, Feedback, new_exchange_id
+from bot.memory.base import FORGET_KEPT, Exchange, Feedback, new_exchange_id
 
 
 class InProcessStore:

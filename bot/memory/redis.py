@@ -29,8 +29,8 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from bot.memory import FORGET_KEPT, Exchange, ExchangeRef, Feedback, StoreUnavailable, new_exchange_id
-from bot.shared import connect, split_prefix
+from bot.memory.base import FORGET_KEPT, Exchange, ExchangeRef, Feedback, StoreUnavailable, new_exchange_id
+from bot.redis_client import connect, split_prefix
 
 log = logging.getLogger(__name__)
 

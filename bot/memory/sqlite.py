@@ -22,7 +22,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from bot.memory import FORGET_KEPT, Exchange, ExchangeRef, Feedback, StoreUnavailable, new_exchange_id
+from bot.memory.base import FORGET_KEPT, Exchange, ExchangeRef, Feedback, StoreUnavailable, new_exchange_id
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS exchanges (
