@@ -276,15 +276,31 @@ def _violations(operation: str, part: str, error: Exception) -> list[Violation]:
     if schema_errors:
         found = [_schema_violation(operation, part, e) for e in schema_errors]
         if where:
-            found = [Violation(v.operation, v.part, f"{where}{'.' + v.field if v.field else ''}", v.message) for v in found]
+            found = [Violation(v.operation, v.part, ".".join(filter(None, (where, v.field))), v.message) for v in found]
         return found
     message = str(error.__cause__ or error)
     return [Violation(operation, part, where, f"{type(error).__name__}: {message}")]
 
 
 def _schema_violation(operation: str, part: str, error: ValidationError) -> Violation:
-    deepest = best_match([error])  # into anyOf / oneOf: the branch that came closest
-    return Violation(operation, part, _field(deepest), deepest.message)
+    field, message = _explain(error)
+    return Violation(operation, part, field, message)
+
+
+def _explain(error: ValidationError) -> tuple[str, str]:
+    """(field, message) of a jsonschema error, from the branch of an anyOf / oneOf that came closest;
+    where no branch came closer than the others, the deepest field any of them names."""
+    best = best_match([error])
+    if not best.context:
+        return _field(best), _short(best.message)
+    closest = max(best.context, key=lambda e: len(e.absolute_path))
+    return _field(closest), f"{_short(best.message)} (closest: {_short(closest.message)})"
+
+
+def _short(message: str, limit: int = 200) -> str:
+    """jsonschema's message with a long value cut in the middle (the verdict is at its end)."""
+    half = limit // 2
+    return message if len(message) <= limit else f"{message[:half]} ... {message[-half:]}"
 
 
 def _field(error: ValidationError) -> str:
@@ -310,9 +326,9 @@ def _gateway_validator(name: str) -> Draft7Validator:
 
 
 def check_gateway(payload: dict[str, Any], *, from_bot: bool = False) -> list[Violation]:
-    """What is wrong with a gateway payload the fake sends (or, `from_bot`, one the bot sends)."""
+    """What is wrong with a gateway payload the fake sends (or, `from_bot`, one the bot's client sends)."""
     op, event = payload.get("op"), payload.get("t")
-    who = "gateway payload from the bot" if from_bot else "gateway payload from the fake"
+    who = "gateway payload from the client" if from_bot else "gateway payload from the fake"
     label = f"op {op}" + (f" {event}" if event else "")
     name = BOT_SENDS.get(op) if from_bot else FAKE_SENDS.get(event if op == 0 else op)
     if name is None:
@@ -325,7 +341,7 @@ def check_gateway(payload: dict[str, Any], *, from_bot: bool = False) -> list[Vi
         if kind is not None:
             specific = list(_gateway_validator(kind).iter_errors(payload["d"]))
             if specific:
-                return [Violation(label, who, "d." + _field(e) if _field(e) else "d", e.message)
-                        for e in (best_match([e]) for e in specific)]
-    found = [Violation(label, who, _field(e), e.message) for e in (best_match([e]) for e in errors)]
+                return [Violation(label, who, f"d.{field}" if field else "d", message)
+                        for field, message in map(_explain, specific)]
+    found = [Violation(label, who, field, message) for field, message in map(_explain, errors)]
     return [violation for violation in found if not _erratum(violation)]
