@@ -452,7 +452,7 @@ class FakeDiscord:
             message["webhook_id"] = str(APP_ID)
             message["flags"] = body.get("flags", 0)
             return 200, _rest_message(message)
-        if method in ("DELETE", "PATCH") and parts[0] == "webhooks":
+        if method == "DELETE" and parts[0] == "webhooks":  # (an edit would answer 200 and the message)
             return 204, None
         return 404, {"message": "404: Not Found", "code": 0}
 

@@ -104,4 +104,5 @@ if (differing.length) {
   process.exit(1);
 }
 JS
+cp "$scratch/node_modules/discord-api-types/LICENSE" "$here/gateway/LICENSE"  # the schemas derive from its types
 echo "refreshed $(ls "$here"/gateway/*.json | wc -l) gateway schemas"
