@@ -3,7 +3,7 @@
 REST: each request the bot sends and each answer the fake gives is validated against Discord's
 official OpenAPI 3.1 document (tests/contracts/discord/openapi.json) with openapi-core: path,
 method, query, headers' security and body, with unknown fields refused. Gateway: each payload the
-fake sends and each the bot sends is validated against JSON Schemas generated from the
+fake sends and each the client sends is validated against JSON Schemas generated from the
 `discord-api-types` package (tests/contracts/discord/gateway/). Provenance and refresh:
 tests/contracts/discord/README.md.
 
@@ -325,12 +325,12 @@ def _gateway_validator(name: str) -> Draft7Validator:
     return Draft7Validator(json.loads((CONTRACTS / "gateway" / f"{name}.json").read_text()))
 
 
-def check_gateway(payload: dict[str, Any], *, from_bot: bool = False) -> list[Violation]:
-    """What is wrong with a gateway payload the fake sends (or, `from_bot`, one the bot's client sends)."""
+def check_gateway(payload: dict[str, Any], *, from_client: bool = False) -> list[Violation]:
+    """What is wrong with a gateway payload the fake sends (or, `from_client`, one the bot's client sends)."""
     op, event = payload.get("op"), payload.get("t")
-    who = "gateway payload from the client" if from_bot else "gateway payload from the fake"
+    who = "gateway payload from the client" if from_client else "gateway payload from the fake"
     label = f"op {op}" + (f" {event}" if event else "")
-    name = BOT_SENDS.get(op) if from_bot else FAKE_SENDS.get(event if op == 0 else op)
+    name = BOT_SENDS.get(op) if from_client else FAKE_SENDS.get(event if op == 0 else op)
     if name is None:
         return [Violation(label, who, "", "no schema for this payload in tests/contracts/discord/gateway/")]
     errors = list(_gateway_validator(name).iter_errors(payload))

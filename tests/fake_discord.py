@@ -371,13 +371,13 @@ class FakeDiscord:
                 call.status, call.response = 404, {"message": "404: Not Found", "code": 0}
             else:
                 call.status, call.response = 400, _invalid_form_body(refused)
-            return _json(call.response, status=call.status)
-        response = await self._answer(request, path, body, call)
-        answer = call.response if call.status not in (204, 429) else None
-        if call.status == 429:
-            answer = json.loads(response.body)  # type: ignore[arg-type]
+            response = _json(call.response, status=call.status)
+        else:
+            response = await self._answer(request, path, body, call)
+        # Exactly what goes back, 401s and 429s included, is checked.
+        sent = json.loads(response.body) if response.body else None  # type: ignore[arg-type]
         self.contract.add(check_response(request.method, path, query=call.query, headers=headers, body=body,
-                                         status=call.status, answer=answer))
+                                         status=response.status, answer=sent))
         return response
 
     async def _answer(self, request: web.Request, path: str, body: Any, call: Call) -> web.Response:
@@ -586,7 +586,7 @@ class FakeDiscord:
                 if frame.type != WSMsgType.TEXT:
                     continue
                 payload = json.loads(frame.data)
-                self.contract.add(check_gateway(payload, from_bot=True))
+                self.contract.add(check_gateway(payload, from_client=True))
                 await self._on_gateway_payload(socket, payload)
         finally:
             self._sockets.remove(socket)
