@@ -21,6 +21,7 @@ would, and every violation, the fake's own answers and gateway payloads included
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import time
@@ -376,10 +377,12 @@ class FakeDiscord:
             response = await self._answer(request, path, body, call)
         if request.transport is None or request.transport.is_closing():
             return response  # the connection was dropped (by a test, or the client left): nothing goes back
-        # Exactly what goes back, 401s and 429s included, is checked.
+        # Exactly what goes back, 401s and 429s included, is checked: once it has gone, so that the check
+        # (a few milliseconds) does not delay the answer and widen the races the tests look at.
         sent = json.loads(response.body) if response.body else None  # type: ignore[arg-type]
-        self.contract.add(check_response(request.method, path, query=call.query, headers=headers, body=body,
-                                         status=response.status, answer=sent))
+        check = functools.partial(check_response, request.method, path, query=call.query, headers=headers,
+                                  body=body, status=response.status, answer=sent)
+        asyncio.get_running_loop().call_soon(lambda: self.contract.add(check()))
         return response
 
     async def _answer(self, request: web.Request, path: str, body: Any, call: Call) -> web.Response:
