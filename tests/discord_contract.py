@@ -40,6 +40,7 @@ FAKE_SENDS = {  # opcode, or opcode 0 with its event name
     "RESUMED": "resumed",
     "GUILD_CREATE": "guild_create",
     "MESSAGE_CREATE": "message_create",
+    "MESSAGE_UPDATE": "message_update",
     "MESSAGE_REACTION_ADD": "message_reaction_add",
     "INTERACTION_CREATE": "interaction_create",
 }

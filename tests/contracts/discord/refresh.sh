@@ -44,6 +44,7 @@ types=(
   resumed:GatewayResumedDispatch
   guild_create:GatewayGuildCreateDispatch
   message_create:GatewayMessageCreateDispatch
+  message_update:GatewayMessageUpdateDispatch
   message_reaction_add:GatewayMessageReactionAddDispatch
   interaction_create:GatewayInteractionCreateDispatch
   chat_input_interaction:APIChatInputApplicationCommandInteraction
