@@ -564,6 +564,8 @@ class FakeDiscord:
             "name_localizations": None,
             "description_localizations": None,
             **command,
+            # A bit set the request gives as an integer, and Discord answers as a string.
+            "default_member_permissions": _string_or_none(command.get("default_member_permissions")),
             "id": str(next(self._ids)),
             "application_id": str(APP_ID),
             "version": str(next(self._ids)),
@@ -738,6 +740,10 @@ def _json(payload: Any, *, status: int = 200) -> web.Response:
     # discord.py parses JSON only when the Content-Type is exactly application/json.
     headers = {"Content-Type": "application/json"}
     return web.Response(body=json.dumps(payload).encode(), status=status, headers=headers)
+
+
+def _string_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _rest_message(message: dict[str, Any]) -> dict[str, Any]:
