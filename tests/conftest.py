@@ -14,6 +14,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental hub call fails at once inste
 os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
 sys.path.insert(0, str(Path(__file__).parent))
 
+# A hook: fails the test during which the fake Discord saw a contract violation.
+from discord_contract import pytest_runtest_call  # noqa: E402, F401
 from tiny_models import build_blenderbot, build_blenderbot_small  # noqa: E402
 
 from bot.config import Settings  # noqa: E402

@@ -15,11 +15,16 @@ dispatches reactions and interactions (slash commands, the message context
 menu) from a server install or from a user's install in places the bot is no
 member of, and answers their callbacks and followups.
 The bot's edits of its messages (PATCH) are kept, and sent on as MESSAGE_UPDATE.
+
+Everything that crosses it is checked against Discord's published contracts (tests/discord_contract.py):
+a request that Discord's OpenAPI document refuses is answered 400 "Invalid Form Body" as Discord
+would, and every violation, the fake's own answers and gateway payloads included, fails the test.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import time
@@ -30,6 +35,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from discord_contract import ViolationLog, check_gateway, check_request, check_response, operation_id
 
 BOT_ID = 810000000000000001
 APP_ID = BOT_ID
@@ -52,7 +58,6 @@ EPHEMERAL = 1 << 6
 SEND_MESSAGES = 1 << 11
 MANAGE_CHANNELS = 1 << 4
 MEMBER_PERMISSIONS = SEND_MESSAGES  # what an ordinary member may do in a channel
-NONCE_LENGTH = 25  # Discord refuses a longer nonce
 NONCE_WINDOW = 300.0  # seconds Discord remembers a nonce ("the past few minutes")
 
 
@@ -78,6 +83,8 @@ def _user(user_id: int, name: str, *, bot: bool = False, global_name: str | None
         "avatar": None,
         "bot": bot,
         "public_flags": 0,
+        "flags": 0,
+        "primary_guild": None,
     }
 
 
@@ -122,6 +129,7 @@ class FakeDiscord:
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.contract = ViolationLog()  # where it differed from Discord's contracts; take() to expect some
 
     # -- server ------------------------------------------------------------
 
@@ -134,6 +142,7 @@ class FakeDiscord:
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.contract.open()
 
     async def stop(self) -> None:
         self._stopping.set()  # lets held requests go
@@ -142,6 +151,7 @@ class FakeDiscord:
             await socket.ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        self.contract.close()  # raises for a violation no test has reported yet
 
     @property
     def api_url(self) -> str:
@@ -183,6 +193,7 @@ class FakeDiscord:
             "mention_roles": [str(role) for role in mention_roles],
             "attachments": [],
             "embeds": [],
+            "components": [],
             "pinned": False,
             "type": 0,
             "flags": 0,
@@ -197,7 +208,7 @@ class FakeDiscord:
             replied = self.messages[reply_to]
             data["type"] = 19
             data["message_reference"] = {"message_id": str(reply_to), "channel_id": replied["channel_id"], "type": 0}
-            data["referenced_message"] = replied
+            data["referenced_message"] = _rest_message(replied)  # a message object, not a MESSAGE_CREATE
         if forward_of is not None:
             forwarded = self.messages[forward_of]
             data["message_reference"] = {
@@ -240,7 +251,7 @@ class FakeDiscord:
         command = next(c for c in self.commands if c["name"] == name)
         message = self.messages[message_id]
         data = {"id": command["id"], "name": name, "type": 3, "target_id": str(message_id),
-                "resolved": {"messages": {str(message_id): message}}}
+                "resolved": {"messages": {str(message_id): _rest_message(message)}}}
         return await self._interaction(data, channel_id or int(message["channel_id"]), user_id)
 
     async def _interaction(self, command: dict[str, Any], channel_id: int, user_id: int,
@@ -400,10 +411,32 @@ class FakeDiscord:
         body = await request.json() if request.can_read_body and request.content_type == "application/json" else None
         call = Call(request.method, path, body, query=dict(request.query))
         self.calls.append(call)
+        headers = {name: request.headers[name] for name in ("Authorization",) if name in request.headers}
+        refused = check_request(request.method, path, query=call.query, headers=headers, body=body)
+        if refused:
+            self.contract.add(refused)
+            if operation_id(request.method, path) is None:
+                call.status, call.response = 404, {"message": "404: Not Found", "code": 0}
+            else:
+                call.status, call.response = 400, _invalid_form_body(refused)
+            response = _json(call.response, status=call.status)
+        else:
+            response = await self._answer(request, path, body, call)
+        if request.transport is None or request.transport.is_closing():
+            return response  # the connection was dropped (by a test, or the client left): nothing goes back
+        # Exactly what goes back, 401s and 429s included, is checked: once it has gone, so that the check
+        # (a few milliseconds) does not delay the answer and widen the races the tests look at.
+        sent = json.loads(response.body) if response.body else None  # type: ignore[arg-type]
+        check = functools.partial(check_response, request.method, path, query=call.query, headers=headers,
+                                  body=body, status=response.status, answer=sent)
+        asyncio.get_running_loop().call_soon(lambda: self.contract.add(check()))
+        return response
+
+    async def _answer(self, request: web.Request, path: str, body: Any, call: Call) -> web.Response:
         webhook_style = path.startswith(("/interactions/", "/webhooks/"))  # these carry no bot token
         if not webhook_style and request.headers.get("Authorization") != f"Bot {self.token}":
-            call.status = 401
-            return _json({"message": "401: Unauthorized", "code": 0}, status=401)
+            call.status, call.response = 401, {"message": "401: Unauthorized", "code": 0}
+            return _json(call.response, status=401)
         for delay in self._delays:
             if delay[0] == request.method and delay[1] == path:
                 self._delays.remove(delay)
@@ -446,7 +479,7 @@ class FakeDiscord:
     def _route(self, method: str, path: str, body: Any, call: Call) -> tuple[int, Any]:
         parts = path.strip("/").split("/")
         if (method, path) == ("GET", "/users/@me"):
-            return 200, {**USERS[BOT_ID], "verified": True, "mfa_enabled": False, "flags": 0}
+            return 200, {**USERS[BOT_ID], "verified": True, "mfa_enabled": False, "locale": "en-US"}
         if (method, path) == ("GET", "/oauth2/applications/@me"):
             return 200, self._application()
         if (method, path) in (("GET", "/gateway/bot"), ("GET", "/gateway")):
@@ -461,7 +494,7 @@ class FakeDiscord:
             message = self.messages.get(int(parts[3]))
             if message is None or message["channel_id"] != parts[1]:
                 return 404, {"message": "Unknown Message", "code": 10008}
-            return 200, message
+            return 200, _rest_message(message)
         if method == "GET" and parts[0] == "channels" and parts[-1] == "messages":
             return 200, self._list_messages(parts[1], call.query)
         if method == "POST" and parts[0] == "channels" and parts[-1] == "messages":
@@ -474,9 +507,15 @@ class FakeDiscord:
                 "id": parts[1],
                 "type": 2,
                 "response_message_loading": kind == 5,
-                "response_message_ephemeral": bool(body.get("data", {}).get("flags", 0) & EPHEMERAL),
+                "response_message_ephemeral": bool((body.get("data") or {}).get("flags", 0) & EPHEMERAL),
             }
-            return 200, {"interaction": interaction, "resource": {"type": kind}}
+            if kind != 4:  # only a message sent with the callback is a resource (a deferral creates none yet)
+                return 200, {"interaction": interaction}
+            channel_id = self._interaction_channels.get(parts[2], CHANNEL_ID)
+            message = {**self._bot_message(channel_id, body["data"], store=False),
+                       "webhook_id": str(APP_ID), "flags": body["data"].get("flags", 0)}
+            interaction["response_message_id"] = message["id"]
+            return 200, {"interaction": interaction, "resource": {"type": 4, "message": _rest_message(message)}}
         if method == "POST" and parts[0] == "webhooks":
             channel_id = self._interaction_channels.get(parts[2], CHANNEL_ID)
             message = self._bot_message(channel_id, body)
@@ -484,30 +523,27 @@ class FakeDiscord:
             if parts[2] in self._interaction_metadata:
                 message["interaction_metadata"] = self._interaction_metadata[parts[2]]
             message["flags"] = body.get("flags", 0)
-            return 200, message
-        if method in ("DELETE", "PATCH") and parts[0] == "webhooks":
+            return 200, _rest_message(message)
+        if method == "DELETE" and parts[0] == "webhooks":  # (an edit would answer 200 and the message)
             return 204, None
         return 404, {"message": "404: Not Found", "code": 0}
 
     def _create_message(self, channel_id: int, body: dict[str, Any], call: Call) -> tuple[int, Any]:
         """POST /channels/{id}/messages. With `enforce_nonce`, a nonce the bot used in the last
         few minutes (in any channel) answers the message it created then, and nothing is created."""
-        nonce = body.get("nonce")
-        if nonce is not None and len(str(nonce)) > NONCE_LENGTH:
-            error = {"code": "BASE_TYPE_BAD_LENGTH", "message": f"Must be {NONCE_LENGTH} or fewer in length."}
-            return 400, {"message": "Invalid Form Body", "code": 50035, "errors": {"nonce": {"_errors": [error]}}}
+        nonce = body.get("nonce")  # one longer than Discord takes (25) was refused by the contract check already
         earlier = self._nonces.get(str(nonce)) if nonce is not None and body.get("enforce_nonce") else None
         if earlier is not None and time.monotonic() - earlier[1] < self.nonce_window:
             call.deduplicated = True
-            return 200, {**self.messages[earlier[0]], "nonce": nonce}
+            return 200, {**_rest_message(self.messages[earlier[0]]), "nonce": nonce}
         message = self._bot_message(channel_id, body)
         if nonce is not None:
             # Only the create answer and the gateway echo carry the nonce, not a message fetched later.
             self._nonces[str(nonce)] = (int(message["id"]), time.monotonic())
             message = {**message, "nonce": nonce}
-        # Discord echoes the bot's own messages back on the gateway.
+        # Discord echoes the bot's own messages back on the gateway (with the gateway's extra fields).
         asyncio.get_running_loop().create_task(self.dispatch("MESSAGE_CREATE", message))
-        return 200, message
+        return 200, _rest_message(message)
 
     def _list_messages(self, channel_id: str, query: dict[str, str]) -> list[dict[str, Any]]:
         """GET /channels/{id}/messages: at most `limit` (1-100, default 50) of the channel's
@@ -521,7 +557,7 @@ class FakeDiscord:
             if "before" in query:
                 ids = [id for id in ids if id < int(query["before"])]
             ids = ids[-limit:]
-        return [self.messages[id] for id in reversed(ids)]
+        return [_rest_message(self.messages[id]) for id in reversed(ids)]
 
     def _edit_message(self, channel_id: int, message_id: int, body: dict[str, Any]) -> tuple[int, Any]:
         """PATCH /channels/{id}/messages/{id} (Discord's "Edit Message"): only the author edits the
@@ -536,7 +572,7 @@ class FakeDiscord:
             edited["content"] = body["content"] or ""
         self.messages[message_id] = edited
         asyncio.get_running_loop().create_task(self.dispatch("MESSAGE_UPDATE", edited))
-        return 200, edited
+        return 200, _rest_message(edited)
 
     async def _withhold(self, call: Call) -> None:
         """Keep the answer to `call` back until release_held() or stop()."""
@@ -549,7 +585,7 @@ class FakeDiscord:
         finally:
             self.withheld = [c for c in self.withheld if c is not call]
 
-    def _bot_message(self, channel_id: int, body: dict[str, Any]) -> dict[str, Any]:
+    def _bot_message(self, channel_id: int, body: dict[str, Any], *, store: bool = True) -> dict[str, Any]:
         message: dict[str, Any] = {
             "id": str(next(self._ids)),
             "channel_id": str(channel_id),
@@ -563,6 +599,7 @@ class FakeDiscord:
             "mention_roles": [],
             "attachments": [],
             "embeds": [],
+            "components": [],
             "pinned": False,
             "type": 19 if body.get("message_reference") else 0,
             "flags": 0,
@@ -573,25 +610,43 @@ class FakeDiscord:
             message["guild_id"] = str(GUILD_ID)
             message["member"] = self._member(BOT_ID)
         if body.get("message_reference"):
-            message["message_reference"] = body["message_reference"]
-        self.messages[int(message["id"])] = message
+            # What Discord answers: the reference resolved (type 0, snowflakes as strings), not the request's echo.
+            asked = body["message_reference"]
+            referenced = self.messages.get(int(asked["message_id"]), {})
+            message["message_reference"] = {
+                "type": 0, "message_id": str(asked["message_id"]),
+                "channel_id": referenced.get("channel_id", str(channel_id)),
+                **({"guild_id": referenced["guild_id"]} if "guild_id" in referenced else {}),
+            }
+        if store:
+            self.messages[int(message["id"])] = message
         return message
 
     def _application(self) -> dict[str, Any]:
+        # Discord's PrivateApplicationResponse: its required fields, and the optional ones discord.py reads.
         return {
             "id": str(APP_ID),
             "name": "blender-chat",
             "icon": None,
             "description": "",
+            "type": None,
+            "bot": USERS[BOT_ID],
             "rpc_origins": [],
             "bot_public": True,
             "bot_require_code_grant": False,
-            "owner": USERS[USER_ID],
-            "summary": "",
             "verify_key": "0" * 64,
-            "team": None,
             "flags": 0,
+            "flags_new": "0",
+            "redirect_uris": [],
             "interactions_endpoint_url": None,
+            "role_connections_verification_url": None,
+            "owner": USERS[USER_ID],
+            "approximate_guild_count": 1,
+            "approximate_user_install_count": 0,
+            "approximate_user_authorization_count": 0,
+            "explicit_content_filter": 0,
+            "team": None,
+            "eligible_oauth2_scopes": ["bot", "applications.commands"],
         }
 
     def _command(self, command: dict[str, Any]) -> dict[str, Any]:
@@ -605,6 +660,8 @@ class FakeDiscord:
             "name_localizations": None,
             "description_localizations": None,
             **command,
+            # A bit set the request gives as an integer, and Discord answers as a string.
+            "default_member_permissions": _string_or_none(command.get("default_member_permissions")),
             "id": str(next(self._ids)),
             "application_id": str(APP_ID),
             "version": str(next(self._ids)),
@@ -624,14 +681,16 @@ class FakeDiscord:
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        socket = _Socket(ws)
+        socket = _Socket(ws, self._check_sent)
         self._sockets.append(socket)
         try:
-            await ws.send_json({"op": 10, "d": {"heartbeat_interval": 41250}})
+            await socket.send({"op": 10, "d": {"heartbeat_interval": 41250}, "s": None, "t": None})
             async for frame in ws:
                 if frame.type != WSMsgType.TEXT:
                     continue
-                await self._on_gateway_payload(socket, json.loads(frame.data))
+                payload = json.loads(frame.data)
+                self.contract.add(check_gateway(payload, from_client=True))
+                await self._on_gateway_payload(socket, payload)
         finally:
             self._sockets.remove(socket)
         return ws
@@ -639,7 +698,7 @@ class FakeDiscord:
     async def _on_gateway_payload(self, socket: _Socket, payload: dict[str, Any]) -> None:
         op, data = payload["op"], payload.get("d")
         if op == 1:
-            await socket.ws.send_json({"op": 11})
+            await socket.send({"op": 11, "s": None, "t": None})
         elif op == 2:
             self.identifies.append(data)
             if self.reject_identify_with is not None:
@@ -653,10 +712,8 @@ class FakeDiscord:
                 "guilds": [{"id": str(GUILD_ID), "unavailable": True}],
                 "session_id": session_id,
                 "resume_gateway_url": self.gateway_url,
-                "application": {"id": str(APP_ID), "flags": 0},
+                "application": {"id": str(APP_ID), "flags": 0, "flags_new": "0"},
                 "shard": data.get("shard", [0, 1]),
-                "private_channels": [],
-                "relationships": [],
             }
             await socket.send_dispatch("READY", ready, next(self._seq))
             await socket.send_dispatch("GUILD_CREATE", self._guild(), next(self._seq))
@@ -667,7 +724,7 @@ class FakeDiscord:
                 await socket.send_dispatch("RESUMED", {}, next(self._seq))
                 socket.live = True
             else:
-                await socket.ws.send_json({"op": 9, "d": False})
+                await socket.send({"op": 9, "d": False, "s": None, "t": None})
 
     def _guild(self) -> dict[str, Any]:
         def channel(channel_id: int, name: str, position: int) -> dict[str, Any]:
@@ -695,6 +752,7 @@ class FakeDiscord:
                 "managed": False,
                 "mentionable": True,
                 "flags": 0,
+                "colors": {"primary_color": 0, "secondary_color": None, "tertiary_color": None},
             }
 
         thread = {
@@ -744,23 +802,63 @@ class FakeDiscord:
             "nsfw_level": 0,
             "system_channel_flags": 0,
             "premium_subscription_count": 0,
+            "premium_progress_bar_enabled": False,
+            "hub_type": None,
+            "incidents_data": None,
+            "application_id": None,
+            # Discord sends these with null rather than leaving them out.
+            **dict.fromkeys(("icon", "splash", "discovery_splash", "banner", "description", "vanity_url_code",
+                             "afk_channel_id", "system_channel_id", "rules_channel_id",
+                             "public_updates_channel_id", "safety_alerts_channel_id")),
         }
+
+
+    def _check_sent(self, payload: dict[str, Any]) -> None:
+        self.contract.add(check_gateway(payload))
 
 
 @dataclass
 class _Socket:
     ws: web.WebSocketResponse
+    check: Callable[[dict[str, Any]], None]  # checks each payload against the gateway's schemas
     live: bool = False  # identified or resumed: receives dispatches
 
     async def send_dispatch(self, event: str, data: dict[str, Any], seq: int) -> None:
+        await self.send({"op": 0, "t": event, "s": seq, "d": data})
+
+    async def send(self, payload: dict[str, Any]) -> None:
+        self.check(payload)
         if not self.ws.closed:
-            await self.ws.send_json({"op": 0, "t": event, "s": seq, "d": data})
+            await self.ws.send_json(payload)
 
 
 def _json(payload: Any, *, status: int = 200) -> web.Response:
     # discord.py parses JSON only when the Content-Type is exactly application/json.
     headers = {"Content-Type": "application/json"}
     return web.Response(body=json.dumps(payload).encode(), status=status, headers=headers)
+
+
+def _string_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _rest_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as REST answers it: without `guild_id` and `member`, the fields only the gateway's
+    MESSAGE_CREATE adds (docs: Gateway Events > Message Create, "extra fields")."""
+    rest = {key: value for key, value in message.items() if key not in ("guild_id", "member")}
+    rest["mentions"] = [{k: v for k, v in user.items() if k != "member"} for user in message["mentions"]]
+    return rest
+
+
+def _invalid_form_body(violations: list[Any]) -> dict[str, Any]:
+    """Discord's answer to a request its contract refuses: 50035 with each field's error."""
+    errors: dict[str, Any] = {}
+    for violation in violations:
+        node = errors
+        for part in (violation.field or "_body").split("."):
+            node = node.setdefault(part, {})
+        node.setdefault("_errors", []).append({"code": "CONTRACT_VIOLATION", "message": violation.message})
+    return {"message": "Invalid Form Body", "code": 50035, "errors": errors}
 
 
 def _rate_limited(retry_after: float) -> web.Response:
