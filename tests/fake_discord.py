@@ -61,6 +61,7 @@ class Call:
     query: dict[str, str] = field(default_factory=dict)
     response: Any = None  # what the fake answered
     deduplicated: bool = False  # a repeated nonce: answered with the message created before, none created
+    at: float = field(default_factory=time.time)  # when the fake received it
 
 
 def _user(user_id: int, name: str, *, bot: bool = False, global_name: str | None = None) -> dict[str, Any]:
@@ -113,6 +114,9 @@ class FakeDiscord:
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
+        # The gateway URL READY names for resuming (`resume_gateway_url`): a proxy in front of the fake
+        # sets its own, so that a resumed connection goes through it too.
+        self.resume_gateway_url: str | None = None
 
     # -- server ------------------------------------------------------------
 
@@ -274,6 +278,11 @@ class FakeDiscord:
             data["guild_id"] = message["guild_id"]
             data["member"] = {**self._member(user_id), "user": USERS[user_id]}
         await self.dispatch("MESSAGE_REACTION_ADD", data)
+
+    @property
+    def live_sessions(self) -> int:
+        """Gateway connections that are identified or resumed now: what dispatches reach."""
+        return sum(1 for socket in self._sockets if socket.live and not socket.ws.closed)
 
     def interaction_calls(self, interaction_id: int) -> list[Call]:
         """The callback and every followup of one interaction, in order."""
@@ -556,7 +565,7 @@ class FakeDiscord:
                 "user": USERS[BOT_ID],
                 "guilds": [{"id": str(GUILD_ID), "unavailable": True}],
                 "session_id": session_id,
-                "resume_gateway_url": self.gateway_url,
+                "resume_gateway_url": self.resume_gateway_url or self.gateway_url,
                 "application": {"id": str(APP_ID), "flags": 0},
                 "shard": data.get("shard", [0, 1]),
                 "private_channels": [],

@@ -51,6 +51,7 @@ class Call:
     token: str | None
     status: int = 200
     response_ts: str | None = None  # chat.postMessage: the ts of the message created
+    at: float = field(default_factory=time.time)  # when the fake received it
 
 
 @dataclass
