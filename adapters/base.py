@@ -140,16 +140,27 @@ class ReplyTasks:
         return len(self._tasks)
 
 
+class NotDelivered(Exception):
+    """The answer could not reach the platform (its network is down, not a refusal): the
+    message is left to the inbox, which answers it again once its claim lapses. By then
+    the answer is stored, so the same one goes out, and parts already out are not resent."""
+
+
 async def answer_once(inbox: Inbox, claim: Claim, work: Coroutine[Any, Any, Any]) -> None:
     """Run `work` (answer one accepted message and deliver the answer), then mark the
     message done in the inbox. Also when it failed: that is a bug, and answering it
-    again after every restart would not mend it. Not when a shutdown cut it short:
-    then the next process (or another replica) answers it once the claim lapses."""
+    again after every restart would not mend it. Not when a shutdown cut it short or
+    the platform could not be reached (`NotDelivered`): then this process, the next one
+    or another replica answers it once the claim lapses."""
     try:
         await work
     except asyncio.CancelledError:
         inbox.abandon(claim)
         raise
+    except NotDelivered as error:
+        inbox.abandon(claim)
+        log.warning("%s; the message stays in the inbox and is delivered once the platform answers again", error)
+        return
     except Exception:
         await inbox.finish(claim)
         raise

@@ -31,7 +31,16 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
-from adapters.base import IncomingMessage, ReplyTasks, answer_once, forget, is_reset, respond, split_message
+from adapters.base import (
+    IncomingMessage,
+    NotDelivered,
+    ReplyTasks,
+    answer_once,
+    forget,
+    is_reset,
+    respond,
+    split_message,
+)
 from adapters.dedupe import DedupeStore, InProcessDedupe
 from adapters.slack_surface import NETWORK_ERRORS, SlackSurface
 from adapters.slack_text import mentioned_users, to_model_text, to_slack_text
@@ -326,8 +335,9 @@ class SlackAdapter:
 
     async def _post(self, turn: _Turn, reply: Reply, claim: Claim) -> None:
         """Post the answer's chunks in order, the last with the feedback buttons of a stored
-        exchange. A connection lost before Slack answered is tried once more; a reply that
-        arrived broken means Slack had the message: go on. Each chunk carries the message's
+        exchange. A connection lost before Slack answered is tried once more, and if Slack
+        still cannot be reached the message is left to the inbox (NotDelivered), which posts
+        the rest later; a reply that arrived broken means Slack had the message: go on. Each chunk carries the message's
         exchange id and its part number as message metadata; a replayed message first reads
         which parts Slack has already (posted before a crash) and posts only the others."""
         chunks = _chunks(reply.text)
@@ -357,15 +367,17 @@ class SlackAdapter:
                 except NETWORK_ERRORS as error:
                     if attempt == 1:
                         continue
-                    log.warning("Could not post a reply in %s: %s: %s", turn.channel, type(error).__name__, error)
-                    return
+                    # Slack cannot be reached: not lost, the inbox delivers it later (this part on).
+                    raise NotDelivered(
+                        f"Could not post a reply in {turn.channel}: {type(error).__name__}: {error}"
+                    ) from error
                 break
 
     async def _parts_posted(self, turn: _Turn, marker: str) -> set[int]:
         """Which parts of the answer marked `marker` Slack already has, read from the thread
-        (or the channel after the user's message). Nothing, with a warning, if that cannot be
-        read (the app lacks the history scope of that kind of channel): then the answer is
-        posted, at the risk of a second copy."""
+        (or the channel after the user's message). Nothing, with a warning, if Slack refuses
+        the read (the app lacks the history scope of that kind of channel): then the answer
+        is posted, at the risk of a second copy. NotDelivered if Slack cannot be reached."""
         try:
             if turn.thread_ts:
                 response = await self.client.conversations_replies(
@@ -375,11 +387,15 @@ class SlackAdapter:
                 response = await self.client.conversations_history(
                     channel=turn.channel, oldest=turn.ts, include_all_metadata=True, limit=200
                 )
-        except (SlackApiError, *NETWORK_ERRORS) as error:
-            reason = error.response.get("error") if isinstance(error, SlackApiError) else error
+        except SlackApiError as error:
             log.warning("Could not read %s to see whether an answer was posted before a restart (%s); posting it",
-                        turn.channel, reason)  # fmt: skip
+                        turn.channel, error.response.get("error"))  # fmt: skip
             return set()
+        except NETWORK_ERRORS as error:
+            # Posting blind now could post a second copy, and Slack is hardly reachable: later.
+            raise NotDelivered(
+                f"Could not read {turn.channel} to see whether an answer was posted before ({type(error).__name__})"
+            ) from error
         parts = set()
         for message in response.get("messages") or []:
             metadata = message.get("metadata") or {}

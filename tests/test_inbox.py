@@ -485,3 +485,22 @@ async def test_messages_older_than_inbox_max_age_are_not_answered_after_a_restar
     await asyncio.sleep(1)
     assert _discord_answers(bots.discord) == [] and _slack_answers(bots.slack) == []
     assert "Dropped 20 unanswered messages older than INBOX_MAX_AGE=2s (discord 12, slack 8)" in second.log
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("where", ["thread", "dm"])
+async def test_a_slack_answer_that_cannot_be_posted_for_a_while_is_posted_once_the_network_is_back(bots, where):
+    # The network to Slack drops for a while just as the answer goes out: every try of the post in
+    # that time fails. The message is not lost: it is left to the inbox and posted once, later.
+    slack = bots.slack
+    process = await bots.start("only", discord_too=False)
+    slack.break_next("chat.postMessage", "disconnect", times=6)
+    conversation = Conversation("slack", "C1" if where == "thread" else "D1")
+    await conversation.say(bots, process, "hello there")
+    await wait_for(lambda: len(conversation.replies(bots, conversation.sent[0])) >= 1, timeout=90,
+                   what="the answer, once the network is back")  # fmt: skip
+    await asyncio.sleep(3)  # a second post (another replay) would come within this
+    assert len(conversation.replies(bots, conversation.sent[0])) == 1
+    assert await _remembered(bots.memory_url, conversation.name) == ["hello there"]
+    assert _metric(process, "blenderchat_inbox_depth") == 0
+    assert "Could not post a reply in" in process.log
