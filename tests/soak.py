@@ -82,6 +82,7 @@ SLACK_RETRY_DELAYS = (0.2, 5.0, 10.0)  # Slack's "at once, after 1 and 5 minutes
 DISCORD_CHANNELS = (CHANNEL_ID, OTHER_CHANNEL_ID, DM_CHANNEL_ID)
 WORDS = "hello there how are you doing today what do you like to do for fun read books play guitar".split()
 MARK = re.compile(r"\bc(\d+)m(\d+)\b")  # each message's text starts with c<conversation>m<index>
+BURSTS = 1 / 3  # the share of messages sent right after the previous one
 OUTAGE_GRACE = 2.0  # seconds after Redis is back that still count as the outage (reconnects, retries)
 FAILURES = ("lost", "answered_twice", "out_of_order", "stored_twice", "missing_in_memory", "stored_out_of_order",
             "failed_starts")
@@ -315,10 +316,14 @@ class Soak:
 
     async def _send_all(self, conversation: Conversation) -> None:
         rng = random.Random(f"send-{self.seed}-{conversation.number}")
-        # Spread over the run: all conversations together send about `rate` messages a second.
+        # Spread over the run: all conversations together send about `rate` messages a second, a
+        # third of them in quick bursts (the next message while the bot still answers the last one,
+        # so that a kill finds conversations with several messages in flight).
         mean_gap = len(self.conversations) / self.rate
+        long_gap = max(0.5, (mean_gap - BURSTS * 0.35) / (1 - BURSTS))
         for message in conversation.messages:
-            await asyncio.sleep(rng.uniform(0.2, 2 * mean_gap - 0.2))
+            quick = rng.random() < BURSTS
+            await asyncio.sleep(rng.uniform(0.1, 0.6) if quick else rng.uniform(0.2, 2 * long_gap - 0.2))
             if time.monotonic() > self.deadline:
                 return
             message.first_try = time.time()
