@@ -312,7 +312,6 @@ class Soak:
             index = len(conversation.messages)
             words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
             conversation.messages.append(Message(conversation, index, f"c{conversation.number}m{index} {words}"))
-        self.result.sent = self.count
 
     async def _send_all(self, conversation: Conversation) -> None:
         rng = random.Random(f"send-{self.seed}-{conversation.number}")
@@ -493,9 +492,12 @@ class Soak:
         return True
 
     async def _wait_discord_live(self) -> None:
+        """Let Discord messages go again once the Discord replica is connected (discord.py's
+        reconnect backoff grows with every drop: after several blips it waits half a minute)."""
         end = time.monotonic() + 120
         while self.discord.live_sessions == 0 or not self.replicas[0].up:
             if time.monotonic() > end:
+                self.result.problems.append("note: Discord not connected again within 120 s; its messages wait")
                 return
             await asyncio.sleep(0.05)
         self.discord_open.set()
@@ -569,6 +571,7 @@ class Soak:
                 setattr(result, counter, getattr(result, counter) + 1)
                 result.problems.append(f"{counter}: {message.name} {message.key} {what}")
 
+        result.sent = sum(1 for m in self._messages() if m.attempts)
         for conversation in self.conversations:
             stored = Counter(int(m.group(2)) for text in memories[conversation.number] if (m := MARK.search(text)))
             for message in conversation.messages:
