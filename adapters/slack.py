@@ -51,6 +51,10 @@ from bot.locks import Ticket
 
 log = logging.getLogger(__name__)
 
+# How long an answer waits for Slack to be reachable again, holding its conversation's place,
+# before it is left to the inbox (which posts it later, perhaps after newer answers).
+DELIVERY_PATIENCE = 60.0
+
 EVENTS_PATH = "/slack/events"
 # Slack truncates at 40,000 and advises far less per message; a section block (the last
 # chunk, which carries the feedback buttons) holds 3,000.
@@ -335,9 +339,8 @@ class SlackAdapter:
 
     async def _post(self, turn: _Turn, reply: Reply, claim: Claim) -> None:
         """Post the answer's chunks in order, the last with the feedback buttons of a stored
-        exchange. A connection lost before Slack answered is tried once more, and if Slack
-        still cannot be reached the message is left to the inbox (NotDelivered), which posts
-        the rest later; a reply that arrived broken means Slack had the message: go on. Each chunk carries the message's
+        exchange. A part that cannot reach Slack is tried again (`_post_part`); a reply that
+        arrived broken means Slack had the message: go on. Each chunk carries the message's
         exchange id and its part number as message metadata; a replayed message first reads
         which parts Slack has already (posted before a crash) and posts only the others."""
         chunks = _chunks(reply.text)
@@ -352,26 +355,45 @@ class SlackAdapter:
                 continue
             blocks = self.surface.reply_blocks(chunk, reply.exchange) if index == len(chunks) - 1 else None
             metadata = {"event_type": REPLY_EVENT, "event_payload": {"answers": marker, "part": index}}
-            for attempt in (1, 2):
-                try:
-                    await self.client.chat_postMessage(
-                        channel=turn.channel, thread_ts=turn.thread_ts, text=chunk, blocks=blocks, link_names=False,
-                        metadata=metadata,
-                    )
-                except SlackApiError as error:
-                    self._note_api_error(error)
-                    log.warning("Could not post a reply in %s: %s", turn.channel, error.response.get("error"))
-                    return
-                except aiohttp.ClientPayloadError as error:
-                    log.warning("Slack's answer to a reply in %s came broken (%s); going on", turn.channel, error)
-                except NETWORK_ERRORS as error:
-                    if attempt == 1:
-                        continue
-                    # Slack cannot be reached: not lost, the inbox delivers it later (this part on).
-                    raise NotDelivered(
-                        f"Could not post a reply in {turn.channel}: {type(error).__name__}: {error}"
-                    ) from error
-                break
+            if not await self._post_part(turn, chunk, blocks, metadata):
+                return
+
+    async def _post_part(self, turn: _Turn, chunk: str, blocks: Any, metadata: dict[str, Any]) -> bool:
+        """Post one part of an answer; False if Slack refused it (nothing more can go there).
+        While Slack cannot be reached, try again, holding the conversation's place (its later
+        answers cannot go out either), each time first reading whether the last try got
+        through after all; after DELIVERY_PATIENCE, NotDelivered: the inbox posts it later."""
+        loop = asyncio.get_running_loop()
+        deadline, pause, warned = loop.time() + DELIVERY_PATIENCE, 0.5, False
+        part = metadata["event_payload"]["part"]
+        while True:
+            try:
+                await self.client.chat_postMessage(
+                    channel=turn.channel, thread_ts=turn.thread_ts, text=chunk, blocks=blocks, link_names=False,
+                    metadata=metadata,
+                )
+                return True
+            except SlackApiError as error:
+                self._note_api_error(error)
+                log.warning("Could not post a reply in %s: %s", turn.channel, error.response.get("error"))
+                return False
+            except aiohttp.ClientPayloadError as error:
+                log.warning("Slack's answer to a reply in %s came broken (%s); going on", turn.channel, error)
+                return True
+            except NETWORK_ERRORS as error:
+                reason = f"Could not post a reply in {turn.channel}: {type(error).__name__}: {error}"
+                if loop.time() + pause > deadline:
+                    raise NotDelivered(reason) from error  # not lost: the inbox posts it later
+                if not warned:
+                    log.warning("%s; trying again for up to %gs", reason, DELIVERY_PATIENCE)
+                    warned = True
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 8.0)
+            try:
+                if part in await self._parts_posted(turn, metadata["event_payload"]["answers"]):
+                    return True  # the last try reached Slack; only its answer was lost
+            except NotDelivered:
+                continue  # still unreachable
 
     async def _parts_posted(self, turn: _Turn, marker: str) -> set[int]:
         """Which parts of the answer marked `marker` Slack already has, read from the thread
@@ -388,7 +410,7 @@ class SlackAdapter:
                     channel=turn.channel, oldest=turn.ts, include_all_metadata=True, limit=200
                 )
         except SlackApiError as error:
-            log.warning("Could not read %s to see whether an answer was posted before a restart (%s); posting it",
+            log.warning("Could not read %s to see whether an answer was posted already (%s); posting it",
                         turn.channel, error.response.get("error"))  # fmt: skip
             return set()
         except NETWORK_ERRORS as error:

@@ -20,7 +20,10 @@ its next message a seeded random while after the previous one reached the bot:
 Chaos, at seeded random moments (one thing at a time): a replica SIGKILLed
 (only while both are up) and started again 1 to 4 s later, at least
 `--min-kills` times; Redis stopped and started once (nothing is lost: append-only);
-the network to Redis, to Slack and to Discord cut for 0.5 to 3 s (a blip).
+the network to Redis, to Slack or to Discord taken away for 0.5 to 3 s (a blip):
+cut (connections reset, new ones refused) or stalled (nothing flows, then all of
+it does, late; a Redis stall stays under a third of the lease, which the inbox's
+renewals are made to ride over).
 
 Checked, per message: answered (exactly once; a Slack event counts when a
 delivery was acked, a Discord one when dispatched, a web one when it got 200),
@@ -82,6 +85,7 @@ SLACK_RETRY_DELAYS = (0.2, 5.0, 10.0)  # Slack's "at once, after 1 and 5 minutes
 DISCORD_CHANNELS = (CHANNEL_ID, OTHER_CHANNEL_ID, DM_CHANNEL_ID)
 WORDS = "hello there how are you doing today what do you like to do for fun read books play guitar".split()
 MARK = re.compile(r"\bc(\d+)m(\d+)\b")  # each message's text starts with c<conversation>m<index>
+START_ATTEMPTS = 5  # starts of a replica in a row that may fail before the seed fails
 BURSTS = 1 / 3  # the share of messages sent right after the previous one
 OUTAGE_GRACE = 2.0  # seconds after Redis is back that still count as the outage (reconnects, retries)
 FAILURES = ("lost", "answered_twice", "out_of_order", "stored_twice", "missing_in_memory", "stored_out_of_order",
@@ -143,13 +147,14 @@ class SeedResult:
     stored_out_of_order: int = 0
     slack_gave_up: int = 0  # never acked: Slack stopped retrying (not the bot's to answer)
     web_dropped: int = 0  # web calls that got no answer (the replica died under them)
-    failed_starts: int = 0  # a replica that did not start again after a kill
+    failed_starts: int = 0  # a replica that did not start again after a kill, START_ATTEMPTS times in a row
     excused: int = 0  # problems of messages handled during a Redis outage (README: answered without guarantee)
     kills: int = 0
     redis_restarts: int = 0
     blips: int = 0
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)  # the chaos, in order, with wall-clock times
 
     @property
     def failures(self) -> int:
@@ -263,11 +268,24 @@ class Soak:
         return env
 
     async def _start(self, replica: Replica) -> None:
-        replica.starts += 1
-        log_path = self.workdir / f"{replica.name}-{replica.starts}.log"
-        replica.process = BotProcess(log_path, **self._env(replica))
-        await asyncio.to_thread(replica.process.wait_ready, 180)
+        """Start the replica; like an orchestrator (compose's `restart: unless-stopped`), start it
+        again when it exits during start-up (it does when a platform cannot be reached then)."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            replica.starts += 1
+            log_path = self.workdir / f"{replica.name}-{replica.starts}.log"
+            replica.process = BotProcess(log_path, **self._env(replica))
+            try:
+                await asyncio.to_thread(replica.process.wait_ready, 180)
+                break
+            except AssertionError as error:
+                replica.process.close()
+                last_line = str(error).strip().splitlines()[-1][:200]
+                self._event(f"{replica.name} did not start ({log_path.name}): {last_line}")
+                if attempt == START_ATTEMPTS:
+                    raise
+                await asyncio.sleep(1.0)
         replica.up = True
+        self._event(f"{replica.name} up ({replica.process.log_path.name})")
 
     def _kill(self, replica: Replica) -> None:
         replica.up = False
@@ -276,6 +294,10 @@ class Soak:
         replica.process.wait(30)
         replica.process.close()
         self.result.kills += 1
+        self._event(f"kill {replica.name}")
+
+    def _event(self, what: str) -> None:
+        self.result.events.append(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} {what}")
 
     async def _restart_later(self, replica: Replica, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -432,24 +454,36 @@ class Soak:
                 if all(replica.up for replica in self.replicas):
                     await self._kill_one(rng)
             elif action == "redis_blip":
-                started = time.time()
-                self.redis_proxy.cut()
-                await asyncio.sleep(rng.uniform(0.5, 3.0))
-                self.redis_proxy.restore()
-                self.outages.append((started, time.time()))
-                self.result.blips += 1
+                await self._redis_blip(rng)
             elif action == "slack_blip":
-                self.slack_proxy.cut()
-                await asyncio.sleep(rng.uniform(0.5, 3.0))
-                self.slack_proxy.restore()
-                self.result.blips += 1
+                await self._blip(self.slack_proxy, rng.random() < 0.5, rng.uniform(0.5, 3.0))
             elif action == "discord_blip" and self.replicas[0].up:
-                await self._quiesce_discord()
-                self.discord_proxy.cut()
-                await asyncio.sleep(rng.uniform(0.5, 3.0))
-                self.discord_proxy.restore()
-                self.result.blips += 1
-                await self._wait_discord_live()
+                if rng.random() < 0.5:
+                    await self._blip(self.discord_proxy, True, rng.uniform(0.5, 3.0))
+                else:
+                    await self._quiesce_discord()
+                    await self._blip(self.discord_proxy, False, rng.uniform(0.5, 3.0))
+                    await self._wait_discord_live()
+
+    async def _blip(self, proxy: TcpProxy, stall: bool, seconds: float) -> None:
+        """The network to one server gone for `seconds`: stalled (nothing flows, then all of it
+        does, late) or cut (every connection reset, new ones refused)."""
+        proxy.stall() if stall else proxy.cut()
+        name = {id(self.redis_proxy): "redis", id(self.slack_proxy): "slack"}.get(id(proxy), "discord")
+        self._event(f"{'stall' if stall else 'cut'} the network to {name} for {seconds:.1f}s")
+        await asyncio.sleep(seconds)
+        proxy.restore()
+        self.result.blips += 1
+
+    async def _redis_blip(self, rng: random.Random) -> None:
+        if rng.random() < 0.5:
+            # Short enough for the inbox's renewals (every third of a lease) to keep live claims:
+            # a stall longer than that lets another replica take over a message being answered.
+            await self._blip(self.redis_proxy, True, rng.uniform(0.3, LEASE / 3 - 0.2))
+        else:  # Redis unreachable: the bot answers without the inbox's guarantee meanwhile (README)
+            started = time.time()
+            await self._blip(self.redis_proxy, False, rng.uniform(0.5, 3.0))
+            self.outages.append((started, time.time()))
 
     async def _kill_one(self, rng: random.Random) -> None:
         replica = rng.choice(self.replicas)
@@ -462,6 +496,7 @@ class Soak:
 
     async def _restart_redis(self, rng: random.Random) -> None:
         started = time.time()
+        self._event("redis restart")
         await asyncio.to_thread(self.redis.stop)  # SIGTERM: the append-only file is complete
         await asyncio.sleep(rng.uniform(0.5, 2.0))
         await asyncio.to_thread(self.redis.start)

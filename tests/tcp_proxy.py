@@ -2,8 +2,8 @@
 platform's HTTP and websocket server), for the network's bad days: hold a
 command for a while before passing it on, pass a command on and lose its answer
 (the connection drops just before the reply), so the client's own retry sends it
-again, or cut the network: every open connection dropped and new ones refused
-until it is restored."""
+again, or take the network away until it is restored: cut (every connection reset,
+new ones too) or stalled (nothing flows, connections stay open)."""
 
 from __future__ import annotations
 
@@ -30,11 +30,14 @@ class TcpProxy:
     _rules: list[_Rule] = field(default_factory=list)
     down: bool = False  # cut(): new connections are closed at once, until restore()
     cuts: int = 0
+    stalls: int = 0
+    _flowing: asyncio.Event = field(default_factory=asyncio.Event)  # cleared by stall(), set by restore()
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _open: set[asyncio.StreamWriter] = field(default_factory=set)  # both ends of every open connection
 
     async def start(self) -> TcpProxy:
+        self._flowing.set()
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -62,18 +65,27 @@ class TcpProxy:
         return sum(marker in chunk for chunk in self.seen)
 
     def cut(self) -> None:
-        """The network is gone: every open connection is dropped (reset, as a pulled cable
-        ends in a timeout or a reset), and new ones are dropped as they come, until restore()."""
+        """The network is gone and a middlebox says so: every open connection is reset, and
+        new ones are reset as they come, until restore()."""
         self.down = True
         self.cuts += 1
         for writer in list(self._open):
             _reset(writer)
         self._open.clear()
 
+    def stall(self) -> None:
+        """The network is gone silently (packets dropped): nothing flows on any connection, old or
+        new, until restore(); then it all goes through, late, as TCP's retransmissions would. A
+        client sees its calls hang, and gives up on them only by its own timeouts."""
+        self.stalls += 1
+        self._flowing.clear()
+
     def restore(self) -> None:
         self.down = False
+        self._flowing.set()
 
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        await self._flowing.wait()
         if self.down:
             _reset(client_writer)
             return
@@ -119,6 +131,7 @@ class TcpProxy:
                     await asyncio.sleep(rule.delay)
                 if rule.drop_reply:
                     dropping.set()
+            await self._flowing.wait()
             writer.write(chunk)
             await writer.drain()
 
@@ -128,6 +141,7 @@ class TcpProxy:
             while chunk := await reader.read(65536):
                 if dropping.is_set():
                     return  # the command ran; its answer is lost with the connection
+                await self._flowing.wait()
                 writer.write(chunk)
                 await writer.drain()
 
