@@ -155,6 +155,7 @@ class SeedResult:
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
     events: list[str] = field(default_factory=list)  # the chaos, in order, with wall-clock times
+    platforms: dict[str, list[int]] = field(default_factory=dict)  # platform -> [sent, answered]
 
     @property
     def failures(self) -> int:
@@ -607,6 +608,10 @@ class Soak:
                 result.problems.append(f"{counter}: {message.name} {message.key} {what}")
 
         result.sent = sum(1 for m in self._messages() if m.attempts)
+        for message in self._messages():
+            counts = result.platforms.setdefault(message.conversation.platform, [0, 0])
+            counts[0] += bool(message.attempts)
+            counts[1] += bool(message.answers)
         for conversation in self.conversations:
             stored = Counter(int(m.group(2)) for text in memories[conversation.number] if (m := MARK.search(text)))
             for message in conversation.messages:
