@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -117,6 +118,9 @@ class FakeDiscord:
         # The gateway URL READY names for resuming (`resume_gateway_url`): a proxy in front of the fake
         # sets its own, so that a resumed connection goes through it too.
         self.resume_gateway_url: str | None = None
+        # Seconds every message the bot creates takes before Discord does it: (shortest, longest).
+        self.post_latency: tuple[float, float] | None = None
+        self.latency_rng = random.Random()
 
     # -- server ------------------------------------------------------------
 
@@ -366,6 +370,8 @@ class FakeDiscord:
         if not webhook_style and request.headers.get("Authorization") != f"Bot {self.token}":
             call.status = 401
             return _json({"message": "401: Unauthorized", "code": 0}, status=401)
+        if self.post_latency is not None and request.method == "POST" and path.endswith("/messages"):
+            await asyncio.sleep(self.latency_rng.uniform(*self.post_latency))
         for delay in self._delays:
             if delay[0] == request.method and delay[1] == path:
                 self._delays.remove(delay)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -76,6 +77,9 @@ class FakeSlack:
     _rate_limit: dict[str, int] = field(default_factory=dict)
     _breaks: list[tuple[str, str]] = field(default_factory=list)  # (method, "disconnect" | "payload")
     revoked: bool = False  # the bot token was revoked: every call with it answers token_revoked
+    # Seconds every chat.postMessage takes before Slack does it: (shortest, longest), drawn by `latency_rng`.
+    post_latency: tuple[float, float] | None = None
+    latency_rng: random.Random = field(default_factory=random.Random)
     _runner: web.AppRunner | None = None
     _port: int = 0
 
@@ -189,6 +193,8 @@ class FakeSlack:
             assert request.transport is not None
             request.transport.close()
             return response
+        if method == "chat.postMessage" and self.post_latency is not None:
+            await asyncio.sleep(self.latency_rng.uniform(*self.post_latency))
         delay = next((d for d in self._delays if d[0] == method), None)
         if delay is not None:
             self._delays.remove(delay)

@@ -18,8 +18,8 @@ its next message a seeded random while after the previous one reached the bot:
 - web conversations: `POST /api/chat` to a random live replica.
 
 Chaos, at seeded random moments (one thing at a time): a replica SIGKILLed
-(only while both are up) and started again 1 to 4 s later, at least
-`--min-kills` times; Redis stopped and started once (nothing is lost: append-only);
+(only while both are up, just after it took in a Slack event, so mostly with a
+message in flight) and started again 1 to 4 s later, at least `--min-kills` times; Redis stopped and started once (nothing is lost: append-only);
 the network to Redis, to Slack or to Discord taken away for 0.5 to 3 s (a blip):
 cut (connections reset, new ones refused) or stalled (nothing flows, then all of
 it does, late; a Redis stall stays under a third of the lease, which the inbox's
@@ -85,6 +85,7 @@ SLACK_RETRY_DELAYS = (0.2, 5.0, 10.0)  # Slack's "at once, after 1 and 5 minutes
 DISCORD_CHANNELS = (CHANNEL_ID, OTHER_CHANNEL_ID, DM_CHANNEL_ID)
 WORDS = "hello there how are you doing today what do you like to do for fun read books play guitar".split()
 MARK = re.compile(r"\bc(\d+)m(\d+)\b")  # each message's text starts with c<conversation>m<index>
+POST_LATENCY = (0.1, 1.0)  # seconds a platform takes to post a message
 START_ATTEMPTS = 5  # starts of a replica in a row that may fail before the seed fails
 BURSTS = 1 / 3  # the share of messages sent right after the previous one
 OUTAGE_GRACE = 2.0  # seconds after Redis is back that still count as the outage (reconnects, retries)
@@ -104,6 +105,7 @@ class Message:
     first_try: float = 0.0  # when it was first sent
     reached: float | None = None  # when the bot acked it (Slack), it was dispatched (Discord), answered (web)
     attempts: int = 0
+    taken_by: str = ""  # the replica that acked it (Slack)
     gave_up: bool = False  # Slack: no delivery acked within its retries (the bot never took it in)
     web_error: str | None = None  # web: why the caller got no answer (its connection dropped...)
     answers: list[float] = field(default_factory=list)  # when each answer was posted
@@ -172,6 +174,7 @@ class Replica:
     process: BotProcess | None = None
     up: bool = False  # ready, and not killed since
     starts: int = 0
+    taken: asyncio.Event = field(default_factory=asyncio.Event)  # set when it acks a Slack event
 
     @property
     def base(self) -> str:
@@ -216,6 +219,10 @@ class Soak:
         self.discord_proxy = await TcpProxy("127.0.0.1", self.discord.port).start()
         self.discord.resume_gateway_url = self.discord_proxy.url("ws", "/gateway")
         self.slack = await FakeSlack().start()
+        # Posting takes the platforms a while (as the real ones do): answers are in flight when a kill comes.
+        self.slack.post_latency = self.discord.post_latency = POST_LATENCY
+        self.slack.latency_rng = random.Random(f"slack-{self.seed}")
+        self.discord.latency_rng = random.Random(f"discord-{self.seed}")
         self.slack_proxy = await TcpProxy("127.0.0.1", self.slack._port).start()
         self.prefix = f"soak{self.seed}:"
         self.direct = aioredis.Redis(host="127.0.0.1", port=self.redis.port)
@@ -395,6 +402,8 @@ class Soak:
                 continue
             if status == 200:
                 message.reached = time.time()
+                message.taken_by = replica.name
+                replica.taken.set()
                 return
         message.gave_up = True
 
@@ -487,10 +496,19 @@ class Soak:
             self.outages.append((started, time.time()))
 
     async def _kill_one(self, rng: random.Random) -> None:
+        """SIGKILL a replica, mostly with a message in flight: just after it took in a Slack event
+        (waiting up to 3 s for one), while that is being answered or its answer posted."""
         replica = rng.choice(self.replicas)
+        replica.taken.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(replica.taken.wait(), 3.0)
+        await asyncio.sleep(rng.uniform(0.0, 0.3))
         if replica.discord:
             await self._quiesce_discord()
+        self._collect_answers()
+        in_flight = sum(1 for m in self._messages() if m.taken_by == replica.name and not m.answers)
         self._kill(replica)
+        self.result.events[-1] += f" ({in_flight} of its Slack messages unanswered)"
         task = asyncio.create_task(self._restart_later(replica, rng.uniform(1.0, 4.0)), name=f"restart-{replica.name}")
         self._restarts.add(task)
         task.add_done_callback(self._restarts.discard)
