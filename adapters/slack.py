@@ -28,7 +28,13 @@ from slack_bolt.async_app import AsyncApp
 from slack_bolt.context.set_status.async_set_status import AsyncSetStatus
 from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError
-from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
+from slack_sdk.http_retry.async_handler import RetryState
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+)
+from slack_sdk.http_retry.request import HttpRequest
+from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.base import (
@@ -109,7 +115,10 @@ class SlackAdapter:
         # answered only if the first handler died, and a crash loses nothing.
         self.inbox = inbox or Inbox.in_process(settings, engine.metrics)
         self.socket_mode = bool(settings.slack_app_token)
-        self.client = AsyncWebClient(token=settings.slack_bot_token, base_url=settings.slack_api_url)
+        # slack_sdk tries a call again once when its connection drops; not a post, which Slack may have
+        # made already (only its answer was lost): `_post_part` checks what is there before trying again.
+        self.client = AsyncWebClient(token=settings.slack_bot_token, base_url=settings.slack_api_url,
+                                     retry_handlers=[_ConnectionErrorRetryExceptPosts()])  # fmt: skip
         self.client.retry_handlers.append(AsyncRateLimitErrorRetryHandler(max_retry_count=3))
         self.app = AsyncApp(
             client=self.client,
@@ -480,6 +489,18 @@ def _entry(body: dict[str, Any], turn: _Turn) -> Entry:
         key=f"slack:{team}:{turn.channel}:{turn.ts}", platform="slack", conversation=turn.conversation,
         user=turn.user, text=turn.raw_text, route=route,
     )  # fmt: skip
+
+
+class _ConnectionErrorRetryExceptPosts(AsyncConnectionErrorRetryHandler):
+    """slack_sdk's retry of a call whose connection dropped, for every method but chat.postMessage."""
+
+    async def _can_retry_async(
+        self, *, state: RetryState, request: HttpRequest, response: HttpResponse | None = None,
+        error: Exception | None = None,
+    ) -> bool:  # fmt: skip
+        if request.url.rstrip("/").endswith("/chat.postMessage"):
+            return False
+        return await super()._can_retry_async(state=state, request=request, response=response, error=error)
 
 
 def _bolt_logger() -> logging.Logger:

@@ -117,7 +117,9 @@ class FakeSlack:
 
     def break_next(self, method: str, how: str, *, times: int = 1) -> None:
         """The next `times` calls of `method`: "disconnect" closes the connection before
-        answering (nothing done); "payload" does the call, then breaks off its answer."""
+        answering (nothing done); "done-disconnect" does the call, then closes the connection
+        before answering (the answer is lost on the way back); "payload" does the call, then
+        breaks off its answer."""
         self._breaks += [(method, how)] * times
 
     def delay(self, method: str, seconds: float) -> None:
@@ -181,6 +183,12 @@ class FakeSlack:
             self._breaks.remove(broken)
             if broken[1] == "disconnect":
                 self.calls.append(Call(method, params, token, status=0))
+                assert request.transport is not None
+                request.transport.close()
+                return web.Response(status=500)  # never delivered
+            if broken[1] == "done-disconnect":
+                self.calls.append(Call(method, params, token))
+                self._answer(method, params, token)
                 assert request.transport is not None
                 request.transport.close()
                 return web.Response(status=500)  # never delivered

@@ -689,6 +689,20 @@ async def test_a_broken_connection_while_posting_still_sends_the_whole_answer(st
     assert len(fake.calls_to("chat.postMessage", ok_only=False)) == len(posted) + 2  # + the two dropped
 
 
+@pytest.mark.parametrize("where", ["thread", "dm"])
+async def test_an_answer_whose_post_reached_slack_but_whose_reply_was_lost_is_not_posted_again(start_bot, fake, where):
+    # Slack stores the answer, and the connection drops before its reply comes back: trying the
+    # post again blindly (slack_sdk's own retry of a reset connection did) posts it twice.
+    bot = await start_bot()
+    fake.break_next("chat.postMessage", "done-disconnect")
+    event = mention("hello there") if where == "thread" else dm("hello there")
+    fake.add_message(event["channel"], event["ts"], event["text"], event["user"])
+    await bot.send(event_body(event))
+    await wait_for(lambda: not fake.thinking and fake.posts and not bot.adapter._tasks, what="the answer handled")
+    await asyncio.sleep(0.5)  # a second post would come within this
+    assert len(fake.posts) == 1
+
+
 @pytest.mark.parametrize("method", ["assistant.threads.setStatus", "reactions.add"])
 async def test_a_dropped_connection_on_the_thinking_hint_costs_only_the_hint(start_bot, fake, caplog, method):
     if method == "reactions.add":
