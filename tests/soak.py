@@ -203,6 +203,7 @@ class Soak:
         self.sending_done = False
         self.deadline = 0.0
         self._restarts: set[asyncio.Task[None]] = set()
+        self.killed_in_flight: set[int] = set()  # ids of Slack messages unanswered on a replica when it was killed
 
     # -- set-up and tear-down ------------------------------------------------
 
@@ -506,9 +507,10 @@ class Soak:
         if replica.discord:
             await self._quiesce_discord()
         self._collect_answers()
-        in_flight = sum(1 for m in self._messages() if m.taken_by == replica.name and not m.answers)
+        in_flight = [m for m in self._messages() if m.taken_by == replica.name and not m.answers]
+        self.killed_in_flight |= {id(m) for m in in_flight}
         self._kill(replica)
-        self.result.events[-1] += f" ({in_flight} of its Slack messages unanswered)"
+        self.result.events[-1] += f" ({len(in_flight)} of its Slack messages unanswered)"
         task = asyncio.create_task(self._restart_later(replica, rng.uniform(1.0, 4.0)), name=f"restart-{replica.name}")
         self._restarts.add(task)
         task.add_done_callback(self._restarts.discard)
@@ -623,7 +625,8 @@ class Soak:
                 result.problems.append(f"excused (Redis outage): {message.name} {message.key} {what}")
             else:
                 setattr(result, counter, getattr(result, counter) + 1)
-                result.problems.append(f"{counter}: {message.name} {message.key} {what}")
+                killed = " [it was in flight on a replica that was killed]" if id(message) in self.killed_in_flight else ""
+                result.problems.append(f"{counter}: {message.name} {message.key} {what}{killed}")
 
         result.sent = sum(1 for m in self._messages() if m.attempts)
         for message in self._messages():
