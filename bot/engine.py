@@ -219,7 +219,7 @@ class ReplyEngine:
             raise
         finally:
             if own_ticket:
-                await ticket.release_and_wait()
+                ticket.release()
         self.metrics.replies.labels(platform, "ok").inc()
         self.metrics.reply_latency.labels(platform).observe(time.monotonic() - started)
         if stored is None:
@@ -335,10 +335,7 @@ class ReplyEngine:
             # The answer exists now: it is stored and returned whatever the deadline says.
             stored = await self._store_exchange(conversation, text, generated.text, exchange_id)
         finally:
-            # Kept until the ticket is released, once the answer is delivered: another replica's
-            # next message of this conversation is answered and delivered after this one.
-            if lock is not _NO_LOCK:
-                ticket.keep(lock)
+            await lock.release()
         self._measure_turn(time.monotonic() - held)
         return clean_text(generated.text) or NO_ANSWER, stored
 

@@ -21,11 +21,10 @@ sent keeps the answers in order too. Messages replayed later (after a restart)
 keep their order by taking their tickets in arrival order, then answering.
 
 With several replicas, `RedisLocks` also keeps other replicas out of the
-conversation while its reply is read, generated, stored and delivered (the
-ticket keeps the lock until it is released). The engine layers them: the
-ticket's turn in this process first, then the shared lock, so a replica asks
-Redis for at most one lock per conversation at a time and its own messages keep
-their arrival order.
+conversation while its reply is read, generated and stored. The engine layers
+them: the ticket's turn in this process first, then the shared lock, so a
+replica asks Redis for at most one lock per conversation at a time and its own
+messages keep their arrival order.
 """
 
 from __future__ import annotations
@@ -88,7 +87,6 @@ class Ticket:
         self._lines = lines
         self._called = asyncio.Event()
         self.released = False
-        self._kept: ConversationLock | None = None  # the shared lock, held until this ticket is released
 
     @property
     def ahead(self) -> int:
@@ -101,43 +99,17 @@ class Ticket:
             raise RuntimeError(f"a released ticket of conversation {self.conversation} has no turn")
         await self._called.wait()
 
-    def keep(self, lock: ConversationLock) -> None:
-        """Hold the conversation's shared lock (acquired) until this ticket is released: until
-        the answer is delivered, so another replica's next answer cannot go out before it."""
-        self._kept = lock
-        if self.released:
-            self._let_go()
-
     def release(self) -> None:
-        """Leave the line, letting the next ticket have its turn; later calls do nothing.
-        A shared lock it keeps is released in a task of its own (this is synchronous)."""
+        """Leave the line, letting the next ticket have its turn; later calls do nothing."""
         if not self.released:
             self.released = True
             self._lines._leave(self)
-        self._let_go()
-
-    async def release_and_wait(self) -> None:
-        """`release()`, and wait until the shared lock it keeps is released too."""
-        lock, self._kept = self._kept, None
-        self.release()
-        if lock is not None:
-            await lock.release()
-
-    def _let_go(self) -> None:
-        lock, self._kept = self._kept, None
-        if lock is not None:
-            task = asyncio.get_running_loop().create_task(lock.release(), name=f"release-lock:{self.conversation}")
-            _releasing.add(task)
-            task.add_done_callback(_releasing.discard)
 
     def __enter__(self) -> Ticket:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
-
-
-_releasing: set[asyncio.Task[None]] = set()  # shared locks being released (a reference keeps each task alive)
 
 
 class _Line(deque[Ticket]):

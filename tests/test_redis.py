@@ -267,28 +267,6 @@ async def test_the_engine_asks_redis_only_on_its_turn_and_forgets_idle_conversat
     assert [turns[-1] for batch in model.batches for turns in batch] == ["first", "second"]
 
 
-async def test_another_replicas_next_message_waits_until_this_answer_is_delivered(
-    tiny_model, make_settings, client, prefix, redis_url
-):
-    """Two engines on one Redis stand for two replicas. The first answer is stored but still
-    on its way to the platform (its ticket is held until it is posted); the next message of
-    the conversation, on the other replica, is answered only once it is out: answers leave in
-    the order the messages came, not only get stored in it."""
-    engines = [ReplyEngine(GatedModel(tiny_model), open_store(f"{redis_url}?prefix={prefix}", max_turns=5),
-                           make_settings(), shared_lock=RedisLocks(client, prefix=prefix)) for _ in range(2)]  # fmt: skip
-    async with engines[0], engines[1]:
-        ticket = engines[0].take_ticket("c")
-        await engines[0].respond("c", "first", ticket=ticket)  # answered and stored; now being posted
-        second = asyncio.create_task(engines[1].respond("c", "second"))
-        await asyncio.sleep(0.5)
-        assert not second.done()  # waits for the first answer to be delivered
-        ticket.release()  # posted
-        await asyncio.wait_for(second, 10)
-        assert [e.user for e in await engines[1].history("c")] == ["first", "second"]
-        await asyncio.sleep(0.1)
-        assert await client.exists(f"{prefix}lock:c") == 0  # nothing left behind
-
-
 # -- rate limits ---------------------------------------------------------------
 
 
