@@ -53,7 +53,8 @@ class IncomingMessage:
 class Undelivered(Exception):
     """An answer could not be delivered for a passing reason (the connection to the
     platform dropped, retries included): `answer_once` leaves the message to the inbox,
-    which answers it again once its claim lapses, instead of marking it done."""
+    which answers it again once its claim lapses, instead of marking it done. By then
+    the answer is stored, so the same one goes out, and parts already out are not resent."""
 
 
 class AdapterStartError(RuntimeError):

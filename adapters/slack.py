@@ -36,7 +36,13 @@ from slack_bolt.async_app import AsyncApp
 from slack_bolt.context.set_status.async_set_status import AsyncSetStatus
 from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError
-from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
+from slack_sdk.http_retry.async_handler import RetryState
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+)
+from slack_sdk.http_retry.request import HttpRequest
+from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.base import (
@@ -60,6 +66,10 @@ from bot.locks import Ticket
 
 log = logging.getLogger(__name__)
 
+# How long an answer waits for Slack to be reachable again, holding its conversation's place,
+# before it is left to the inbox (which posts it later, perhaps after newer answers).
+DELIVERY_PATIENCE = 60.0
+
 EVENTS_PATH = "/slack/events"
 # Slack truncates at 40,000 and advises far less per message; a section block (the last
 # chunk, which carries the feedback buttons) holds 3,000.
@@ -76,8 +86,6 @@ CONNECT_TIMEOUT = 30.0
 # Message subtypes that are a user talking: a message with a file, a thread reply also sent to the channel.
 # The rest (edits, deletions, joins, bot messages...) are not answered.
 ANSWERED_SUBTYPES = frozenset({"file_share", "thread_broadcast"})
-# A post that failed with one of these never reached Slack: the inbox tries it again later.
-UNREACHABLE = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 # Web API errors that say nothing about what was asked: asked again next time, not remembered.
 PASSING_ERRORS = frozenset({"ratelimited", "internal_error", "fatal_error", "request_timeout", "service_unavailable"})
 # Web API errors that mean our token is gone for good: the app was uninstalled or the token revoked.
@@ -127,7 +135,10 @@ class SlackAdapter:
         # answered only if the first handler died, and a crash loses nothing.
         self.inbox = inbox or Inbox.in_process(settings, engine.metrics)
         self.socket_mode = bool(settings.slack_app_token)
-        self.client = AsyncWebClient(token=settings.slack_bot_token, base_url=settings.slack_api_url)
+        # slack_sdk tries a call again once when its connection drops; not a post, which Slack may have
+        # made already (only its answer was lost): `_post_part` checks what is there before trying again.
+        self.client = AsyncWebClient(token=settings.slack_bot_token, base_url=settings.slack_api_url,
+                                     retry_handlers=[_ConnectionErrorRetryExceptPosts()])  # fmt: skip
         self.client.retry_handlers.append(AsyncRateLimitErrorRetryHandler(max_retry_count=3))
         self.app = AsyncApp(
             client=self.client,
@@ -388,9 +399,8 @@ class SlackAdapter:
 
     async def _post(self, turn: _Turn, reply: Reply, claim: Claim) -> None:
         """Post the answer's chunks in order, the last with the feedback buttons of a stored
-        exchange. A connection lost before Slack answered is tried once more, then the message
-        is left to the inbox (`Undelivered`); a reply that arrived broken means Slack had the
-        message: go on. Each chunk carries the message's
+        exchange. A part that cannot reach Slack is tried again (`_post_part`); a reply that
+        arrived broken means Slack had the message: go on. Each chunk carries the message's
         exchange id and its part number as message metadata; a replayed message first reads
         which parts Slack has already (posted before a crash) and posts only the others."""
         chunks = _chunks(reply.text)
@@ -405,34 +415,51 @@ class SlackAdapter:
                 continue
             blocks = self.surface.reply_blocks(chunk, reply.exchange) if index == len(chunks) - 1 else None
             metadata = {"event_type": REPLY_EVENT, "event_payload": {"answers": marker, "part": index}}
-            for attempt in (1, 2):
-                try:
-                    await self.client.chat_postMessage(
-                        channel=turn.channel, thread_ts=turn.thread_ts, text=chunk, blocks=blocks, link_names=False,
-                        metadata=metadata,
-                    )
-                except SlackApiError as error:
-                    self._note_api_error(error)
-                    log.warning("Could not post a reply in %s: %s", turn.channel, error.response.get("error"))
-                    return
-                except aiohttp.ClientPayloadError as error:
-                    log.warning("Slack's answer to a reply in %s came broken (%s); going on", turn.channel, error)
-                except NETWORK_ERRORS as error:
-                    if attempt == 1:
-                        continue
-                    if isinstance(error, UNREACHABLE):
-                        raise Undelivered(
-                            f"Could not reach Slack to answer in {turn.channel}: {type(error).__name__}: {error}"
-                        ) from error
-                    log.warning("Could not post a reply in %s: %s: %s", turn.channel, type(error).__name__, error)
-                    return
-                break
+            if not await self._post_part(turn, chunk, blocks, metadata):
+                return
+
+    async def _post_part(self, turn: _Turn, chunk: str, blocks: Any, metadata: dict[str, Any]) -> bool:
+        """Post one part of an answer; False if Slack refused it (nothing more can go there).
+        While Slack cannot be reached, try again, holding the conversation's place (its later
+        answers cannot go out either), each time first reading whether the last try got
+        through after all; after DELIVERY_PATIENCE, Undelivered: the inbox posts it later."""
+        loop = asyncio.get_running_loop()
+        deadline, pause, warned = loop.time() + DELIVERY_PATIENCE, 0.5, False
+        part = metadata["event_payload"]["part"]
+        while True:
+            try:
+                await self.client.chat_postMessage(
+                    channel=turn.channel, thread_ts=turn.thread_ts, text=chunk, blocks=blocks, link_names=False,
+                    metadata=metadata,
+                )
+                return True
+            except SlackApiError as error:
+                self._note_api_error(error)
+                log.warning("Could not post a reply in %s: %s", turn.channel, error.response.get("error"))
+                return False
+            except aiohttp.ClientPayloadError as error:
+                log.warning("Slack's answer to a reply in %s came broken (%s); going on", turn.channel, error)
+                return True
+            except NETWORK_ERRORS as error:
+                reason = f"Could not post a reply in {turn.channel}: {type(error).__name__}: {error}"
+                if loop.time() + pause > deadline:
+                    raise Undelivered(reason) from error  # not lost: the inbox posts it later
+                if not warned:
+                    log.warning("%s; trying again for up to %gs", reason, DELIVERY_PATIENCE)
+                    warned = True
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 8.0)
+            try:
+                if part in await self._parts_posted(turn, metadata["event_payload"]["answers"]):
+                    return True  # the last try reached Slack; only its answer was lost
+            except Undelivered:
+                continue  # still unreachable
 
     async def _parts_posted(self, turn: _Turn, marker: str) -> set[int]:
         """Which parts of the answer marked `marker` Slack already has, read from the thread
-        (or the channel after the user's message). Nothing, with a warning, if that cannot be
-        read (the app lacks the history scope of that kind of channel): then the answer is
-        posted, at the risk of a second copy."""
+        (or the channel after the user's message). Nothing, with a warning, if Slack refuses
+        the read (the app lacks the history scope of that kind of channel): then the answer
+        is posted, at the risk of a second copy. Undelivered if Slack cannot be reached."""
         try:
             if turn.thread_ts:
                 response = await self.client.conversations_replies(
@@ -442,11 +469,15 @@ class SlackAdapter:
                 response = await self.client.conversations_history(
                     channel=turn.channel, oldest=turn.ts, include_all_metadata=True, limit=200
                 )
-        except (SlackApiError, *NETWORK_ERRORS) as error:
-            reason = error.response.get("error") if isinstance(error, SlackApiError) else error
-            log.warning("Could not read %s to see whether an answer was posted before a restart (%s); posting it",
-                        turn.channel, reason)  # fmt: skip
+        except SlackApiError as error:
+            log.warning("Could not read %s to see whether an answer was posted already (%s); posting it",
+                        turn.channel, error.response.get("error"))  # fmt: skip
             return set()
+        except NETWORK_ERRORS as error:
+            # Posting blind now could post a second copy, and Slack is hardly reachable: later.
+            raise Undelivered(
+                f"Could not read {turn.channel} to see whether an answer was posted before ({type(error).__name__})"
+            ) from error
         parts = set()
         for message in response.get("messages") or []:
             metadata = message.get("metadata") or {}
@@ -538,6 +569,18 @@ def _said_to_others(text: str) -> bool:
     return bool(mentioned_users(text)) or "<!subteam^" in text or any(
         token in text for token in ("<!channel", "<!here", "<!everyone")
     )
+
+
+class _ConnectionErrorRetryExceptPosts(AsyncConnectionErrorRetryHandler):
+    """slack_sdk's retry of a call whose connection dropped, for every method but chat.postMessage."""
+
+    async def _can_retry_async(
+        self, *, state: RetryState, request: HttpRequest, response: HttpResponse | None = None,
+        error: Exception | None = None,
+    ) -> bool:  # fmt: skip
+        if request.url.rstrip("/").endswith("/chat.postMessage"):
+            return False
+        return await super()._can_retry_async(state=state, request=request, response=response, error=error)
 
 
 def _bolt_logger() -> logging.Logger:

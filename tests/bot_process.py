@@ -66,6 +66,8 @@ class BotProcess:
                 last = error.read()
             except OSError as error:
                 last = error
+            if self.proc.poll() is not None:
+                raise AssertionError(f"bot exited with {self.proc.returncode} before it was ready:\n{self.log}")
             time.sleep(0.1)
         raise AssertionError(f"/readyz never turned 200 (last: {last!r}):\n{self.log}")
 

@@ -27,6 +27,7 @@ import asyncio
 import functools
 import itertools
 import json
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -72,6 +73,7 @@ class Call:
     query: dict[str, str] = field(default_factory=dict)
     response: Any = None  # what the fake answered
     deduplicated: bool = False  # a repeated nonce: answered with the message created before, none created
+    at: float = field(default_factory=time.time)  # when the fake received it
 
 
 def _user(user_id: int, name: str, *, bot: bool = False, global_name: str | None = None) -> dict[str, Any]:
@@ -130,6 +132,12 @@ class FakeDiscord:
         self._runner: web.AppRunner | None = None
         self.port = 0
         self.contract = ViolationLog()  # where it differed from Discord's contracts; take() to expect some
+        # The gateway URL READY names for resuming (`resume_gateway_url`): a proxy in front of the fake
+        # sets its own, so that a resumed connection goes through it too.
+        self.resume_gateway_url: str | None = None
+        # Seconds every message the bot creates takes before Discord does it: (shortest, longest).
+        self.post_latency: tuple[float, float] | None = None
+        self.latency_rng = random.Random()
 
     # -- server ------------------------------------------------------------
 
@@ -317,6 +325,11 @@ class FakeDiscord:
             data["member"] = {**self._member(user_id), "user": USERS[user_id]}
         await self.dispatch("MESSAGE_REACTION_ADD", data)
 
+    @property
+    def live_sessions(self) -> int:
+        """Gateway connections that are identified or resumed now: what dispatches reach."""
+        return sum(1 for socket in self._sockets if socket.live and not socket.ws.closed)
+
     def interaction_calls(self, interaction_id: int) -> list[Call]:
         """The callback and every followup of one interaction, in order."""
         return [c for c in self.calls
@@ -437,6 +450,8 @@ class FakeDiscord:
         if not webhook_style and request.headers.get("Authorization") != f"Bot {self.token}":
             call.status, call.response = 401, {"message": "401: Unauthorized", "code": 0}
             return _json(call.response, status=401)
+        if self.post_latency is not None and request.method == "POST" and path.endswith("/messages"):
+            await asyncio.sleep(self.latency_rng.uniform(*self.post_latency))
         for delay in self._delays:
             if delay[0] == request.method and delay[1] == path:
                 self._delays.remove(delay)
@@ -711,7 +726,7 @@ class FakeDiscord:
                 "user": USERS[BOT_ID],
                 "guilds": [{"id": str(GUILD_ID), "unavailable": True}],
                 "session_id": session_id,
-                "resume_gateway_url": self.gateway_url,
+                "resume_gateway_url": self.resume_gateway_url or self.gateway_url,
                 "application": {"id": str(APP_ID), "flags": 0, "flags_new": "0"},
                 "shard": data.get("shard", [0, 1]),
             }

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -63,6 +64,7 @@ class Call:
     token: str | None
     status: int = 200
     response_ts: str | None = None  # chat.postMessage: the ts of the message created
+    at: float = field(default_factory=time.time)  # when the fake received it
 
 
 @dataclass
@@ -96,6 +98,9 @@ class FakeSlack:
     violations: list[str] = field(default_factory=list)  # breaches of Slack's contracts, see close()
     # The app's messaging experience, as slack-manifest.yml declares it: "agent" or "assistant" (legacy).
     experience: str = field(default_factory=manifest_experience)
+    # Seconds every chat.postMessage takes before Slack does it: (shortest, longest), drawn by `latency_rng`.
+    post_latency: tuple[float, float] | None = None
+    latency_rng: random.Random = field(default_factory=random.Random)
     _runner: web.AppRunner | None = None
     _port: int = 0
 
@@ -147,7 +152,9 @@ class FakeSlack:
 
     def break_next(self, method: str, how: str, *, times: int = 1) -> None:
         """The next `times` calls of `method`: "disconnect" closes the connection before
-        answering (nothing done); "payload" does the call, then breaks off its answer."""
+        answering (nothing done); "done-disconnect" does the call, then closes the connection
+        before answering (the answer is lost on the way back); "payload" does the call, then
+        breaks off its answer."""
         self._breaks += [(method, how)] * times
 
     def delay(self, method: str, seconds: float) -> None:
@@ -225,6 +232,12 @@ class FakeSlack:
                 assert request.transport is not None
                 request.transport.close()
                 return web.Response(status=500)  # never delivered
+            if broken[1] == "done-disconnect":
+                self.calls.append(Call(method, params, token))
+                self._checked(method, self._answer(method, params, token))
+                assert request.transport is not None
+                request.transport.close()
+                return web.Response(status=500)  # never delivered
             self.calls.append(Call(method, params, token))
             body = json.dumps(self._checked(method, self._answer(method, params, token))).encode()
             response = web.StreamResponse(headers={"Content-Type": "application/json",
@@ -234,6 +247,8 @@ class FakeSlack:
             assert request.transport is not None
             request.transport.close()
             return response
+        if method == "chat.postMessage" and self.post_latency is not None:
+            await asyncio.sleep(self.latency_rng.uniform(*self.post_latency))
         delay = next((d for d in self._delays if d[0] == method), None)
         if delay is not None:
             self._delays.remove(delay)

@@ -10,6 +10,11 @@ from collections.abc import Sequence
 
 from bot.chat_model import ChatModel, Generated
 
+# A reply a double gives where a test needs the model to say something harmless: the tiny model's
+# own sampled text is random bytes that the safety classifier now and then flags (about 2% of
+# samples), so a test whose outcome hangs on it would fail at random. test_safety checks this one.
+SAFE_REPLY = "That sounds lovely, tell me more about it."
+
 
 class GatedModel:
     def __init__(self, model: ChatModel) -> None:

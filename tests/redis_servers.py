@@ -65,11 +65,13 @@ def free_port() -> int:
 
 
 class PrivateRedis:
-    """A `redis-server` of this test alone, without persistence, on 127.0.0.1."""
+    """A `redis-server` of this test alone on 127.0.0.1: without persistence, or with the
+    append-only file (`appendonly`), as production runs it, so a restart keeps everything."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
         self.directory = directory
         self.port = free_port()
+        self.appendonly = appendonly
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -81,8 +83,8 @@ class PrivateRedis:
         if binary is None:
             raise RuntimeError("redis-server is not installed")
         self.process = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)],  # fmt: skip
+            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.directory)],  # fmt: skip
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from conftest import subprocess_env
 from fake_discord import CHANNEL_ID, EPHEMERAL, OTHER_CHANNEL_ID, FakeDiscord
 from fake_slack import FakeSlack, dm, event_body
+from model_doubles import SAFE_REPLY
 from platform_drivers import SETTLE_TEXT, DiscordDriver, Scripted, SlackDriver, WebDriver
 from test_slack import SECRET
 from test_slack import Bot as SlackBot
@@ -235,8 +236,9 @@ async def test_hostile_input_gets_a_clear_answer_or_silence_and_pings_nobody(pla
 
 
 def unsafe_first(text: str, turns: list[str], sample: bool) -> str:
-    """Greedy decoding says a block-listed word; the sampled retry is the real model's own text."""
-    return text if sample else f"{text} you ZORBLAX"
+    """Greedy decoding says a block-listed word; the sampled retry is harmless (not the tiny
+    model's own sampled text, which the classifier flags now and then)."""
+    return SAFE_REPLY if sample else f"{text} you ZORBLAX"
 
 
 def unsafe_always(text: str, turns: list[str], sample: bool) -> str:
@@ -254,8 +256,8 @@ async def test_unsafe_model_output_is_never_sent_nor_stored(platforms, tiny_mode
     assert model.samples == [False, True]  # refused, then retried with sampling
     history = await driver.engine.history(driver.conversation(sent))
     if rewrite is unsafe_first:
-        assert reply != neutralize_mentions(DEFLECTION)
-        assert [exchange.user for exchange in history] == ["hello there, tell me something"]
+        assert reply == SAFE_REPLY  # the retry's text, sent
+        assert [(exchange.user, exchange.bot) for exchange in history] == [("hello there, tell me something", SAFE_REPLY)]
     else:
         assert reply == neutralize_mentions(DEFLECTION)
         assert history == []

@@ -487,3 +487,31 @@ async def test_messages_older_than_inbox_max_age_are_not_answered_after_a_restar
     await asyncio.sleep(1)
     assert _discord_answers(bots.discord) == [] and _slack_answers(bots.slack) == []
     assert "Dropped 20 unanswered messages older than INBOX_MAX_AGE=2s (discord 12, slack 8)" in second.log
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("where", ["thread", "dm"])
+async def test_a_slack_answer_that_cannot_be_posted_for_a_while_is_posted_once_and_in_order(bots, where):
+    # The network to Slack drops for a while just as the first answer goes out: every try of the
+    # post in that time fails. The answer is not lost, nor posted twice, and the second message's
+    # answer waits behind it.
+    slack = bots.slack
+    process = await bots.start("only", discord_too=False)
+    slack.break_next("chat.postMessage", "disconnect", times=6)
+    conversation = Conversation("slack", "C1" if where == "thread" else "D1")
+    await conversation.say(bots, process, "hello there")
+    await conversation.say(bots, process, "and what about you?")
+    await wait_for(lambda: all(conversation.replies(bots, ts) for ts in conversation.sent), timeout=90,
+                   what="both answers, once the network is back")  # fmt: skip
+    await asyncio.sleep(3)  # a second post (a replay) would come within this
+    assert [len(conversation.replies(bots, ts)) for ts in conversation.sent] == [1, 1]
+    first, second = (conversation.replies(bots, ts)[0]["ts"] for ts in conversation.sent)
+    assert _ts(first) < _ts(second)  # in the order they were asked
+    assert await _remembered(bots.memory_url, conversation.name) == ["hello there", "and what about you?"]
+    assert _metric(process, "blenderchat_inbox_depth") == 0
+    assert "Could not post a reply in" in process.log
+
+
+def _ts(ts: str) -> tuple[int, int]:
+    seconds, _, fraction = ts.partition(".")
+    return int(seconds), int(fraction)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, subprocess_env
 from model_doubles import GatedModel
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis_servers import PrivateRedis, delete_prefix, redis_url, shared_prefix, unique_prefix  # noqa: F401 (fixtures)
 from tcp_proxy import TcpProxy
 
@@ -473,3 +474,26 @@ async def test_an_append_resent_after_its_answer_was_lost_is_stored_once(redis_u
     finally:
         await store.close()
         await proxy.close()
+
+
+async def test_a_cut_network_fails_commands_until_restored_and_a_restarted_append_only_redis_keeps_its_data(tmp_path):
+    """The two outages the chaos soak (tests/soak.py) makes: the network to Redis cut (open
+    connections reset, new ones refused) and Redis restarted with its append-only file."""
+    server = PrivateRedis(tmp_path, appendonly=True)
+    server.start()
+    proxy = await TcpProxy("127.0.0.1", server.port).start()
+    client = connect(proxy.url(), timeout=2)  # the bot's own client: it retries a dropped connection
+    try:
+        await client.set("kept", "yes")
+        proxy.cut()
+        with pytest.raises(RedisConnectionError):  # past its retries
+            await client.get("kept")
+        proxy.restore()
+        assert await client.get("kept") == b"yes"
+        server.stop()  # SIGTERM: Redis completes its append-only file
+        server.start()  # on the same port
+        assert await client.get("kept") == b"yes"  # a new connection, through the proxy, to the new process
+    finally:
+        await client.aclose()
+        await proxy.close()
+        server.stop()

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 from conftest import subprocess_env
-from model_doubles import GatedModel
+from model_doubles import SAFE_REPLY, GatedModel
 
 from adapters.base import APOLOGY, IncomingMessage, answer
 from bot.chat_model import Generated
@@ -201,16 +201,21 @@ async def test_an_unsafe_message_is_deflected_counted_and_not_logged(tiny_model,
 # -- unsafe model output -------------------------------------------------------
 
 
+def test_the_harmless_reply_the_tests_use_passes_the_filter(settings):
+    # Tests that need a safe model reply use SAFE_REPLY, never the tiny model's sampled text.
+    assert not SafetyFilter.from_settings(settings).is_unsafe(SAFE_REPLY)
+
+
 async def test_an_unsafe_reply_is_retried_with_sampling_and_only_the_safe_one_is_kept(tiny_model, settings, caplog):
     caplog.set_level(logging.INFO)
-    model = RewrittenModel(tiny_model, lambda text, sample: text if sample else " you zorblax")
+    model = RewrittenModel(tiny_model, lambda text, sample: SAFE_REPLY if sample else " you zorblax")
     async with engine_for(model, settings) as engine:
         reply = await engine.reply("c", "hello there")
         history = await engine.history("c")
         assert blocked(engine, "output") == 1
     assert model.samples == [False, True]
-    assert "zorblax" not in reply.lower() and reply != neutralize_mentions(DEFLECTION)
-    assert [(e.user, "zorblax" in e.bot) for e in history] == [("hello there", False)]
+    assert reply == SAFE_REPLY  # the sampled retry is what is sent and kept
+    assert [(e.user, e.bot) for e in history] == [("hello there", SAFE_REPLY)]
     assert "zorblax" not in caplog.text and "hello there" not in caplog.text
 
 
@@ -222,8 +227,8 @@ async def test_when_the_retry_is_unsafe_too_the_user_gets_the_deflection_and_not
         assert await engine.history("c") == []
         assert blocked(engine, "output") == 2
         # The conversation goes on normally afterwards.
-        model.rewrite = lambda text, sample: text
-        assert await engine.reply("c", "hello again") != neutralize_mentions(DEFLECTION)
+        model.rewrite = lambda text, sample: SAFE_REPLY
+        assert await engine.reply("c", "hello again") == SAFE_REPLY
         assert [e.user for e in await engine.history("c")] == ["hello again"]
 
 

@@ -697,13 +697,29 @@ async def test_a_broken_connection_while_posting_still_sends_the_whole_answer(st
     bot = await start_bot(reply=" ".join(words))
     fake.break_next("chat.postMessage", "payload")  # the first chunk is posted, its answer breaks off
     fake.break_next("chat.postMessage", "disconnect", times=2)  # the second: two dropped connections
-    await bot.send(event_body(mention("tell me everything")))
+    event = mention("tell me everything")
+    fake.add_message(event["channel"], event["ts"], event["text"], event["user"])  # the thread's root, as Slack has it
+    await bot.send(event_body(event))
     await wait_for(lambda: [c for c in fake.status_calls("C1") if c.params["status"] == ""],
                    what="the thinking status cleared after the last chunk")
     posted = [p.params["text"] for p in fake.posts]
     assert len(posted) >= 3
     assert " ".join(posted).split() == words  # every chunk once, in order
     assert len(fake.calls_to("chat.postMessage", ok_only=False)) == len(posted) + 2  # + the two dropped
+
+
+@pytest.mark.parametrize("where", ["thread", "dm"])
+async def test_an_answer_whose_post_reached_slack_but_whose_reply_was_lost_is_not_posted_again(start_bot, fake, where):
+    # Slack stores the answer, and the connection drops before its reply comes back: trying the
+    # post again blindly (slack_sdk's own retry of a reset connection did) posts it twice.
+    bot = await start_bot()
+    fake.break_next("chat.postMessage", "done-disconnect")
+    event = mention("hello there") if where == "thread" else dm("hello there")
+    fake.add_message(event["channel"], event["ts"], event["text"], event["user"])
+    await bot.send(event_body(event))
+    await wait_for(lambda: not fake.thinking and fake.posts and not bot.adapter._tasks, what="the answer handled")
+    await asyncio.sleep(0.5)  # a second post would come within this
+    assert len(fake.posts) == 1
 
 
 @pytest.mark.parametrize("method", ["assistant.threads.setStatus", "reactions.add"])
