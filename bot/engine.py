@@ -518,11 +518,11 @@ class ReplyEngine:
             raise EngineBusy(TOO_SLOW, retry_after=expected, notify=notify)
         self._lines.accept(ticket)
 
-    async def _reply_in_order(self, ticket: Ticket, text: str, asked: _Asked) -> tuple[str, Exchange | None]:
-        """The answer and the exchange stored for it (None if nothing was stored)."""
-        conversation = ticket.conversation
+    async def _in_turn(self, ticket: Ticket, asked: _Asked) -> tuple[float, ConversationLock]:
+        """Wait for the message's turn in line, its rate limits and the conversation's shared
+        lock (held on return), within REPLY_TIMEOUT: the deadline, and the lock to release."""
         deadline = asyncio.get_running_loop().time() + self.settings.reply_timeout
-        lock = self._conversation_lock(conversation)
+        lock = self._conversation_lock(ticket.conversation)
         try:
             async with asyncio.timeout_at(deadline):
                 await ticket.turn()
@@ -531,6 +531,12 @@ class ReplyEngine:
                 await lock.acquire()
         except TimeoutError:
             raise ReplyTimeout() from None
+        return deadline, lock
+
+    async def _reply_in_order(self, ticket: Ticket, text: str, asked: _Asked) -> tuple[str, Exchange | None]:
+        """The answer and the exchange stored for it (None if nothing was stored)."""
+        conversation = ticket.conversation
+        deadline, lock = await self._in_turn(ticket, asked)
         held = time.monotonic()
         try:
             try:
@@ -563,15 +569,7 @@ class ReplyEngine:
         """The exchange `asked.exchange_id` with a new answer, stored in its place."""
         exchange_id = asked.exchange_id
         conversation = ticket.conversation
-        deadline = asyncio.get_running_loop().time() + self.settings.reply_timeout
-        lock = self._conversation_lock(conversation)
-        try:
-            async with asyncio.timeout_at(deadline):
-                await ticket.turn()
-                await self._admit(asked)
-                await lock.acquire()
-        except TimeoutError:
-            raise ReplyTimeout() from None
+        deadline, lock = await self._in_turn(ticket, asked)
         held = time.monotonic()
         try:
             try:
