@@ -314,8 +314,9 @@ class ReplyEngine:
 
     async def admits(self, user: str, text: str) -> bool:
         """Whether a message from `user` at least as long as `text` would get past the
-        checks that refuse it now (its length, the user's rate limit or block), taking
-        nothing: for an adapter with costly work to do before `respond` (name lookups)."""
+        checks that refuse it now (its length, the user's rate limit), taking nothing: for
+        an adapter with costly work to do before `respond` (name lookups). Blocked users
+        are the adapters' to drop before this."""
         if len(clean_text(text)) > self.settings.max_input_chars:
             return False
         return await self.limiter.admits(user)
