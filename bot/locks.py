@@ -91,7 +91,6 @@ class Ticket:
 
     def __init__(self, lines: ConversationLines, conversation: str, arrived: float | None = None) -> None:
         self.conversation = conversation
-        self.replay = arrived is not None  # a message that arrived before it was taken in (after a restart)
         self.arrived = time.time() if arrived is None else arrived  # when its message arrived
         self._lines = lines
         self._called = asyncio.Event()
@@ -112,7 +111,7 @@ class Ticket:
             return  # asked again within its turn (a follow-up's check, then its answer)
         while True:
             await self._called.wait()
-            holds = () if self.replay else self._lines._holds.get(self.conversation, ())
+            holds = self._lines._holds.get(self.conversation, ())
             held = next((hold for hold in holds if self.arrived > hold.after), None)
             if held is not None:
                 await held.released.wait()  # then look again: a replayed message may have gone ahead meanwhile
@@ -172,7 +171,8 @@ class ConversationLines:
 
     def hold(self, conversation: str, after: float) -> Callable[[], None]:
         """Keep the messages of `conversation` that arrived after `after` from taking their turn
-        (replayed ones still do) until the returned function is called. Several holds of one
+        (replayed ones too) until the returned function is called; those that arrived up to
+        `after` (the replays of the messages waited for) go on. Several holds of one
         conversation each keep back their own messages."""
         held = _Hold(after)
         self._holds.setdefault(conversation, []).append(held)

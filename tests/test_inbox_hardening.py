@@ -296,6 +296,67 @@ async def test_two_live_replicas_answer_one_conversation_in_arrival_order_withou
         await asyncio.gather(a.close(), b.close())
 
 
+async def test_a_dead_holders_messages_come_back_oldest_first_though_a_scan_saw_the_older_one_held(opened):
+    # A scan that finds a message still being answered must leave it as old as it is. Redis's
+    # XAUTOCLAIM, used before, restarted its wait: once its holder died, its newer message came
+    # back a scan earlier and was answered first (the chaos soak, seed 1: 0...15, 17, 18, 19, 16).
+    store, lease = await opened(), 1.0
+    older, newer = entry("older"), entry("newer")
+    await store.accept(older, "dead-process", lease)
+    await asyncio.sleep(0.4)
+    await store.accept(newer, "dead-process", lease)
+    await asyncio.sleep(0.4)
+    await store.renew([older.key, newer.key], "dead-process", lease)  # its last renewal: then it dies
+    await asyncio.sleep(0.4)
+    for orphan in await store.orphans(lease, 10):  # a live replica's scan: what it finds is still held
+        assert await store.reclaim(orphan, "live-process", lease) == HELD
+    await asyncio.sleep(0.8)  # the claims lapsed (1 s after the renewal); the scan was 0.8 s ago
+    assert [orphan.text for orphan in await store.orphans(lease, 10)] == ["older", "newer"]
+
+
+@pytest.mark.timeout(30)
+async def test_a_replay_waits_for_an_older_message_another_replica_is_still_answering(make_store):
+    # C is answering m0 (slowly); A took in m1 and died; B replays m1 once A's lease lapses.
+    # B must hold m1 for as long as C answers m0, past the limit for older messages nobody
+    # answers (3 leases), and answer it as soon as m0 is done.
+    from bot.locks import ConversationLines
+
+    settings = Settings(inbox_lease=0.5)
+    answered: list[str] = []
+    c, a, b = (Inbox(make_store(), settings) for _ in range(3))
+    lines_b = ConversationLines()
+    b.keep_order(lines_b.hold)
+    replays: list[asyncio.Task] = []
+
+    def replay(claim: Claim) -> None:
+        ticket = lines_b.take(claim.entry.conversation, arrived=claim.entry.arrived)
+
+        async def answer() -> None:
+            with ticket:
+                await ticket.turn()
+                answered.append(claim.entry.text)
+                await b.finish(claim)
+
+        replays.append(asyncio.create_task(answer()))
+
+    for inbox in (c, a, b):
+        await inbox.open()
+    try:
+        m0 = await c.accept(entry("m0"))
+        await asyncio.sleep(0.01)
+        assert await a.accept(entry("m1")) is not None
+        await a.close()  # A dies: its claim on m1 is no longer renewed
+        b.start({"discord": replay})
+        await asyncio.sleep(4 * settings.inbox_lease)
+        assert replays and answered == []  # replayed, and held: m0 is still being answered at C
+        answered.append("m0")
+        await c.finish(m0)
+        await asyncio.wait_for(asyncio.gather(*replays), 5)
+        assert answered == ["m0", "m1"]
+    finally:
+        await asyncio.gather(c.close(), b.close())
+
+
 @pytest.mark.timeout(300)
 async def test_after_a_restart_a_new_message_is_answered_after_the_older_ones_of_its_conversation(bots):
     # Two messages in flight in a channel when the process is killed; the restarted process

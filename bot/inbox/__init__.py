@@ -29,11 +29,14 @@ message's key, so a message answered before the crash and not yet delivered is
 delivered with the answer already stored, not a second one. A Slack retry that
 takes over a lapsed claim is answered as a replay too (TAKEN).
 
-A conversation keeps its order across a crash: a message accepted while older
-messages of its conversation wait unanswered elsewhere holds the messages that
-came after those (`keep_order`, bot/locks.py) until they are answered, or
-replayed here, where a replay takes its place in line by its arrival time. A
-reset removes the conversation's waiting messages (`forget`).
+A conversation keeps its order across a crash: a message accepted or replayed
+while older messages of its conversation wait unanswered elsewhere holds the
+messages that came after those (`keep_order`, bot/locks.py) until they are
+answered, or replayed here, where a replay takes its place in line by its
+arrival time. The hold lasts as long as a live process answers those older
+messages; while none does (they wait for a replay), at most 3 leases, so that a
+message no process can replay (its platform served by none) keeps nothing back
+for good. A reset removes the conversation's waiting messages (`forget`).
 
 A store that cannot be written (a full disk, Redis down) never costs a live
 answer: the message is answered as before, without the guarantee, with one
@@ -59,6 +62,7 @@ from bot.inbox.base import (
     Claim,
     Entry,
     InboxStore,
+    Older,
     exchange_id_for,
     with_id,
 )
@@ -129,7 +133,7 @@ class InProcessInbox:
     async def orphans(self, lease: float, limit: int) -> list[Entry]:
         return []
 
-    async def ahead(self, entry: Entry, keep: set[str]) -> float | None:
+    async def ahead(self, entry: Entry, keep: set[str]) -> Older | None:
         return None  # nothing survives a stopped process here
 
     async def forget(self, conversation: str, before: float, keep: set[str], done_ttl: float) -> int:
@@ -168,7 +172,7 @@ class Inbox:
         self._renewer: asyncio.Task[None] | None = None  # the renewal of claims, from open()
         self._hold: Callable[[str, float], Callable[[], None]] | None = None
         # Messages held behind older ones of their conversation not answered here: key -> the
-        # message, its hold's release, and until when it may be held.
+        # message, its hold's release, and until when it may be held while nobody answers those.
         self._gates: dict[str, tuple[Entry, Callable[[], None], float]] = {}
         self._look_again = asyncio.Event()  # a gate was set: scan soon
         self._closed = False
@@ -242,16 +246,22 @@ class Inbox:
         if self._hold is None or not self.store.durable:
             return
         try:
-            latest = await self.store.ahead(entry, set(self._held))
+            older = await self.store.ahead(entry, set(self._held))
         except Exception as error:
             self._failed("look for older messages in", error)
             return
-        if latest is None:
+        if older is None:
             return
         log.debug("A message in %s waits for older ones not answered yet", entry.conversation)
-        release = self._hold(entry.conversation, latest)
-        self._gates[entry.key] = (entry, release, time.monotonic() + 3 * self.lease)
+        release = self._hold(entry.conversation, older.latest)
+        self._gates[entry.key] = (entry, release, time.monotonic() + self.patience)
         self._look_again.set()
+
+    @property
+    def patience(self) -> float:
+        """How long a held message waits for older ones that no live process answers (a replay
+        takes them within a lease or two of their holder's death)."""
+        return 3 * self.lease
 
     async def finish(self, claim: Claim) -> None:
         """The message was answered and its answer delivered (or deliberately not
@@ -314,13 +324,17 @@ class Inbox:
         or replayed here (their replays, started by the scan just made, are in line ahead of it)."""
         for key, (entry, release, until) in list(self._gates.items()):
             try:
-                older = await self.store.ahead(entry, set(self._held)) is not None
+                older = await self.store.ahead(entry, set(self._held))
             except Exception as error:
                 self._failed("look for older messages in", error)
-                older = True
-            if older and time.monotonic() < until:
+                older = Older(0.0, in_hand=False)  # unknown: still waiting, as far as we know
+            if older is not None and older.in_hand:
+                # A live process answers them (a replay, or a replica answering in turn): wait for it.
+                self._gates[key] = (entry, release, time.monotonic() + self.patience)
                 continue
-            if older:
+            if older is not None and time.monotonic() < until:
+                continue
+            if older is not None:
                 log.warning("Answering a message in %s before older ones still not answered", entry.conversation)
             del self._gates[key]
             release()
@@ -361,6 +375,8 @@ class Inbox:
             )  # fmt: skip
         if claims:
             log.info("Answering %d messages left unanswered by a stopped process", len(claims))
+        for claim in claims:  # a replay too waits for older messages of its conversation answered elsewhere
+            await self._hold_behind_older(claim.entry)
         # Synchronously, oldest first: each takes its place in its conversation's line in arrival order.
         for claim in claims:
             self.metrics.inbox_replayed.labels(claim.entry.platform).inc()

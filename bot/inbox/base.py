@@ -11,11 +11,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    pass
-
+from typing import Any, NamedTuple, Protocol
 
 # What a claim attempt found.
 ACCEPTED = "accepted"  # the message is ours to answer
@@ -56,6 +52,13 @@ class Entry:
     @classmethod
     def loads(cls, text: str | bytes, id: str) -> Entry:
         return cls(**json.loads(text), id=id)
+
+
+class Older(NamedTuple):
+    """What `InboxStore.ahead` found of a conversation's older messages still waiting."""
+
+    latest: float  # when the latest of them arrived
+    in_hand: bool  # a live process holds (is answering) at least one of them
 
 
 @dataclass(frozen=True)
@@ -99,10 +102,10 @@ class InboxStore(Protocol):
     async def orphans(self, lease: float, limit: int) -> list[Entry]:
         """Recorded entries whose claim may have lapsed, oldest first."""
 
-    async def ahead(self, entry: Entry, keep: set[str]) -> float | None:
-        """When the latest of the messages of `entry`'s conversation that arrived before it and
-        are waiting (recorded, not done) arrived, `entry` itself and the keys in `keep` left
-        out; None if there is none."""
+    async def ahead(self, entry: Entry, keep: set[str]) -> Older | None:
+        """The messages of `entry`'s conversation that arrived before it and are waiting
+        (recorded, not done), `entry` itself and the keys in `keep` left out: when the latest
+        of them arrived, and whether a live claim is on any; None if there is none."""
 
     async def forget(self, conversation: str, before: float, keep: set[str], done_ttl: float) -> int:
         """Remove `conversation`'s entries that arrived before `before` (but not those of the

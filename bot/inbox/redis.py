@@ -6,8 +6,8 @@ done mark is there, the entry is stored under `entry:<key>`, and a reference to 
 (its key and conversation, no text) is added to the stream (XADD) and read into
 the group's pending entries (XREADGROUP), where it stays until XACK. A replica
 that dies leaves its entries pending and their claims lapse; any replica's scan
-takes entries idle past the lease with XAUTOCLAIM and replays those whose claim it
-can take. Finishing is one script run too: done mark, XACK, XDEL and the entry's
+reads the entries pending for longer than a lease (XPENDING) and replays those
+whose claim it can take. Finishing is one script run too: done mark, XACK, XDEL and the entry's
 key deleted.
 
 The text is kept out of the stream because XDEL only flags a stream entry: its
@@ -24,7 +24,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from bot.inbox.base import Entry, with_id
+from bot.inbox.base import Entry, Older, with_id
 from bot.redis_client import DEFAULT_PREFIX, connect
 
 GROUP = "replayers"
@@ -87,14 +87,14 @@ if KEYS[2] ~= '' then redis.call('DEL', KEYS[2]) end
 return 0
 """
 
-# The latest arrival among the conversation's waiting messages that arrived before ARGV[1] and are
-# not done, except those of the keys in ARGV[3...]; false if none. Ids of entries gone from the
-# stream leave the set. KEYS: the conversation's waiting set, stream. ARGV: arrival, claim key
-# prefix, keys to leave out...
+# The conversation's waiting messages that arrived before ARGV[1] and are not done, except those of
+# the keys in ARGV[3...]: the latest arrival among them and 1 if a live claim is on any of them (0 if
+# all lapsed); false if none. Ids of entries gone from the stream leave the set. KEYS: the
+# conversation's waiting set, stream. ARGV: arrival, claim key prefix, keys to leave out...
 AHEAD = """
 local keep = {}
 for i = 3, #ARGV do keep[ARGV[i]] = true end
-local latest = false
+local latest, in_hand = false, 0
 local waiting = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'WITHSCORES')
 for i = 1, #waiting, 2 do
   local id, arrived = waiting[i], waiting[i + 1]
@@ -104,10 +104,15 @@ for i = 1, #waiting, 2 do
   else
     local fields, key = found[1][2], nil
     for j = 1, #fields, 2 do if fields[j] == 'key' then key = fields[j + 1] end end
-    if key and not keep[key] and redis.call('GET', ARGV[2] .. key) ~= 'done' then latest = arrived end
+    local claim = key and redis.call('GET', ARGV[2] .. key)
+    if key and not keep[key] and claim ~= 'done' then
+      latest = arrived
+      if claim then in_hand = 1 end
+    end
   end
 end
-return latest
+if not latest then return false end
+return {latest, in_hand}
 """
 
 
@@ -179,37 +184,44 @@ class RedisInbox:
             args=[GROUP, entry.id],
         )
 
-    async def ahead(self, entry: Entry, keep: set[str]) -> float | None:
-        latest = await self._ahead(
+    async def ahead(self, entry: Entry, keep: set[str]) -> Older | None:
+        found = await self._ahead(
             keys=[self._waiting_key(entry.conversation), self.stream],
             args=[repr(entry.arrived), self._claim_key(""), *sorted(keep | {entry.key})],
         )
-        return None if latest is None else float(latest)
+        return None if found is None else Older(float(found[0]), bool(int(found[1])))
 
     async def orphans(self, lease: float, limit: int) -> list[Entry]:
-        """Entries pending for longer than a lease (XAUTOCLAIM: idle since accepted or
-        last looked at); their claim decides whether anyone is still answering them."""
-        pending: list[tuple[str, str, str, bytes | None]] = []  # (stream id, key, conversation, inline entry)
-        start = "0-0"
-        while len(pending) < limit:
-            try:
-                start, claimed, *_ = await self._redis.xautoclaim(
-                    self.stream, GROUP, CONSUMER, _ms(lease), start_id=start, count=min(100, limit)
-                )
-            except ResponseError as error:
-                if "NOGROUP" in str(error):
-                    return []  # nothing was ever recorded
-                raise
-            for id, fields in claimed:
-                if fields:  # an entry deleted meanwhile comes back empty
-                    # (Entries recorded before the text moved out of the stream carry it.)
-                    conversation = _text(fields.get(b"conversation", b""))
-                    pending.append((_text(id), _text(fields[b"key"]), conversation, fields.get(b"entry")))
-            if _text(start) == "0-0":
-                break
-        texts = await self._redis.mget([self._entry_key(key) for _, key, _, _ in pending]) if pending else []
+        """Entries pending for longer than a lease since they were accepted, oldest first; their
+        claim decides whether anyone is still answering them. XPENDING only reads how long an
+        entry has waited: a scan that finds an entry still claimed leaves it as old as it is, so a
+        conversation's older messages are never found after its newer ones (XAUTOCLAIM, which
+        this used, restarted the wait of every entry it looked at)."""
+        try:
+            pending = await self._redis.xpending_range(self.stream, GROUP, "-", "+", limit, idle=_ms(lease))
+        except ResponseError as error:
+            if "NOGROUP" in str(error):
+                return []  # nothing was ever recorded
+            raise
+        if not pending:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for item in pending:
+                pipe.xrange(self.stream, item["message_id"], item["message_id"])
+            found = await pipe.execute()
+        references: list[tuple[str, str, str, bytes | None]] = []  # (stream id, key, conversation, inline entry)
+        for item, rows in zip(pending, found):
+            id = _text(item["message_id"])
+            if not rows:  # gone from the stream, left pending
+                await self._redis.xack(self.stream, GROUP, id)
+                continue
+            fields = rows[0][1]
+            # (Entries recorded before the text moved out of the stream carry it.)
+            conversation = _text(fields.get(b"conversation", b""))
+            references.append((id, _text(fields[b"key"]), conversation, fields.get(b"entry")))
+        texts = await self._redis.mget([self._entry_key(key) for _, key, _, _ in references]) if references else []
         entries = []
-        for (id, _, conversation, inline), text in zip(pending, texts):
+        for (id, _, conversation, inline), text in zip(references, texts):
             if text is not None or inline is not None:
                 entries.append(Entry.loads(text if text is not None else inline, id))
             else:  # finished or forgotten under another entry of its message (a retried event)

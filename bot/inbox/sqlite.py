@@ -24,7 +24,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from bot.inbox.base import ACCEPTED, DONE, HELD, TAKEN, Entry, with_id
+from bot.inbox.base import ACCEPTED, DONE, HELD, TAKEN, Entry, Older, with_id
 from bot.memory.sqlite import connect, transaction
 
 SCHEMA = """
@@ -176,15 +176,17 @@ class SQLiteInbox:
             )
         return cursor.rowcount
 
-    async def ahead(self, entry: Entry, keep: set[str]) -> float | None:
+    async def ahead(self, entry: Entry, keep: set[str]) -> Older | None:
         async with self._lock:
             rows = await self._conn.execute_fetchall(
-                "SELECT MAX(inbox.arrived) FROM inbox LEFT JOIN claims ON claims.key = inbox.key "
+                "SELECT MAX(inbox.arrived), MAX(COALESCE(claims.expires > ?, 0)) "
+                "FROM inbox LEFT JOIN claims ON claims.key = inbox.key "
                 "WHERE inbox.conversation = ? AND inbox.arrived < ? AND COALESCE(claims.done, 0) = 0 "
                 "AND inbox.key NOT IN (SELECT value FROM json_each(?))",
-                (entry.conversation, entry.arrived, json.dumps(sorted(keep | {entry.key}))),
+                (time.time(), entry.conversation, entry.arrived, json.dumps(sorted(keep | {entry.key}))),
             )
-        return list(rows)[0][0]
+        latest, in_hand = list(rows)[0]
+        return None if latest is None else Older(latest, bool(in_hand))
 
     async def drop(self, entry: Entry) -> None:
         async with self._transaction() as db:
