@@ -1,11 +1,7 @@
-"""The seeded chaos soak (tests/soak.py) as tests: a short form (2 seeds of 100 messages)
-and the full one, both marked slow, run only when asked:
+"""The seeded chaos soak (tests/soak.py) as tests: a short form (2 seeds of 100 messages,
+a few minutes) in every run, and the full one, marked slow, run only when asked:
 
-    python -m pytest -m slow tests/test_soak.py      # both; the full one is 20 seeds of 500 messages (about an hour)
-
-The short form is meant for every run, and joins it once the soak passes: today it still
-finds answers out of order where a message was in flight on a killed replica and its
-conversation's next messages reached the other replica first (README, "The proof").
+    python -m pytest -m slow tests/test_soak.py      # the full one: 20 seeds of 500 messages (about an hour)
 
 Each seed runs two real `blender-chat run` replicas on a private append-only Redis,
 kills and restarts them, restarts Redis and cuts the network, and fails on any message
@@ -24,7 +20,6 @@ async def _soak(tmp_path, blenderbot_dir, seeds: list[int], messages: int, min_k
     assert [r.seed for r in results if r.failures] == [], table(results) + "\n" + "\n".join(lines)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 async def test_a_short_soak_answers_every_message_once_in_order_through_kills_and_blips(tmp_path, blenderbot_dir):
     await _soak(tmp_path, blenderbot_dir, [1, 2], 100, min_kills=3)
