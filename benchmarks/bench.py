@@ -44,6 +44,8 @@ from report import bandwidth_shares, write_report  # noqa: E402
 from workloads import NEW_TOKENS, WORKLOADS, full_window_conversations, short_conversations  # noqa: E402
 
 CONTENDERS = ("seed", "naive", "engine", "engine-transformers", "http")
+# Run only when named in --contenders: a thread layout to compare with the default engine's.
+OPTIONAL_CONTENDERS = ("engine-2x2",)
 def memory_bandwidth(megabytes: int, threads: int | None = None) -> float:
     """Bytes per second of a large tensor copy (read + write, as STREAM's "copy"
     counts them), best of 5, on `threads` threads (None: torch's default, every core)."""
@@ -255,10 +257,10 @@ def run(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / f"{args.name}.log", "w")
     model = model_dir(Path(args.cache), smoke=args.smoke)
-    contenders = [c for c in CONTENDERS if c in args.contenders]
+    contenders = [c for c in CONTENDERS + OPTIONAL_CONTENDERS if c in args.contenders]
     notes = []
     print(f"model: {model}")
-    if {"engine", "http"} & set(contenders):
+    if {"engine", "engine-2x2", "http"} & set(contenders):
         convert(model, log)
     # The limit is the better of one thread (what a lone reply decodes on) and all cores.
     size = 64 if args.smoke else 1024
@@ -303,7 +305,7 @@ def run(args: argparse.Namespace) -> dict:
                             f"  load {row['load_average']:.1f}" + ("  (queue extrapolated)" if row["extrapolated"] else ""),
                             flush=True,
                         )
-            for kind in ("engine", "engine-transformers"):
+            for kind in ("engine", "engine-transformers", "engine-2x2"):
                 if kind in workers:
                     extras.setdefault(kind, {}).update(engine_extras(workers[kind], beams, bandwidth))
             if beams == 1 and "naive" in workers and args.fidelity_prompts > 0:

@@ -36,7 +36,8 @@ def main() -> None:
 
 
 async def serve(kind: str, model_dir: str, beams: int) -> None:
-    contenders = {"seed": SeedStyle, "naive": NaiveServer, "engine": Engine, "engine-transformers": Engine}
+    contenders = {"seed": SeedStyle, "naive": NaiveServer, "engine": Engine, "engine-transformers": Engine,
+                  "engine-2x2": Engine}  # fmt: skip
     contender = contenders[kind](model_dir, beams, kind)
     await contender.start()
     _send({"ready": getattr(contender, "description", kind)})
@@ -217,7 +218,8 @@ class RawCalls:
 
 class Engine:
     """The reply engine with default settings, through `ReplyEngine.reply`;
-    `engine-transformers` on the transformers runtime."""
+    `engine-transformers` on the transformers runtime; `engine-2x2` with CTranslate2's
+    two workers of two threads each (BLENDERBOT_THREADS=4; issue 24's thread layout)."""
 
     def __init__(self, model_dir: str, beams: int, kind: str) -> None:
         from bot.config import load_settings
@@ -229,6 +231,8 @@ class Engine:
         }  # fmt: skip
         if kind == "engine-transformers":
             environ["BLENDERBOT_RUNTIME"] = "transformers"
+        if kind == "engine-2x2":
+            environ["BLENDERBOT_THREADS"] = "4"  # thread_split(4): two workers of two threads
         self.settings = load_settings(environ, dotenv=False)
         self.runs = 0
 

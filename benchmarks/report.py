@@ -10,6 +10,7 @@ LABELS = {
     "naive": "naive server (fp32, lock)",
     "engine": "engine (ReplyEngine.reply, defaults)",
     "engine-transformers": "engine on transformers",
+    "engine-2x2": "engine, CTranslate2 2 workers x 2 threads",
     "http": "engine over HTTP /api/chat",
 }
 WORKLOAD_LABELS = {"short": "short", "full": "full window"}
@@ -61,7 +62,9 @@ def targets(results: dict) -> list[dict]:
         for name, value, op, goal in checks:
             met = None if value is None else (value >= goal if op == ">=" else value <= goal)
             out.append({"contender": contender, "target": name, "value": value, "goal": f"{op} {goal}", "met": met})
-    for contender in ("engine", "http"):  # issue 24's, on the full window
+    measured = {row["contender"] for row in results["rows"]}
+    layouts = ["engine-2x2"] if "engine-2x2" in measured else []  # a thread layout, when compared
+    for contender in ["engine", *layouts, "http"]:  # issue 24's, on the full window
         limit = bandwidth_limit(results)
         lone = _row(results, contender, "full", 1, 1)
         checks = [
@@ -99,7 +102,7 @@ def bandwidth_shares(results: dict) -> list[str]:
         f"{results['decoder_bytes_per_token'] / 1e6:.0f} MB the int8 decoder reads per token = {limit:.1f} tokens/s."
     ]
     for row in results["rows"]:
-        if row["beams"] == 1 and row["concurrency"] == 1 and row["contender"] in ("engine", "http"):
+        if row["beams"] == 1 and row["concurrency"] == 1 and row["contender"] in ("engine", "engine-2x2", "http"):
             lines.append(
                 f"A lone greedy reply, {WORKLOAD_LABELS[row['workload']]}, {LABELS[row['contender']]}: "
                 f"{row['tokens_per_s']:.1f} tokens/s = {row['tokens_per_s'] / limit:.0%} of the limit."
@@ -159,7 +162,7 @@ def markdown(results: dict) -> str:
             f"- transformers int8 fidelity: cosine similarity of int8 and fp32 next-token logits, mean {f['mean']:.4f}, "
             f"min {f['min']:.4f} over {f['positions']} positions."
         )
-    for kind in ("engine", "engine-transformers"):
+    for kind in ("engine", "engine-transformers", "engine-2x2"):
         e = extras.get(kind)
         if not e:
             continue
