@@ -261,12 +261,13 @@ def precision(settings: Settings, device: str) -> tuple[str, str]:
 
 def thread_split(threads: int) -> tuple[int, int]:
     """(workers, threads per worker) for BLENDERBOT_THREADS cores. Measured on 2
-    cores (benchmarks/README.md): one thread per conversation is faster for a
-    lone reply than two threads sharing it (0.74 against 0.86 s greedy, 1.15
-    against 1.34 s beam 10), and a batch split between two single-threaded
-    workers is faster than one two-threaded worker (beam 10 x 8 conversations:
-    3.7 against 5.6 s). Two workers at most: more would each read all the weights
-    every step; larger machines give the rest of the cores to each worker."""
+    quiet cores (benchmarks/README.md, "The thread layout on the quiet machine"):
+    one thread per reply is faster for a lone reply than two sharing it (greedy
+    0.82 against 0.90 s, beam 10 1.17 against 1.60 s, full window), and a batch
+    split between two single-threaded workers is faster than one two-threaded
+    worker. Two workers at most: more would each read all the weights every step;
+    larger machines give the rest of the cores to each worker (BLENDERBOT_THREADS=4
+    on 2 cores: two workers of two threads, for bursts at the lone reply's cost)."""
     workers = 2 if threads >= 2 else 1
     return workers, max(1, threads // workers)
 
