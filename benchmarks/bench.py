@@ -46,6 +46,8 @@ from workloads import NEW_TOKENS, WORKLOADS, full_window_conversations, short_co
 CONTENDERS = ("seed", "naive", "engine", "engine-transformers", "http")
 # Run only when named in --contenders: a thread layout to compare with the default engine's.
 OPTIONAL_CONTENDERS = ("engine-2x2",)
+
+
 def memory_bandwidth(megabytes: int, threads: int | None = None) -> float:
     """Bytes per second of a large tensor copy (read + write, as STREAM's "copy"
     counts them), best of 5, on `threads` threads (None: torch's default, every core)."""

@@ -321,7 +321,7 @@ async def test_a_replay_waits_for_an_older_message_another_replica_is_still_answ
     # answers (3 leases), and answer it as soon as m0 is done.
     from bot.locks import ConversationLines
 
-    settings = Settings(inbox_lease=0.5)
+    settings = Settings(inbox_lease=1.0)
     answered: list[str] = []
     c, a, b = (Inbox(make_store(), settings) for _ in range(3))
     lines_b = ConversationLines()
