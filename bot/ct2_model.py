@@ -42,19 +42,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bot.chat_model import (
+    BatchedModel,
     Checkpoint,
     Decoding,
     Generated,
     ModelLoadError,
     decoding_for,
     default_threads,
-    release_free_memory,
-    rows_per_call,
     snapshot,
 )
 from bot.config import Settings
 from bot.ct2_convert import ConversionError, Stamp, checkpoint_id, conversion_stamp, ensure_converted
-from bot.prompt import Family, check_persona, encode_turns
+from bot.prompt import Family
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ class Hypothesis:
     forced_end: bool  # </s> was appended (forced_eos_token_id), not decoded
 
 
-class CTranslate2Model:
+class CTranslate2Model(BatchedModel):
     def __init__(
         self,
         translator,
@@ -118,27 +117,6 @@ class CTranslate2Model:
         self.start = int(checkpoint.config.get("decoder_start_token_id", self.tokenizer.bos_token_id))
         self.special = set(self.tokenizer.all_special_ids)
         self.description = description
-
-    def encode(self, turns: Sequence[str], persona: Sequence[str] = ()) -> list[int]:
-        return encode_turns(self.tokenizer, self.family, turns, self.max_positions, persona)
-
-    def check_persona(self, persona: Sequence[str]) -> None:
-        check_persona(self.tokenizer, self.family, persona, self.max_positions)
-
-    def generate(
-        self, conversations: Sequence[Sequence[str]], *, sample: bool = False,
-        personas: Sequence[Sequence[str]] | None = None,
-    ) -> list[Generated]:
-        """Batched generation for several conversations, in as few calls as
-        `max_rows` allows (see `rows_per_call`)."""
-        per_call = rows_per_call(self.max_rows, self.beams, sample)
-        personas = personas or [()] * len(conversations)
-        sources = [self.encode(turns, persona) for turns, persona in zip(conversations, personas)]
-        results: list[Generated] = []
-        for start in range(0, len(sources), per_call):
-            results += self._generate(sources[start : start + per_call], sample=sample)
-        release_free_memory()  # see the transformers runtime: the batch's buffers go back to the OS
-        return results
 
     def _generate(self, sources: list[list[int]], *, sample: bool) -> list[Generated]:
         replies = []

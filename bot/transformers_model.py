@@ -8,11 +8,11 @@ inference thread only.
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
 
 import torch
 
 from bot.chat_model import (
+    BatchedModel,
     Checkpoint,
     Decoding,
     Generated,
@@ -21,10 +21,9 @@ from bot.chat_model import (
     default_threads,
     load_failure,
     release_free_memory,
-    rows_per_call,
 )
 from bot.config import Settings
-from bot.prompt import Family, check_persona, encode_turns, pad_right
+from bot.prompt import Family, pad_right
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -68,7 +67,7 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-class TransformersModel:
+class TransformersModel(BatchedModel):
     """A loaded BlenderBot with its tokenizer and generation settings."""
 
     def __init__(
@@ -87,26 +86,6 @@ class TransformersModel:
         precision = "int8" if quantized else str(model.dtype).removeprefix("torch.")
         self.description = f"transformers, {family.model_type}, {device.type}, {precision}, {torch.get_num_threads()} threads"
 
-    def encode(self, turns: Sequence[str], persona: Sequence[str] = ()) -> list[int]:
-        return encode_turns(self.tokenizer, self.family, turns, self.max_positions, persona)
-
-    def check_persona(self, persona: Sequence[str]) -> None:
-        check_persona(self.tokenizer, self.family, persona, self.max_positions)
-
-    def generate(
-        self, conversations: Sequence[Sequence[str]], *, sample: bool = False,
-        personas: Sequence[Sequence[str]] | None = None,
-    ) -> list[Generated]:
-        """Batched generation for several conversations, in as few `generate`
-        calls as `max_rows` allows (see `rows_per_call`)."""
-        per_call = rows_per_call(self.max_rows, self.beams, sample)
-        personas = personas or [()] * len(conversations)
-        sources = [self.encode(turns, persona) for turns, persona in zip(conversations, personas)]
-        results: list[Generated] = []
-        for start in range(0, len(sources), per_call):
-            results += self._generate(sources[start : start + per_call], sample=sample)
-        return results
-
     @torch.inference_mode()
     def _generate(self, rows: list[list[int]], *, sample: bool) -> list[Generated]:
         ids, mask = pad_right(rows, self.tokenizer.pad_token_id)
@@ -119,10 +98,6 @@ class TransformersModel:
             attention_mask=torch.tensor(mask, device=self.device),
             **kwargs,
         )
-        # A batch's activations and caches are freed now but glibc would keep the
-        # memory (~200 MB for 32 conversations of the 400M model): return it, so
-        # the steady-state footprint stays that of the weights. ~15 ms a batch.
-        release_free_memory()
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True, clean_up_tokenization_spaces=True)
         special = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), device=output.device)
         counts = (~torch.isin(output, special)).sum(dim=1).tolist()
