@@ -359,6 +359,13 @@ def _conversation_id(value: Any) -> str:
     return value
 
 
+def _exchange_id(value: Any) -> str:
+    """A reply's id, as `/api/chat` or `/api/history` gave it."""
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        raise BadRequest("exchange_id must be the id /api/chat or /api/history gave for that reply.")
+    return value
+
+
 def _conversation(value: Any) -> str:
     return f"web:{_conversation_id(value)}"
 
@@ -466,9 +473,7 @@ async def api_again(request: web.Request) -> web.Response:
     state = request.app[STATE]
     data = await _json_object(request)
     conversation_id = _conversation_id(data.get("conversation"))
-    exchange_id = data.get("exchange_id")
-    if not isinstance(exchange_id, str) or not ID_PATTERN.fullmatch(exchange_id):
-        raise BadRequest("exchange_id must be the id /api/chat or /api/history gave for that reply.")
+    exchange_id = _exchange_id(data.get("exchange_id"))
     user = _user(data.get("user"))
     with state.engine.take_ticket(f"web:{conversation_id}") as ticket, state.chats:
         refused = await _refused(request, state.engine.metrics.retries)
@@ -578,9 +583,7 @@ async def api_rate(request: web.Request) -> web.Response:
     state = request.app[STATE]
     data = await _json_object(request)
     conversation = _conversation(data.get("conversation"))
-    exchange_id = data.get("exchange_id")
-    if not isinstance(exchange_id, str) or not ID_PATTERN.fullmatch(exchange_id):
-        raise BadRequest("exchange_id must be the id /api/chat or /api/history gave for that reply.")
+    exchange_id = _exchange_id(data.get("exchange_id"))
     rating = data.get("rating")
     if rating not in RATINGS:
         raise BadRequest("rating must be \"good\" or \"bad\".")
